@@ -1,0 +1,29 @@
+# bitbench: two commands do all the set-up on a fresh machine.
+#   make run   - venv (if missing), API + dispatcher + local Ray on SQLite, the demo sweep, dashboard URL
+#   make test  - venv (if missing), the whole test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test venv clean bench
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+run: $(STAMP)
+	$(PY) -m service.run
+
+bench: $(STAMP)
+	$(PY) bench/estimators.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,65 @@
+"""AQE, the Asymptotic-Quantized Estimator (Chen et al., IEEE JSTSP 2020)."""
+from __future__ import annotations
+
+
+import torch
+
+from .base import Param, register_estimator, surrogate
+from .minw import MINW_PARAMS, MinwEstimator, clipped_grad
+
+
+@register_estimator
+class AQE(MinwEstimator):
+    """Asymptotic-Quantized Estimator: a convex mix of the hard quantizer and the identity.
+
+    forward (train): x̂ = α·Q(x) + (1 − α)·x                  (Eq. 6, 18, 19)
+    forward (eval):  x̂ = Q(x)                                 (Eq. 20)
+    backward, by ``backward``:
+      eq18      ∂L/∂x = 2α · ∂L/∂x̂ · 1[|x| ≤ 1]               (Eq. 18/19, Theorem 1; default)
+      alg1      ∂L/∂x = ∂L/∂x̂ · 1[|x| ≤ 1]                    (Algorithm 1)
+      autodiff  ∂L/∂x = (1 − α) · ∂L/∂x̂                      (autodiff of the mix, sign' = 0)
+    α by ``schedule`` at epoch e of E (the paper gives none):
+      exp       α_e = α₀·(α₁/α₀)^(e/E)  = 0.5·2^(e/E) by default (the authors' n-BQ-NN code)
+      linear    α_e = α₀ + (α₁ − α₀)·e/E
+      constant  α_e = α₀  (α = ½ with alg1 or eq18 is the clipped STE's gradient)
+    Q: sign (1 bit), ternary Δ = 0.7·mean|x| (2 bits), powers of two (≥3 bits).
+    """
+
+    name = "aqe"
+    paper = ("Chen, Liu, Zhang, Hou, Yang, 'Propagating Asymptotic-Estimated Gradients for Low Bitwidth "
+             "Quantized Neural Networks', IEEE JSTSP 2020, doi:10.1109/JSTSP.2020.2966327")
+    scheduled = True
+    params = {
+        **MINW_PARAMS,
+        "backward": Param("eq18", "pseudo-gradient: Eq. 18/19, Algorithm 1, or autodiff of the mix",
+                          choices=("eq18", "alg1", "autodiff")),
+        "schedule": Param("exp", "α schedule over the epochs", choices=("exp", "linear", "constant")),
+        "alpha_start": Param(0.5, "α at epoch 0", low=1e-6, high=1.0),
+        "alpha_end": Param(1.0, "α at the last epoch", low=1e-6, high=1.0),
+    }
+
+    @property
+    def alpha(self) -> float:
+        """α for the current training progress p = e/E."""
+        a0, a1, p = self.hparams["alpha_start"], self.hparams["alpha_end"], self.progress
+        kind = self.hparams["schedule"]
+        if kind == "exp":
+            return a0 * (a1 / a0) ** p
+        if kind == "linear":
+            return a0 + (a1 - a0) * p
+        return a0
+
+    def schedule_values(self):
+        return {"alpha": self.alpha}
+
+    def train_forward(self, x):
+        a = self.alpha
+        mix = lambda t: torch.lerp(t, self.quantize(t), a)  # noqa: E731  (t + α·(Q(t) − t))
+        kind = self.hparams["backward"]
+        if kind == "eq18":
+            grad = lambda t, g: clipped_grad(t, g).mul_(2 * a)  # noqa: E731
+        elif kind == "alg1":
+            grad = clipped_grad
+        else:
+            grad = lambda t, g: g * (1.0 - a)  # noqa: E731
+        return surrogate(x, mix, grad)

@@ -1,0 +1,88 @@
+"""IR-Net's Error Decay Estimator (EDE) and ReSTE's rectified STE: annealed pseudo-gradients."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Param, register_estimator
+from .minw import MINW_PARAMS, MinwEstimator
+
+
+@register_estimator
+class EDE(MinwEstimator):
+    """Error Decay Estimator (IR-Net): the derivative of k·tanh(t·x), annealed from identity to sign.
+
+    forward:  y = Q(x)
+    backward: ∂L/∂x = ∂L/∂y · k·t·(1 − tanh²(t·x))
+    schedule: t = T_min·(T_max/T_min)^(e/E),  k = max(1/t, 1)      (paper: T_min = 0.1, T_max = 10)
+    proxy:    F(x) = k·tanh(t·x)
+    """
+
+    name = "ede"
+    paper = "Qin, Gong, Liu, Bai, Song, Yu, 'Forward and Backward Information Retention for Accurate Binary Neural Networks' (IR-Net), CVPR 2020"
+    scheduled = True
+    params = {
+        **MINW_PARAMS,
+        "t_min": Param(0.1, "t at the first epoch", low=1e-6, high=1e3),
+        "t_max": Param(10.0, "t at the last epoch", low=1e-6, high=1e3),
+    }
+
+    @property
+    def t(self) -> float:
+        lo, hi = self.hparams["t_min"], self.hparams["t_max"]
+        return lo * (hi / lo) ** self.progress
+
+    @property
+    def k(self) -> float:
+        return max(1.0 / self.t, 1.0)
+
+    def schedule_values(self):
+        return {"t": self.t, "k": self.k}
+
+    def proxy(self, x: torch.Tensor) -> torch.Tensor:
+        return self.k * torch.tanh(self.t * x)
+
+    def pseudo_grad(self, x, g):
+        t, k = self.t, self.k
+        return g * (1 - torch.tanh(t * x).square()).mul_(k * t)
+
+
+@register_estimator
+class ReSTE(MinwEstimator):
+    """Rectified straight-through estimator (ReSTE): the power function sign(x)|x|^(1/o).
+
+    forward:  y = Q(x)
+    backward: ∂L/∂x = ∂L/∂y · (1/o)·|x|^((1−o)/o)   for ε < |x| ≤ t
+                      ∂L/∂y · ε^(1/o)/ε              for |x| ≤ ε   (chord slope, avoids the pole at 0)
+                      0                              for |x| > t
+    schedule: o = 1 + (o_end − 1)·(1 − cos(π/2 · e/E))       (o = 1 is the clipped STE on [−t, t])
+    proxy:    F(x) = sign(x)·|x|^(1/o)
+    """
+
+    name = "reste"
+    paper = "Wu, Shen, Wang, Li, Zhang, 'Estimator Meets Equilibrium Perspective: A Rectified Straight Through Estimator for Binary Neural Networks Training', ICCV 2023"
+    scheduled = True
+    params = {
+        **MINW_PARAMS,
+        "o_end": Param(3.0, "power o at the last epoch", low=1.0, high=100.0),
+        "t": Param(1.5, "gradient is zero for |x| > t", low=1e-3, high=100.0),
+        "eps": Param(0.1, "interval around 0 with the constant chord slope", low=1e-6, high=1.0),
+    }
+
+    @property
+    def o(self) -> float:
+        return 1 + (self.hparams["o_end"] - 1) * (1 - math.cos(math.pi / 2 * self.progress))
+
+    def schedule_values(self):
+        return {"o": self.o}
+
+    def proxy(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sign(x) * x.abs().pow(1 / self.o)
+
+    def pseudo_grad(self, x, g):
+        o, t, eps = self.o, self.hparams["t"], self.hparams["eps"]
+        a = x.abs()
+        slope = (1 / o) * a.clamp_min(eps).pow((1 - o) / o)
+        slope = torch.where(a <= eps, eps ** (1 / o) / eps, slope)
+        return g * slope * (a <= t).to(x.dtype)

@@ -1,0 +1,79 @@
+"""Helpers that act on a whole model: training progress, latent-weight clipping, storage."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import FLOAT_BITS, Estimator
+from .layers import QUANTIZED_LAYERS
+
+
+def set_progress(model: nn.Module, epoch: int, total_epochs: int) -> dict[str, float]:
+    """Tell every estimator in ``model`` the training progress; return :func:`schedule_values`.
+
+    The trainer calls it once per epoch, before training epoch ``epoch`` (1 … total_epochs).
+    """
+    for m in model.modules():
+        if isinstance(m, Estimator):
+            m.set_progress(epoch, total_epochs)
+    return schedule_values(model)
+
+
+def schedule_values(model: nn.Module) -> dict[str, float]:
+    """Scheduled or learned quantities, averaged over layers: {"<estimator>.<key>": value}."""
+    sums: dict[str, list[float]] = {}
+    for m in model.modules():
+        if isinstance(m, Estimator):
+            for k, v in m.schedule_values().items():
+                sums.setdefault(f"{m.name}.{m.role}.{k}" if m.name in ("pact", "lsq", "dsq") else f"{m.name}.{k}", []).append(v)
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def clip_latent_weights(model: nn.Module) -> int:
+    """Clip the latent weights of quantized layers whose estimator asks for it (after each step).
+
+    Returns the number of layers clipped.
+    """
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QUANTIZED_LAYERS) and m.weight_quantizer is not None:
+            rng = m.weight_quantizer.clip_weights
+            if rng is not None:
+                m.weight.clamp_(*rng)
+                n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class WeightStorage:
+    """Weight counts and storage of a model; ``bits`` counts quantized weights at their width."""
+
+    quantized_weights: int
+    float_weights: int
+    bits: int
+
+    @property
+    def mib(self) -> float:
+        return self.bits / 8 / 2**20
+
+
+def weight_storage(model: nn.Module, include_float: bool = False) -> WeightStorage:
+    """Count the weights of the quantized layers (conv/linear kernels; no BN, no biases).
+
+    ``bits`` sums numel·w_bits over quantized kernels, plus 32·numel for float kernels of
+    quantized layers when ``include_float`` (the paper's "parameter capacity" leaves them out).
+    """
+    q = f = bits = 0
+    for m in model.modules():
+        if isinstance(m, QUANTIZED_LAYERS):
+            n = m.weight.numel()
+            if m.w_bits == FLOAT_BITS:
+                f += n
+                bits += 32 * n if include_float else 0
+            else:
+                q += n
+                bits += m.w_bits * n
+    return WeightStorage(q, f, bits)

@@ -1,0 +1,60 @@
+"""Straight-through estimators with a hard forward: STE, clipped STE (BNN), ApproxSign (Bi-Real).
+
+At 2 and 3 bits the forward is the MINW-Net ternary / powers-of-two quantizer and the same
+pseudo-gradient is applied to the input, as for sign.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import register_estimator
+from .minw import MinwEstimator, clipped_grad
+
+
+@register_estimator
+class STE(MinwEstimator):
+    """Straight-through estimator (identity).
+
+    forward:  y = Q(x)                      (Q = sign / ternary / pow2 by bits)
+    backward: ∂L/∂x = ∂L/∂y                 (everywhere, no clipping)
+    """
+
+    name = "ste"
+    paper = "Bengio, Léonard, Courville, 'Estimating or propagating gradients through stochastic neurons', arXiv:1308.3432, 2013"
+    pseudo_grad = None
+
+
+@register_estimator
+class ClippedSTE(MinwEstimator):
+    """Clipped straight-through estimator (BNN), the derivative of HardTanh.
+
+    forward:  y = Q(x)
+    backward: ∂L/∂x = ∂L/∂y · 1[|x| ≤ 1]
+    """
+
+    name = "clipped_ste"
+    paper = "Hubara, Courbariaux, Soudry, El-Yaniv, Bengio, 'Binarized Neural Networks', NeurIPS 2016"
+
+    def pseudo_grad(self, x, g):
+        return clipped_grad(x, g)
+
+
+@register_estimator
+class ApproxSign(MinwEstimator):
+    """ApproxSign (Bi-Real Net): the derivative of a piecewise quadratic approximation of sign.
+
+    forward:  y = Q(x)
+    backward: ∂L/∂x = ∂L/∂y · (2 − 2|x|) · 1[|x| < 1]
+    proxy:    F(x) = −1 (x < −1); 2x + x² (−1 ≤ x < 0); 2x − x² (0 ≤ x < 1); 1 (x ≥ 1)
+    """
+
+    name = "approx_sign"
+    paper = "Liu, Wu, Luo, Yang, Liu, Cheng, 'Bi-Real Net', ECCV 2018"
+
+    @staticmethod
+    def proxy(x: torch.Tensor) -> torch.Tensor:
+        """F(x), whose derivative is the pseudo-gradient."""
+        return torch.where(x < 0, 2 * x + x * x, 2 * x - x * x).clamp(-1, 1)
+
+    def pseudo_grad(self, x, g):
+        return g * (2 - 2 * x.abs()).clamp_min(0)

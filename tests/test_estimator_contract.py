@@ -1,0 +1,75 @@
+"""The contract every registered estimator keeps, parametrised over the whole registry."""
+import pytest
+import torch
+
+import estimators as E
+
+NAMES = E.list_estimators()
+REQUIRED = {"aqe", "ste", "clipped_ste", "approx_sign", "ede", "xnor", "dorefa", "pact", "lsq", "dsq", "ewgs", "reste"}
+
+
+def test_registry_holds_the_required_estimators():
+    assert REQUIRED <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_docstring_gives_formula_and_paper(name):
+    cls = E.get_estimator_class(name)
+    doc = cls.__doc__ or ""
+    assert "forward" in doc.lower() and ("backward" in doc.lower() or "∂" in doc), name
+    assert cls.paper and any(str(y) in cls.paper for y in range(2013, 2025)), name
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+@pytest.mark.parametrize("role", ["weight", "activation"])
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_finite_gradients_and_levels(name, role, bits):
+    torch.manual_seed(0)
+    est = E.create_estimator(name, bits=bits, role=role)
+    est.set_progress(1, 4)
+    x = (torch.randn(6, 4, 3, 3) * 1.3).requires_grad_(True)
+    y = est(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    (y * torch.randn_like(y)).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for p in est.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    est.eval()
+    with torch.no_grad():
+        h = est(x)
+        scale = est.scale(x)
+    codes = (h if scale is None else h / scale).double()
+    levels = est.level_set()
+    on_level = torch.isclose(codes.reshape(-1, 1), levels.reshape(1, -1), rtol=0, atol=1e-6).any(dim=1)
+    assert on_level.all(), f"{name} {role} {bits}: off-level values {codes.flatten()[~on_level][:5]}"
+    assert len(levels) <= 2**bits
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_output_is_deterministic_and_ignores_training_schedule(name):
+    est = E.create_estimator(name, bits=1, role="weight").eval()
+    x = torch.randn(8, 5)
+    a = est(x)
+    est.set_progress(9, 10)
+    assert torch.equal(a, est(x))
+
+
+def test_unknown_things_raise_errors_that_list_what_exists():
+    with pytest.raises(E.UnknownNameError, match=r"unknown estimator 'sgn'; known: approx_sign, aqe, "):
+        E.create_estimator("sgn")
+    with pytest.raises(E.UnknownNameError, match=r"estimator 'aqe' has no parameter 'alpah'; known: alpha_end, alpha_start"):
+        E.create_estimator("aqe", alpah=0.3)
+    with pytest.raises(ValueError, match=r"does not support 9 bits; supported: 1–8 \(32 = float"):
+        E.create_estimator("ste", bits=9)
+    with pytest.raises(E.UnknownNameError, match="unknown role 'bias'"):
+        E.create_estimator("ste", role="bias")
+    with pytest.raises(ValueError, match="needs 3 increasing positive thresholds"):
+        E.create_estimator("aqe", bits=3, pow2_thresholds=[0.5, 0.1, 0.2])
+
+
+def test_catalog_lists_parameters_and_formulas():
+    cat = {e["name"]: e for e in E.estimator_catalog()}
+    assert set(cat) == set(NAMES)
+    assert cat["aqe"]["params"]["backward"]["choices"] == ["eq18", "alg1", "autodiff"]
+    assert "α·Q(x) + (1 − α)·x" in cat["aqe"]["formula"]
+    assert cat["aqe"]["scheduled"] and not cat["ste"]["scheduled"]

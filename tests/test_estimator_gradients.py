@@ -1,0 +1,258 @@
+"""Every estimator's backward equals its formula (autograd vs the analytic expression).
+
+The reference formulas below are written independently of the implementation, from the
+papers (see each estimator's docstring). Inputs are random, several shapes, float32 and float64.
+"""
+import math
+
+import pytest
+import torch
+
+import estimators as E
+
+SHAPES = [(7,), (16, 10), (4, 3, 5, 5)]
+DTYPES = [torch.float32, torch.float64]
+P = 0.3  # training progress e/E used for scheduled estimators
+
+
+def mask(c):
+    return c.to(torch.float64)
+
+
+def ref_ste(x, g, est):
+    return g
+
+
+def ref_clipped(x, g, est):
+    return g * mask(x.abs() <= 1)
+
+
+def ref_approx_sign(x, g, est):
+    return g * torch.clamp(2 - 2 * x.abs(), min=0)
+
+
+def ref_ede(x, g, est):
+    t = 0.1 * (10 / 0.1) ** P
+    k = max(1 / t, 1.0)
+    return g * k * t * (1 - torch.tanh(t * x) ** 2)
+
+
+def ref_reste(x, g, est):
+    o = 1 + 2 * (1 - math.cos(math.pi / 2 * P))
+    a = x.abs()
+    inner = (1 / o) * a.clamp_min(1e-30) ** ((1 - o) / o)
+    slope = torch.where(a <= 0.1, torch.full_like(a, 0.1 ** (1 / o) / 0.1), inner)
+    return g * slope * mask(a <= 1.5)
+
+
+def aqe_alpha():
+    return 0.5 * 2**P
+
+
+def ref_aqe_eq18(x, g, est):
+    return g * 2 * aqe_alpha() * mask(x.abs() <= 1)
+
+
+def ref_aqe_alg1(x, g, est):
+    return g * mask(x.abs() <= 1)
+
+
+def ref_aqe_autodiff(x, g, est):
+    return g * (1 - aqe_alpha())
+
+
+def ref_xnor(x, g, est):
+    if est.role == "activation":
+        return ref_clipped(x, g, est)
+    dims = tuple(range(1, x.dim()))
+    alpha = x.abs().mean(dim=dims, keepdim=True) if dims else x.abs().mean()
+    n = x[0].numel() if x.dim() > 1 else x.numel()
+    return g * (1 / n + alpha * mask(x.abs() <= 1))
+
+
+def ref_dorefa(x, g, est):
+    if est.role == "activation":
+        return g * mask((x >= 0) & (x <= 1))
+    if est.bits == 1:
+        return g
+    m = torch.tanh(x).abs().max()
+    return g * (1 - torch.tanh(x) ** 2) / m
+
+
+def ref_ewgs(x, g, est):
+    n = 2**est.bits - 1
+    xn = ((x + 1) / 2).clamp(0, 1)
+    xq = torch.round(xn * n) / n
+    return g * (1 + 1e-3 * torch.sign(g) * (xn - xq)) * mask(x.abs() <= 1)
+
+
+REFERENCES = {
+    "ste": ({}, ref_ste),
+    "clipped_ste": ({}, ref_clipped),
+    "approx_sign": ({}, ref_approx_sign),
+    "ede": ({}, ref_ede),
+    "reste": ({}, ref_reste),
+    "aqe": ({}, ref_aqe_eq18),
+    "aqe:alg1": ({"backward": "alg1"}, ref_aqe_alg1),
+    "aqe:autodiff": ({"backward": "autodiff"}, ref_aqe_autodiff),
+    "xnor": ({}, ref_xnor),
+    "dorefa": ({}, ref_dorefa),
+    "ewgs": ({}, ref_ewgs),
+}
+
+
+def _grad(est, x, g):
+    x = x.clone().requires_grad_(True)
+    est(x).backward(g)
+    return x.grad
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+@pytest.mark.parametrize("role", ["weight", "activation"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("case", sorted(REFERENCES))
+def test_backward_matches_formula(case, shape, dtype, role, bits):
+    name = case.split(":")[0]
+    params, ref = REFERENCES[case]
+    est = E.create_estimator(name, bits=bits, role=role, **params)
+    est.set_progress(3, 10)
+    torch.manual_seed(hash((case, shape, role, bits)) % 2**31)
+    x = torch.randn(shape, dtype=dtype) * 1.2
+    g = torch.randn(shape, dtype=dtype)
+    got = _grad(est, x, g)
+    want = ref(x.double(), g.double(), est)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_every_registered_estimator_has_a_gradient_test():
+    covered = {c.split(":")[0] for c in REFERENCES} | {"pact", "lsq", "dsq"}  # learnable ones: below
+    assert set(E.list_estimators()) <= covered
+
+
+# -- learnable quantizer parameters ---------------------------------------------------------------
+@pytest.mark.parametrize("bits", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pact_gradients(bits, dtype):
+    est = E.create_estimator("pact", bits=bits, role="activation", alpha_init=0.8).to(dtype)
+    torch.manual_seed(bits)
+    x = (torch.randn(6, 40, dtype=dtype)).requires_grad_(True)
+    g = torch.randn(6, 40, dtype=dtype)
+    est(x).backward(g)
+    a = float(est.alpha.detach())
+    torch.testing.assert_close(x.grad, g * ((x >= 0) & (x < a)).to(dtype))
+    torch.testing.assert_close(est.alpha.grad, (g * (x >= a).to(dtype)).sum().to(est.alpha.dtype))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+@pytest.mark.parametrize("role", ["weight", "activation"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lsq_gradients(bits, role, dtype):
+    est = E.create_estimator("lsq", bits=bits, role=role).to(dtype)
+    torch.manual_seed(bits)
+    v = (torch.randn(8, 30, dtype=dtype) * 0.7).requires_grad_(True)
+    g = torch.randn(8, 30, dtype=dtype)
+    est(v).backward(g)
+    s = float(est.step.detach())
+    q_n, q_p = (1, 1) if bits == 1 else (2 ** (bits - 1), 2 ** (bits - 1) - 1)
+    assert s == pytest.approx(float(2 * v.detach().abs().mean() / math.sqrt(q_p)), rel=1e-6)  # LSQ init
+    u = v.detach() / s
+    inside = (u >= -q_n) & (u <= q_p)
+    torch.testing.assert_close(v.grad, g * inside.to(dtype))
+    q = torch.sign(u).where(u != 0, torch.ones_like(u)) if bits == 1 else torch.round(u)
+    ds = torch.where(inside, q - u, torch.where(u < -q_n, torch.full_like(u, -q_n), torch.full_like(u, q_p)))
+    n = v.numel() if role == "weight" else v[0].numel()
+    want = (g * ds).sum() / math.sqrt(n * q_p)
+    torch.testing.assert_close(est.step.grad, want.to(est.step.dtype), rtol=1e-5, atol=1e-6)
+
+
+def dsq_reference(x, alpha, bits):
+    """∂Q_S/∂x and ∂Q_S/∂α by hand (DSQ, Gong et al. 2019), range [−1, 1]."""
+    n = 2**bits - 1
+    d = 2 / n
+    xc = x.clamp(-1, 1)
+    i = torch.floor((xc + 1) / d).clamp(0, n - 1)
+    m = -1 + (i + 0.5) * d
+    k = math.log(2 / alpha - 1) / d
+    s = 1 / (1 - alpha)
+    th = torch.tanh(k * (xc - m))
+    dx = d / 2 * s * k * (1 - th**2) * ((x >= -1) & (x <= 1)).to(x.dtype)
+    ds_da = 1 / (1 - alpha) ** 2
+    dk_da = -2 / (d * alpha * (2 - alpha))
+    da = d / 2 * (ds_da * th + s * (1 - th**2) * (xc - m) * dk_da)
+    return dx, da
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dsq_gradients(bits, dtype):
+    est = E.create_estimator("dsq", bits=bits, role="activation", alpha_init=0.3).to(dtype)
+    torch.manual_seed(bits)
+    x = (torch.randn(5, 50, dtype=dtype) * 0.8).requires_grad_(True)
+    g = torch.randn(5, 50, dtype=dtype)
+    est(x).backward(g)
+    dx, da = dsq_reference(x.detach(), float(est.alpha.detach()), bits)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(x.grad, g * dx, **tol)
+    torch.testing.assert_close(est.alpha.grad, (g * da).sum().to(est.alpha.dtype), **tol)
+
+
+# -- gradcheck where the function is smooth --------------------------------------------------------
+def _away_from(x, points, gap=1e-3):
+    """Move entries of x that lie within ``gap`` of any point."""
+    for p in points:
+        x = torch.where((x - p).abs() < gap, x + 3 * gap, x)
+    return x
+
+
+@pytest.mark.parametrize("bits", [1, 3])
+def test_gradcheck_aqe_autodiff_equals_derivative_of_the_mix(bits):
+    """Away from Q's jumps, d/dx[α·Q(x) + (1−α)x] = 1 − α: exactly the ``autodiff`` reading."""
+    est = E.create_estimator("aqe", bits=bits, role="weight", backward="autodiff")
+    est.set_progress(2, 5)
+    torch.manual_seed(0)
+    x = torch.rand(40, dtype=torch.float64) * 2 - 1
+    jumps = [0.0] if bits == 1 else [s * t for t in (0.02, 0.07, 0.14) for s in (1, -1)] + [0.0]
+    x = _away_from(x, jumps).clamp(-0.99, 0.99)
+    x[0] = 1.0  # fixes max|x|, so the pow2 thresholds don't move under perturbation
+    assert torch.autograd.gradcheck(est, (x.requires_grad_(True),), eps=1e-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["approx_sign", "ede", "reste"])
+def test_pseudo_gradient_is_the_derivative_of_the_proxy(name):
+    """The proxy F is smooth (gradcheck) and its autograd derivative equals the pseudo-gradient."""
+    est = E.create_estimator(name, bits=1, role="activation")
+    est.set_progress(4, 10)
+    torch.manual_seed(1)
+    lo = 0.1 if name == "reste" else 0.0  # ReSTE uses a chord slope inside |x| ≤ ε
+    x = torch.rand(200, dtype=torch.float64) * (0.98 - lo) + lo
+    x = _away_from(torch.cat([x, -x]), [0.0])
+    xg = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(est.proxy, (xg,), eps=1e-7, atol=1e-6)
+    (dproxy,) = torch.autograd.grad(est.proxy(xg).sum(), xg)
+    g = torch.ones_like(x)
+    torch.testing.assert_close(_grad(est, x, g), dproxy)
+
+
+def test_gradcheck_dsq_soft_staircase():
+    from estimators.dsq import dsq_soft
+
+    torch.manual_seed(2)
+    x = (torch.rand(30, dtype=torch.float64) * 1.9 - 0.95)
+    x = _away_from(x, [-1 / 3, 1 / 3])  # interval edges at 2 bits
+    alpha = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
+    f = lambda x_, a_: dsq_soft(x_, a_, 2)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(True), alpha), eps=1e-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["clipped_ste", "aqe", "xnor"])
+def test_values_exactly_on_the_clip_edge_keep_their_gradient(name, dtype):
+    """1[|x| ≤ 1] includes ±1: latent weights clipped to ±1 must still move."""
+    one = torch.ones((), dtype=dtype)
+    above = torch.nextafter(one, one + 1)
+    x = torch.stack([-above, -one, one, above, torch.zeros((), dtype=dtype) + 0.5])
+    est = E.create_estimator(name, bits=1, role="activation", **({"schedule": "constant"} if name == "aqe" else {}))
+    grad = _grad(est, x, torch.ones_like(x))
+    assert grad.tolist() == [0.0, 1.0, 1.0, 0.0, 1.0]

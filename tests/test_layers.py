@@ -1,0 +1,111 @@
+"""Quantized layers and the whole-model helpers; gradients flow on real data (digits)."""
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+import estimators as E
+
+
+def test_qconv2d_quantizes_input_and_weight():
+    conv = E.QConv2d(2, 3, 3, padding=1, w_bits=1, a_bits=1, estimator="ste").eval()
+    x = torch.randn(2, 2, 5, 5)
+    want = nn.functional.conv2d(torch.where(x >= 0, 1.0, -1.0), torch.where(conv.weight >= 0, 1.0, -1.0), padding=1)
+    torch.testing.assert_close(conv(x), want)
+
+
+def test_32_bits_means_float():
+    lin = E.QLinear(4, 3, w_bits=32, a_bits=32)
+    assert lin.weight_quantizer is None and lin.input_quantizer.quantizer is None
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(lin(x), x @ lin.weight.T)
+    assert not any(isinstance(m, E.Estimator) for m in lin.modules())
+
+
+def test_each_role_gets_its_own_learnable_parameters():
+    lin = E.QLinear(4, 3, w_bits=2, a_bits=2, estimator=("lsq", {}))
+    steps = [m.step for m in lin.modules() if isinstance(m, E.Estimator)]
+    assert len(steps) == 2 and steps[0] is not steps[1]
+    assert sum(1 for p in lin.parameters()) == 3  # weight + two steps
+
+
+def test_estimator_params_reach_both_roles():
+    conv = E.QConv2d(1, 1, 1, estimator=("aqe", {"backward": "alg1"}), estimator_params={"schedule": "linear"})
+    for q in (conv.weight_quantizer, conv.input_quantizer.quantizer):
+        assert q.hparams["backward"] == "alg1" and q.hparams["schedule"] == "linear"
+
+
+def test_set_progress_reaches_every_estimator_and_reports_values():
+    net = nn.Sequential(E.QLinear(3, 3, estimator="aqe"), E.QuantAct(1, "ede"), E.QLinear(3, 2, estimator="aqe"))
+    values = E.set_progress(net, 5, 10)
+    assert values["aqe.alpha"] == pytest.approx(0.5 * 2**0.5)
+    assert values["ede.t"] == pytest.approx(1.0)
+    assert all(m.epoch == 5 for m in net.modules() if isinstance(m, E.Estimator))
+
+
+def test_clip_latent_weights_only_where_the_estimator_asks():
+    a = E.QLinear(3, 3, estimator="aqe")
+    d = E.QLinear(3, 3, estimator="dorefa")
+    f = E.QLinear(3, 3, w_bits=32, a_bits=32)
+    for layer in (a, d, f):
+        nn.init.constant_(layer.weight, 3.0)
+    assert E.clip_latent_weights(nn.Sequential(a, d, f)) == 1
+    assert a.weight.max() == 1.0 and d.weight.max() == 3.0 and f.weight.max() == 3.0
+
+
+def test_weight_storage_counts_bits():
+    net = nn.Sequential(E.QConv2d(3, 8, 3, w_bits=1), E.QLinear(10, 4, w_bits=3), E.QLinear(4, 2, w_bits=32))
+    s = E.weight_storage(net)
+    assert (s.quantized_weights, s.float_weights) == (3 * 8 * 9 + 40, 8)
+    assert s.bits == 216 + 3 * 40
+    assert s.mib == pytest.approx(336 / 8 / 2**20)
+    assert E.weight_storage(net, include_float=True).bits == 336 + 32 * 8
+
+
+# -- gradients really flow: a W1A1 net on real digits ----------------------------------------------
+def digits_tensors():
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:1400], perm[1400:]
+    return x[tr], y[tr], x[te], y[te]
+
+
+def tiny_net(estimator):
+    q = dict(estimator=estimator, w_bits=1, a_bits=1)
+    return nn.Sequential(
+        E.QConv2d(1, 16, 3, padding=1, w_bits=1, a_bits=32, estimator=estimator), nn.BatchNorm2d(16), nn.Hardtanh(),
+        E.QConv2d(16, 32, 3, padding=1, **q), nn.MaxPool2d(2), nn.BatchNorm2d(32), nn.Hardtanh(),
+        nn.Flatten(), E.QLinear(32 * 16, 10, **q), nn.BatchNorm1d(10),
+    )
+
+
+# Chance is 10%. A W1A1 net that learns nothing stays near it; 85% after 6 epochs on 1,400 images
+# cannot happen by luck (397 test images: 10% ± 1.5% std), and every estimator clears it easily
+# when its gradients are right (93–97% measured), while a zero or wrong-signed gradient does not.
+BAR = 0.85
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", E.list_estimators())
+def test_w1a1_net_learns_digits(name):
+    torch.manual_seed(0)
+    xtr, ytr, xte, yte = digits_tensors()
+    net = tiny_net(name)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    epochs = 6
+    for epoch in range(1, epochs + 1):
+        E.set_progress(net, epoch, epochs)
+        net.train()
+        for idx in torch.randperm(len(ytr)).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(xtr[idx]), ytr[idx]).backward()
+            opt.step()
+            E.clip_latent_weights(net)
+    net.eval()
+    with torch.no_grad():
+        acc = (net(xte).argmax(1) == yte).float().mean().item()
+    assert acc > BAR, f"{name}: test accuracy {acc:.3f}"

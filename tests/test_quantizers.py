@@ -1,0 +1,92 @@
+"""Hard quantizers on hand-computed inputs, and their exact level sets."""
+import pytest
+import torch
+
+from estimators import quantizers as Qz
+from estimators.registry import UnknownNameError
+
+
+def test_sign_maps_zero_to_plus_one():
+    x = torch.tensor([-2.0, -1e-9, 0.0, 1e-9, 3.0])
+    assert Qz.sign(x).tolist() == [-1, -1, 1, 1, 1]
+
+
+def test_ternary_uses_twn_threshold():
+    x = torch.tensor([-1.0, -0.2, 0.0, 0.3, 0.5, 2.0])  # mean|x| = 4/6, Δ = 0.7·4/6 = 0.4667
+    assert Qz.ternary(x).tolist() == [-1, 0, 0, 0, 1, 1]
+    assert Qz.ternary(x, delta_ratio=0.4).tolist() == [-1, 0, 0, 1, 1, 1]  # Δ = 0.2667
+
+
+def test_ternary_per_sample_statistics():
+    x = torch.tensor([[0.1, 0.2, 1.0], [10.0, 20.0, 100.0]])
+    per_sample = Qz.ternary(x, dims="sample")
+    assert per_sample.tolist() == [[0, 0, 1], [0, 0, 1]]  # each row has its own Δ
+    assert Qz.ternary(x).tolist() == [[0, 0, 0], [0, 1, 1]]  # one Δ = 0.7·131.3/6 = 15.32
+
+
+def test_pow2_three_bits_authors_thresholds():
+    # M = 1: |x| < .02 → 0; [.02, .07) → ¼; [.07, .14) → ½; ≥ .14 → 1
+    x = torch.tensor([0.01, -0.019, 0.02, 0.05, -0.07, 0.1, 0.14, -0.5, 1.0])
+    assert Qz.pow2(x, bits=3).tolist() == [0, 0, 0.25, 0.25, -0.5, 0.5, 1, -1, 1]
+
+
+def test_pow2_thresholds_scale_with_max():
+    x = torch.tensor([1.0, 3.0, 10.0])  # M = 10: .2 → ¼, .7 → ½, 1.4 → 1
+    assert Qz.pow2(x, bits=3).tolist() == [0.5, 1, 1]
+    assert Qz.pow2(x, bits=3, thresholds=(0.05, 0.2, 0.5)).tolist() == [0.25, 0.5, 1]
+
+
+def test_pow2_rejects_bad_thresholds():
+    with pytest.raises(ValueError, match="3 increasing positive thresholds"):
+        Qz.pow2(torch.ones(3), bits=3, thresholds=(0.1, 0.05, 0.2))
+    with pytest.raises(ValueError, match="bits >= 3"):
+        Qz.pow2_thresholds(2)
+
+
+def test_uniform_unsigned_and_signed():
+    x = torch.tensor([-0.5, 0.1, 0.2, 0.5, 0.9, 1.5])
+    assert torch.allclose(Qz.uniform(x, 2), torch.tensor([0, 0, 1 / 3, 2 / 3, 1, 1]))
+    assert Qz.uniform(x, 1, signed=True).tolist() == [-1, 1, 1, 1, 1, 1]
+    assert torch.allclose(Qz.uniform(torch.tensor([-1.0, -0.4, 0.2, 0.7]), 2, signed=True),
+                          torch.tensor([-1, -1 / 3, 1 / 3, 1]))
+
+
+@pytest.mark.parametrize(
+    "name,bits,expected",
+    [
+        ("sign", 1, [-1, 1]),
+        ("ternary", 2, [-1, 0, 1]),
+        ("pow2", 3, [-1, -0.5, -0.25, 0, 0.25, 0.5, 1]),
+        ("pow2", 4, [-1, -0.5, -0.25, -0.125, -1 / 16, -1 / 32, -1 / 64, 0,
+                     1 / 64, 1 / 32, 1 / 16, 0.125, 0.25, 0.5, 1]),
+        ("uniform", 1, [0, 1]),
+        ("uniform", 2, [0, 1 / 3, 2 / 3, 1]),
+        ("uniform_signed", 2, [-1, -1 / 3, 1 / 3, 1]),
+    ],
+)
+def test_level_sets(name, bits, expected):
+    assert torch.allclose(Qz.levels(name, bits), torch.tensor(expected, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("name", ["minw", "uniform", "uniform_signed"])
+def test_outputs_hit_exactly_the_level_set(name, bits):
+    torch.manual_seed(bits)
+    x = torch.randn(20000, dtype=torch.float64) * 2
+    if name == "minw":
+        qname = Qz.minw_quantizer(bits)
+        y = {"sign": Qz.sign, "ternary": Qz.ternary}.get(qname, lambda t: Qz.pow2(t, bits=bits))(x)
+    else:
+        qname = name
+        y = Qz.uniform(x, bits, signed=(name == "uniform_signed"))
+    lv = Qz.levels(qname, bits)
+    assert set(y.unique().tolist()) <= set(lv.tolist())
+    if bits <= 4:  # enough samples to reach every level
+        assert len(y.unique()) == len(lv)
+    assert len(lv) == {"sign": 2, "ternary": 3}.get(qname, 2**bits - 1 if qname == "pow2" else 2**bits)
+
+
+def test_registry_lookup_lists_known_names():
+    assert Qz.get_quantizer("sign") is Qz.sign
+    with pytest.raises(UnknownNameError, match="unknown quantizer 'nope'; known: pow2, sign, ternary, uniform"):
+        Qz.get_quantizer("nope")

@@ -1,0 +1,14 @@
+"""bitbench data sets as device-resident tensors: ``load_dataset``, ``DeviceLoader``.
+
+Modules: ``registry`` (names, ``load_dataset``), ``base`` (types, errors), ``prepare`` (split,
+normalise), ``loader`` (batches and augmentation), one module per family of data sets
+(``digits``, ``vision``, ``synthetic``) and ``idx`` (the (Fashion-)MNIST file format).
+"""
+from .base import DatasetMissingError, DataSplits
+from .loader import DeviceLoader, random_crop, random_flip
+from .registry import list_datasets, load_dataset, resolve_data_dir
+
+__all__ = [
+    "DataSplits", "DatasetMissingError", "DeviceLoader", "list_datasets", "load_dataset",
+    "random_crop", "random_flip", "resolve_data_dir",
+]

@@ -1,0 +1,237 @@
+"""The experiment spec (POST /runs and ``python -m workers.sweep``): schema, defaults, grid.
+
+One JSON object describes a sweep: estimators × (weight bits, activation bits) × seeds on one
+dataset and model, plus an optional full-precision reference per seed. Unknown fields are
+rejected; names are checked against the registries; :meth:`ExperimentSpec.trials` expands the
+grid into :class:`TrialSpec` cells with stable keys.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+import estimators
+
+FLOAT = estimators.FLOAT_BITS
+ALLOWED_BITS = (*estimators.SUPPORTED_BITS, FLOAT)
+FLOAT_ESTIMATOR = "float"  # the estimator label of full-precision reference trials
+DEFAULT_MAX_TRIALS = 2000
+
+
+def max_trials() -> int:
+    """The grid-size limit: ``BITBENCH_MAX_TRIALS`` or 2,000."""
+    return int(os.environ.get("BITBENCH_MAX_TRIALS", DEFAULT_MAX_TRIALS))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Bits = Annotated[int, Field(description="1–8, or 32 for float")]
+
+
+def _check_bits(v: int) -> int:
+    if v not in ALLOWED_BITS:
+        raise ValueError(f"bit width {v} is not supported; allowed: 1–8 and {FLOAT} (float)")
+    return v
+
+
+class BitsConfig(_Strict):
+    """One (weights, activations) cell, or lists of each for their cross product."""
+
+    w: Union[Bits, list[Bits]]
+    a: Union[Bits, list[Bits]]
+
+    @field_validator("w", "a")
+    @classmethod
+    def _valid(cls, v):
+        vals = v if isinstance(v, list) else [v]
+        if not vals:
+            raise ValueError("must not be empty")
+        for b in vals:
+            _check_bits(b)
+        if len(set(vals)) != len(vals):
+            raise ValueError(f"repeats a bit width: {vals}")
+        return v
+
+    def cells(self) -> list[tuple[int, int]]:
+        ws = self.w if isinstance(self.w, list) else [self.w]
+        as_ = self.a if isinstance(self.a, list) else [self.a]
+        return [(w, a) for w in ws for a in as_]
+
+
+class EstimatorChoice(_Strict):
+    """A registered estimator name with parameters (defaults fill the rest)."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _registered(self):
+        estimators.validate_estimator_params(self.name, self.params)  # raises with the known names
+        return self
+
+    @property
+    def label(self) -> str:
+        """``name`` or ``name[k=v,…]`` (user-given parameters, sorted): part of the trial key."""
+        if not self.params:
+            return self.name
+        return f"{self.name}[{','.join(f'{k}={self.params[k]}' for k in sorted(self.params))}]"
+
+
+class Optimizer(_Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(0.01, gt=0, le=10)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
+    nesterov: bool = Field(False, description="SGD only")
+
+
+class LRSchedule(_Strict):
+    name: Literal["constant", "exponential", "cosine", "step"] = "exponential"
+    gamma: float = Field(0.98, gt=0, le=1, description="exponential: per epoch; step: at each milestone")
+    milestones: list[int] = Field(default_factory=list, description="step: epochs at which lr *= gamma")
+    eta_min: float = Field(0.0, ge=0, description="cosine: final lr")
+
+
+class Resources(_Strict):
+    cpu: float = Field(1.0, gt=0, le=256)
+    gpu: float = Field(0.0, ge=0, le=16, description="fractional: 0.25 lets four trials share a GPU")
+
+
+class TrialSpec(_Strict):
+    """One grid cell: an estimator at (w_bits, a_bits) with one seed."""
+
+    key: str
+    estimator: str
+    estimator_params: dict[str, Any] = Field(default_factory=dict)
+    w_bits: int
+    a_bits: int
+    seed: int
+
+    @property
+    def is_float(self) -> bool:
+        return self.estimator == FLOAT_ESTIMATOR
+
+
+class ExperimentSpec(_Strict):
+    """A sweep: estimators × bits × seeds on one dataset and model (DESIGN.md §3)."""
+
+    name: str = Field(..., min_length=1, max_length=200)
+    dataset: str = "digits"
+    model: str = "digits_net"
+    estimators: list[Union[str, EstimatorChoice]] = Field(..., min_length=1)
+    bits: Union[BitsConfig, list[BitsConfig]] = Field(default_factory=lambda: [BitsConfig(w=1, a=1)])
+    include_full_precision: bool = True
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=1000)
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=1, le=65_536)
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    lr_schedule: LRSchedule = Field(default_factory=LRSchedule)
+    resources: Resources = Field(default_factory=Resources)
+    first_last_float: bool = False
+    dataset_options: dict[str, Any] = Field(default_factory=dict, description="extra loader options, e.g. synthetic shape")
+    max_retries: int = Field(2, ge=0, le=10, description="retries of a failed trial (Ray Tune FailureConfig)")
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_known(cls, v):
+        from .datasets import list_datasets
+
+        if v not in list_datasets():
+            raise ValueError(f"unknown dataset {v!r}; known: {', '.join(list_datasets())}")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_known(cls, v):
+        from .models import list_models
+
+        if v not in list_models():
+            raise ValueError(f"unknown model {v!r}; known: {', '.join(list_models())}")
+        return v
+
+    @field_validator("estimators", mode="before")
+    @classmethod
+    def _normalise_estimators(cls, v):
+        if isinstance(v, list):
+            return [{"name": e} if isinstance(e, str) else e for e in v]
+        return v
+
+    @field_validator("estimators")
+    @classmethod
+    def _unique_estimators(cls, v):
+        labels = [e.label for e in v]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"duplicate estimators (same name and parameters): {', '.join(dupes)}")
+        return v
+
+    @field_validator("bits", mode="after")
+    @classmethod
+    def _unique_cells(cls, v):
+        cells = [c for b in (v if isinstance(v, list) else [v]) for c in b.cells()]
+        if not cells:
+            raise ValueError("must not be empty")
+        dupes = sorted({c for c in cells if cells.count(c) > 1})
+        if dupes:
+            raise ValueError(f"duplicate bit configurations: {', '.join(f'W{w}A{a}' for w, a in dupes)}")
+        if (FLOAT, FLOAT) in cells:
+            raise ValueError("W32A32 is the full-precision reference: use include_full_precision instead")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate seeds: {sorted({s for s in v if v.count(s) > 1})}")
+        if any(s < 0 or s > 2**32 - 1 for s in v):
+            raise ValueError("seeds must lie in [0, 2^32 − 1]")
+        return v
+
+    @model_validator(mode="after")
+    def _grid_size(self, info: ValidationInfo):
+        limit = (info.context or {}).get("max_trials", max_trials()) if info else max_trials()
+        n = self.trial_count()
+        if n > limit:
+            raise ValueError(f"the grid has {n} trials, over the limit of {limit} (BITBENCH_MAX_TRIALS)")
+        return self
+
+    # -- grid -------------------------------------------------------------------------------
+    def bit_cells(self) -> list[tuple[int, int]]:
+        return [c for b in (self.bits if isinstance(self.bits, list) else [self.bits]) for c in b.cells()]
+
+    def trial_count(self) -> int:
+        return len(self.seeds) * (len(self.estimators) * len(self.bit_cells()) + int(self.include_full_precision))
+
+    def trials(self) -> list[TrialSpec]:
+        """The grid, in a stable order: per seed, the float reference then estimator × bits."""
+        out = []
+        for seed in self.seeds:
+            if self.include_full_precision:
+                out.append(TrialSpec(key=f"{FLOAT_ESTIMATOR}-w{FLOAT}a{FLOAT}-s{seed}", estimator=FLOAT_ESTIMATOR,
+                                     w_bits=FLOAT, a_bits=FLOAT, seed=seed))
+            for est in self.estimators:
+                for w, a in self.bit_cells():
+                    out.append(TrialSpec(key=f"{est.label}-w{w}a{a}-s{seed}", estimator=est.name,
+                                         estimator_params=dict(est.params), w_bits=w, a_bits=a, seed=seed))
+        return out
+
+    def canonical_json(self) -> str:
+        """The normalised spec as canonical JSON (sorted keys, defaults filled)."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+def parse_spec(data: dict[str, Any] | str, *, max_trials_limit: int | None = None) -> ExperimentSpec:
+    """Validate a spec from a dict or a JSON string (raises pydantic.ValidationError)."""
+    ctx = {"max_trials": max_trials_limit} if max_trials_limit is not None else None
+    if isinstance(data, str):
+        return ExperimentSpec.model_validate_json(data, context=ctx)
+    return ExperimentSpec.model_validate(data, context=ctx)
