@@ -1,0 +1,16 @@
+"""bitbench's model registry.
+
+    >>> from workers.models import list_models, create_model
+    >>> list_models()
+    ['convnet_a', 'convnet_b', 'convnet_c', 'convnet_d', 'digits_net', 'fashion_net', 'resnet20', 'vgg_small']
+    >>> m = create_model("convnet_a", w_bits=1, a_bits=1, estimator="aqe")
+
+Modules: ``registry`` (register/list/create), ``blocks`` (layer factory and blocks),
+``convnet`` (Models A–D), ``vgg`` (VGG-Small), ``resnet`` (ResNet-20), ``small`` (digits/fashion nets).
+"""
+from . import convnet, resnet, small, vgg  # noqa: F401  (registration)
+from .blocks import QuantConfig, conv_block, linear_block, plain_convnet
+from .registry import MODELS, create_model, list_models, register_model
+
+__all__ = ["MODELS", "QuantConfig", "conv_block", "create_model", "linear_block", "list_models", "plain_convnet",
+           "register_model"]

@@ -1,0 +1,58 @@
+"""The model registry (timm-style): ``register_model``, ``list_models``, ``create_model``.
+
+A registered builder is called as ``builder(q, num_classes=..., input_shape=...)`` with a
+:class:`~workers.models.blocks.QuantConfig` ``q`` that makes every quantized layer, so that the
+bit widths, the estimator and the first/last-layer rule live in one place.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from estimators.layers import EstimatorArg
+from estimators.registry import Registry
+
+from .blocks import QuantConfig
+
+MODELS = Registry("model")
+Builder = Callable[..., nn.Module]
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: register ``builder(q, *, num_classes, input_shape) -> nn.Module`` under ``name``."""
+    return MODELS.register(name)
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted."""
+    return MODELS.names()
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int = 10,
+    input_shape: tuple[int, int, int] = (3, 32, 32),
+    w_bits: int = 1,
+    a_bits: int = 1,
+    estimator: EstimatorArg = "aqe",
+    estimator_params: dict | None = None,
+    first_last_float: bool = False,
+) -> nn.Module:
+    """Build model ``name`` for ``input_shape`` = (C, H, W) images and ``num_classes`` outputs.
+
+    Quantized conv/linear layers take ``w_bits`` weights and ``a_bits`` inputs (32 = float; at
+    w_bits = a_bits = 32 no estimator is built). The first layer's input, the raw image, is
+    always float; ``first_last_float`` also keeps the first layer's weights and the last layer
+    (weights and input) float. Unknown names raise ``estimators.UnknownNameError`` listing the
+    known ones; an ``input_shape`` too small for the model raises ``ValueError``.
+    """
+    builder = MODELS.get(name)
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be ≥ 1, got {num_classes}")
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_shape must be (channels, height, width) of positive ints, got {input_shape!r}")
+    q = QuantConfig(w_bits, a_bits, estimator, estimator_params, first_last_float)
+    return builder(q, num_classes=int(num_classes), input_shape=shape)
