@@ -501,3 +501,13 @@ def test_cuda_tensors_and_generator():
         batches = list(loader)
         assert all(xb.is_cuda and yb.is_cuda for xb, yb in batches)
         assert sorted(torch.cat([yb for _, yb in batches]).tolist()) == list(range(64))
+
+
+def test_train_size_keeps_a_fixed_stratified_subset():
+    full = load_dataset("digits")
+    a = load_dataset("digits", train_size=500, seed=1)
+    b = load_dataset("digits", train_size=500, seed=2)
+    assert len(a.train_y) == 500 and torch.equal(a.train_x, b.train_x)
+    assert torch.equal(a.test_y, full.test_y) and torch.equal(a.val_y, full.val_y)
+    counts = torch.bincount(a.train_y, minlength=10).float() / 500
+    assert (counts - torch.bincount(full.train_y, minlength=10).float() / len(full.train_y)).abs().max() < 0.02

@@ -65,6 +65,7 @@ def load_dataset(
     device: str | torch.device = "cpu",
     val_size: int | float | None = None,
     split_seed: int = SPLIT_SEED,
+    train_size: int | None = None,
     **options,
 ) -> DataSplits:
     """Load data set ``name`` as normalised train/validation/test tensors on ``device``.
@@ -73,7 +74,8 @@ def load_dataset(
     pool (default per data set: 5,000 for MNIST-likes and CIFAR, 20% of the whole for digits,
     ``n_val`` for synthetic; 0 for none). The split is stratified and fixed by ``split_seed``;
     ``seed`` only seeds generated data (synthetic), so a sweep over seeds varies only
-    initialisation and order. ``options`` are the data set's own (synthetic: shape, num_classes,
+    initialisation and order. ``train_size`` keeps a fixed stratified subset of the training
+    split (for budgeted studies). ``options`` are the data set's own (synthetic: shape, num_classes,
     n_train, n_val, n_test, separation). Raises UnknownNameError for an unknown name or option,
     DatasetMissingError when the files are not on disk (see ``resolve_data_dir``) and cannot be
     downloaded (``download`` or $BITBENCH_ALLOW_DOWNLOAD=1).
@@ -84,4 +86,4 @@ def load_dataset(
     raw = build(src, **options)
     size = raw.default_val if val_size is None else val_size
     n_val = held_out_count(size, len(raw.pool_y))
-    return make_splits(name, raw, n_val, split_seed, torch.device(device))
+    return make_splits(name, raw, n_val, split_seed, torch.device(device), train_size)

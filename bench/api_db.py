@@ -1,0 +1,194 @@
+"""Database benchmarks: the leaderboard over a database of 1,000,000 metric rows.
+
+    python bench/api_db.py [--trials 10000] [--epochs 100] [--repeat 9] [--postgres-url URL] [--no-postgres]
+
+``bench_leaderboard(url)`` fills an empty database (migrated to head) through ``store.create_run``
+with runs of a 12-estimator × 9-bit-cell grid over several data sets, marks every trial done
+with a final accuracy, bulk-loads ``n_trials × epochs`` metric rows (PostgreSQL ``COPY``, SQLite
+``executemany``), runs ANALYZE, then times ``store.leaderboard`` (all rows, and one data set)
+and ``store.trial_metrics`` (one trial's curve). It runs on a SQLite file and on PostgreSQL
+(``--postgres-url``, else a throwaway server from the installed binaries, as the tests start
+it). Target: leaderboard p50 ≤ 200 ms. The leaderboard aggregates the trials' final accuracies
+in SQL; the metric rows are there to give the database a realistic size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import bindparam, select, text, update  # noqa: E402
+
+from service import store  # noqa: E402
+from service.db import make_engine, migrate, session_factory  # noqa: E402
+from service.tables import metrics, runs, trials  # noqa: E402
+
+TARGET_MS = 200.0
+ESTIMATORS = ["approx_sign", "aqe", "clipped_ste", "dorefa", "dsq", "ede", "ewgs", "lsq", "pact", "reste", "ste",
+              "xnor"]
+DATASETS = ["digits", "mnist", "fashion_mnist", "cifar10"]
+METRIC_COLUMNS = ("trial_id", "epoch", "train_loss", "train_acc", "val_acc", "test_acc", "lr", "epoch_seconds",
+                  "images_per_s", "device", "schedule")
+
+
+def _grid_spec(i: int, seeds: int) -> dict:
+    return {"name": f"bench-{i}", "dataset": DATASETS[i % len(DATASETS)], "estimators": ESTIMATORS,
+            "bits": {"w": [1, 2, 3], "a": [1, 2, 3]}, "seeds": list(range(seeds)), "epochs": 100}
+
+
+def fill(url: str, *, trials_wanted: int, epochs: int, seed: int = 0) -> dict:
+    """Runs and trials through the store, final accuracies, then the metric rows in bulk."""
+    rng = random.Random(seed)
+    engine = make_engine(url)
+    migrate(engine)
+    sessions = session_factory(engine)
+    per_seed = len(ESTIMATORS) * 9 + 1
+    seeds = 10
+    t0 = time.perf_counter()
+    with sessions() as s:
+        n, i = 0, 0
+        while n < trials_wanted:
+            s_needed = min(seeds, -(-(trials_wanted - n) // per_seed))
+            run, _ = store.create_run(s, _grid_spec(i, s_needed))
+            n += run["trial_count"]
+            i += 1
+        ids = s.execute(select(trials.c.id, trials.c.w_bits).order_by(trials.c.id)).all()
+        s.execute(update(trials).where(trials.c.id == bindparam("tid")).values(
+            status="done", epochs_done=epochs, final_test_acc=bindparam("acc"), final_val_acc=bindparam("acc")),
+            [{"tid": tid, "acc": min(1.0, 0.5 + 0.1 * min(w, 5) + rng.gauss(0, 0.02))} for tid, w in ids])
+        s.execute(update(runs).values(status="done"))
+        s.commit()
+    t_runs = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    _bulk_metrics(engine, [tid for tid, _ in ids], epochs, rng)
+    with engine.connect() as c:
+        c.execute(text("ANALYZE"))
+        c.commit()
+    t_metrics = time.perf_counter() - t0
+    with sessions() as s:
+        counts = store.count_rows(s)
+    engine.dispose()
+    return {"counts": counts, "runs_trials_s": t_runs, "metrics_load_s": t_metrics}
+
+
+def _metric_rows(trial_ids, epochs, rng):
+    schedule = json.dumps({"aqe.alpha": 0.5})
+    for tid in trial_ids:
+        acc = rng.random()
+        for e in range(1, epochs + 1):
+            yield (tid, e, 1.0 / e, acc, acc, acc, 0.01 * 0.98 ** e, 1.5, 900.0, "cpu", schedule)
+
+
+def _bulk_metrics(engine, trial_ids, epochs, rng, chunk=100_000) -> None:
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        cols = ", ".join(METRIC_COLUMNS)
+        if engine.dialect.name == "postgresql":
+            with cur.copy(f"COPY {metrics.name} ({cols}) FROM STDIN") as copy:
+                for row in _metric_rows(trial_ids, epochs, rng):
+                    copy.write_row(row)
+        else:
+            sql = f"INSERT INTO {metrics.name} ({cols}) VALUES ({', '.join('?' * len(METRIC_COLUMNS))})"
+            rows = _metric_rows(trial_ids, epochs, rng)
+            while batch := [r for _, r in zip(range(chunk), rows)]:
+                cur.executemany(sql, batch)
+        raw.commit()
+    finally:
+        raw.close()
+
+
+def _time_ms(fn, repeat: int) -> dict:
+    fn()  # warm caches and the statement cache
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"p50_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+
+
+def bench_leaderboard(url: str, *, n_trials: int = 10_000, epochs: int = 100, repeat: int = 9) -> dict:
+    """Fill the empty database at ``url`` (``n_trials × epochs`` metric rows) and time the leaderboard.
+
+    Returns ``{"dialect", "counts", "load": {...}, "leaderboard": {p50_ms, min_ms, max_ms, rows},
+    "leaderboard_one_dataset": {...}, "trial_metrics": {...}, "target_ms", "ok"}``."""
+    load = fill(url, trials_wanted=n_trials, epochs=epochs)
+    engine = make_engine(url)
+    sessions = session_factory(engine)
+    with sessions() as s:
+        board = store.leaderboard(s)
+        one_trial = s.execute(select(trials.c.id).order_by(trials.c.id.desc()).limit(1)).scalar_one()
+        result = {
+            "dialect": engine.dialect.name,
+            "counts": load.pop("counts"),
+            "load": load,
+            "leaderboard": {**_time_ms(lambda: store.leaderboard(s), repeat), "rows": len(board)},
+            "leaderboard_one_dataset": _time_ms(lambda: store.leaderboard(s, dataset="mnist"), repeat),
+            "trial_metrics": _time_ms(lambda: store.trial_metrics(s, one_trial), repeat),
+        }
+    engine.dispose()
+    result["target_ms"] = TARGET_MS
+    result["ok"] = result["leaderboard"]["p50_ms"] <= TARGET_MS
+    return result
+
+
+def _table(results: list[dict]) -> str:
+    lines = ["| database | runs / trials / metrics | load (s) | leaderboard p50 (min–max) | one data set p50 | "
+             "one trial's metrics p50 |", "|---|---|---|---|---|---|"]
+    for r in results:
+        c, lb = r["counts"], r["leaderboard"]
+        lines.append(
+            f"| {r['dialect']} | {c['runs']} / {c['trials']:,} / {c['metrics']:,} | "
+            f"{r['load']['runs_trials_s'] + r['load']['metrics_load_s']:.1f} | "
+            f"{lb['p50_ms']:.1f} ms ({lb['min_ms']:.1f}–{lb['max_ms']:.1f}), {lb['rows']} rows | "
+            f"{r['leaderboard_one_dataset']['p50_ms']:.1f} ms | {r['trial_metrics']['p50_ms']:.2f} ms |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=10_000)
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--repeat", type=int, default=9)
+    ap.add_argument("--postgres-url", default=None, help="an empty PostgreSQL database (default: a throwaway server)")
+    ap.add_argument("--no-postgres", action="store_true")
+    args = ap.parse_args(argv)
+    kw = {"n_trials": args.trials, "epochs": args.epochs, "repeat": args.repeat}
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bitbench-bench-") as d:
+        results.append(bench_leaderboard(f"sqlite:///{d}/bench.sqlite", **kw))
+    if not args.no_postgres:
+        if args.postgres_url:
+            results.append(bench_leaderboard(args.postgres_url, **kw))
+        else:
+            from tests.db_fixtures import PostgresDatabases, TempPostgres, find_postgres_bin
+
+            bindir = find_postgres_bin()
+            if bindir is None:
+                print("PostgreSQL binaries not found (scripts/system-deps.sh): skipping PostgreSQL", file=sys.stderr)
+            else:
+                server = TempPostgres(bindir).start()
+                try:
+                    dbs = PostgresDatabases(server.url)
+                    results.append(bench_leaderboard(dbs.new(), **kw))
+                    dbs.admin.dispose()
+                finally:
+                    server.stop()
+    print(f"{platform.node()} · Python {platform.python_version()} · target leaderboard p50 ≤ {TARGET_MS:.0f} ms\n")
+    print(_table(results))
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

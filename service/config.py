@@ -1,0 +1,69 @@
+"""Service settings from the environment (pydantic-settings).
+
+Every setting has one environment variable (below); ``Settings(field=value)`` overrides it in
+code and tests. ``get_settings()`` reads the environment once per process.
+
+===========================  ====================================================================
+``DATABASE_URL``             SQLAlchemy URL; default ``sqlite:///<home>/bitbench.sqlite``
+``BITBENCH_API_TOKEN``       bearer token for writes; unset = writes are open
+``BITBENCH_MAX_TRIALS``      largest grid one run may have (2,000)
+``BITBENCH_DATA_DIR``        data sets (``workers.datasets``); also ``home`` when set
+``BITBENCH_TUNE_DIR``        Ray Tune storage (absolute); default ``<home>/tune``
+``RAY_ADDRESS``              Ray cluster to join; unset = a local Ray
+``BITBENCH_HEARTBEAT_S``     dispatcher heartbeat period (5 s)
+``BITBENCH_STALE_S``         a running run whose heartbeat is older is requeued (30 s)
+``BITBENCH_MAX_BODY_BYTES``  largest request body (1 MiB)
+===========================  ====================================================================
+
+``home`` is ``BITBENCH_DATA_DIR`` or ``~/.cache/bitbench``.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOME = Path("~/.cache/bitbench")
+
+
+def _env(name: str, env: str):
+    """Field alias: the environment variable, or the field name in code."""
+    return AliasChoices(name, env)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", validate_by_name=True)
+
+    database_url: str | None = Field(None, validation_alias=_env("database_url", "DATABASE_URL"))
+    api_token: str | None = Field(None, validation_alias=_env("api_token", "BITBENCH_API_TOKEN"))
+    max_trials: int = Field(2000, ge=1, validation_alias=_env("max_trials", "BITBENCH_MAX_TRIALS"))
+    data_dir: Path | None = Field(None, validation_alias=_env("data_dir", "BITBENCH_DATA_DIR"))
+    tune_dir: Path | None = Field(None, validation_alias=_env("tune_dir", "BITBENCH_TUNE_DIR"))
+    ray_address: str | None = Field(None, validation_alias=_env("ray_address", "RAY_ADDRESS"))
+    heartbeat_s: float = Field(5.0, gt=0, validation_alias=_env("heartbeat_s", "BITBENCH_HEARTBEAT_S"))
+    stale_s: float = Field(30.0, gt=0, validation_alias=_env("stale_s", "BITBENCH_STALE_S"))
+    max_body_bytes: int = Field(1 << 20, ge=1, validation_alias=_env("max_body_bytes", "BITBENCH_MAX_BODY_BYTES"))
+
+    @model_validator(mode="after")
+    def _defaults(self):
+        if self.data_dir is not None:
+            self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'bitbench.sqlite'}"
+        self.tune_dir = (self.tune_dir or self.home / "tune").expanduser().resolve()  # Tune needs absolute
+        if not self.api_token:
+            self.api_token = None
+        return self
+
+    @property
+    def home(self) -> Path:
+        """Where the default database and Tune storage live."""
+        return (self.data_dir or DEFAULT_HOME).expanduser().resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings (cached; ``get_settings.cache_clear()`` re-reads the environment)."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Alembic environment and revisions for bitbench (run through ``service.db.migrate``)."""

@@ -1,0 +1,144 @@
+"""The schema: runs (the queue), trials (one per grid cell), metrics (one per trial and epoch).
+
+SQLAlchemy Core tables; Alembic (``service/migrations``) creates them. Types work on SQLite and
+PostgreSQL alike: JSON (JSONB on PostgreSQL), timezone-aware UTC timestamps (``UTCDateTime``).
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    false,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import TypeDecorator
+
+RUN_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+TRIAL_STATUSES = RUN_STATUSES
+FINISHED = ("done", "failed", "cancelled")
+
+metadata = MetaData(naming_convention={
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+})
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timestamp that is always timezone-aware UTC in Python (SQLite stores it naive, in UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        value = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+Json = JSON().with_variant(JSONB(), "postgresql")
+# SQLite autoincrements only an INTEGER PRIMARY KEY (the rowid)
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _status_check(name: str, statuses=RUN_STATUSES) -> CheckConstraint:
+    return CheckConstraint(f"{name} IN ({', '.join(repr(s) for s in statuses)})", name=name)
+
+
+runs = Table(
+    "runs", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("status", String(16), nullable=False, server_default="queued"),
+    Column("dataset", String(64), nullable=False),
+    Column("model", String(64), nullable=False),
+    Column("spec", Json, nullable=False),
+    Column("spec_hash", String(64), nullable=False),
+    Column("idempotency_key", String(200), nullable=True, unique=True),
+    Column("cancel_requested", Boolean, nullable=False, server_default=false()),
+    Column("worker_id", String(200), nullable=True),
+    Column("heartbeat_at", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("trial_count", Integer, nullable=False),
+    _status_check("status"),
+    Index(None, "status", "created_at", "id"),  # the queue: oldest queued first; listing by status
+    Index(None, "dataset", "model"),
+)
+
+trials = Table(
+    "trials", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("key", String(300), nullable=False),
+    Column("estimator", String(64), nullable=False),
+    Column("estimator_label", String(300), nullable=False),
+    Column("estimator_params", Json, nullable=False),
+    Column("w_bits", Integer, nullable=False),
+    Column("a_bits", Integer, nullable=False),
+    Column("seed", BigInteger, nullable=False),
+    Column("status", String(16), nullable=False, server_default="queued"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("epochs_done", Integer, nullable=False, server_default="0"),
+    Column("final_test_acc", Float, nullable=True),
+    Column("final_val_acc", Float, nullable=True),
+    Column("best_val_acc", Float, nullable=True),
+    Column("final", Json, nullable=True),
+    Column("device", String(64), nullable=True),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Column("error", Text, nullable=True),
+    UniqueConstraint("run_id", "key"),  # also the index for a run's trials
+    _status_check("status", TRIAL_STATUSES),
+    Index(None, "w_bits", "a_bits"),
+    Index(None, "status"),
+)
+
+metrics = Table(
+    "metrics", metadata,
+    Column("id", BigId, primary_key=True),
+    Column("trial_id", Integer, ForeignKey("trials.id", ondelete="CASCADE"), nullable=False),
+    Column("epoch", Integer, nullable=False),
+    Column("train_loss", Float, nullable=True),
+    Column("train_acc", Float, nullable=True),
+    Column("val_acc", Float, nullable=True),
+    Column("test_acc", Float, nullable=True),
+    Column("lr", Float, nullable=True),
+    Column("epoch_seconds", Float, nullable=True),
+    Column("images_per_s", Float, nullable=True),
+    Column("device", String(64), nullable=True),
+    Column("schedule", Json, nullable=True),
+    UniqueConstraint("trial_id", "epoch"),  # exactly once per (trial, epoch); also the trial's index
+)
+
+METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_acc", "test_acc", "lr", "epoch_seconds",
+                 "images_per_s", "device", "schedule")

@@ -1,0 +1,407 @@
+"""service.store, service.db and service.sink against real SQLite and PostgreSQL databases."""
+from __future__ import annotations
+
+import math
+import pickle
+import statistics
+import subprocess
+import sys
+import threading
+import traceback
+from datetime import datetime, timedelta
+
+import pytest
+from scipy import stats
+from sqlalchemy import inspect, select, update
+
+from service import store
+from service.db import current_revision, make_engine, migrate
+from service.sink import SqlSink
+from service.tables import metadata, metrics, runs, trials
+from workers.spec import parse_spec
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def make_spec(name="t", **over):
+    body = {"name": name, "estimators": ["aqe", "ste", {"name": "aqe", "params": {"backward": "alg1"}}],
+            "bits": [{"w": 1, "a": 1}, {"w": 2, "a": 2}], "seeds": [0, 1], "epochs": 3}
+    return parse_spec({**body, **over})
+
+
+def table_rows(s, table, *where):
+    return [dict(r._mapping) for r in s.execute(select(table).where(*where).order_by(table.c.id))]
+
+
+def epoch_metrics(epoch, acc=0.5):
+    return {"epoch": epoch, "train_loss": 1.0 / epoch, "train_acc": acc, "val_acc": acc, "test_acc": acc,
+            "lr": 0.01, "epoch_seconds": 0.1, "images_per_s": 1000.0, "device": "cpu",
+            "schedule": {"aqe.alpha": 0.5 + epoch / 10}}
+
+
+# -- migrations -------------------------------------------------------------------------------
+def test_migrated_schema_matches_tables(engine):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    assert current_revision(engine) == "0001"
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata) == []
+        if engine.dialect.name == "sqlite":
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+    migrate(engine)  # again: a no-op
+    assert current_revision(engine) == "0001"
+
+
+def test_migrations_race_on_an_empty_database(db_url):
+    """Threads and processes migrating one empty database at the same moment all succeed."""
+    start = threading.Barrier(4)
+    errors = []
+
+    def migrate_thread():
+        eng = make_engine(db_url)
+        try:
+            start.wait()
+            migrate(eng)
+        except Exception:  # noqa: BLE001 - reported below
+            errors.append(traceback.format_exc())
+        finally:
+            eng.dispose()
+
+    code = "import sys; from service.db import make_engine, migrate; migrate(make_engine(sys.argv[1]))"
+    procs = [subprocess.Popen([sys.executable, "-c", code, db_url], stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    threads = [threading.Thread(target=migrate_thread) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    outs = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
+    assert not errors
+    assert all(rc == 0 for rc, _ in outs), outs
+    eng = make_engine(db_url)
+    assert current_revision(eng) == "0001"
+    assert {"runs", "trials", "metrics", "alembic_version"} <= set(inspect(eng).get_table_names())
+    eng.dispose()
+
+
+# -- runs and trials --------------------------------------------------------------------------
+def test_create_run_makes_one_trial_row_per_cell(session):
+    spec = make_spec()
+    run, created = store.create_run(session, spec)
+    assert created and run["status"] == "queued" and run["trial_count"] == 14
+    assert run["spec"] == spec.model_dump(mode="json") and run["spec_hash"] == spec.spec_hash()
+    assert run["progress"] == {"queued": 14, "running": 0, "done": 0, "failed": 0, "cancelled": 0}
+    assert datetime.fromisoformat(run["created_at"]).utcoffset() == timedelta(0)
+    rows = table_rows(session, trials, trials.c.run_id == run["id"])
+    assert [r["key"] for r in rows] == [t.key for t in spec.trials()]
+    by_key = {r["key"]: r for r in rows}
+    alg1 = by_key["aqe[backward=alg1]-w2a2-s1"]
+    assert (alg1["estimator"], alg1["estimator_label"], alg1["estimator_params"]) == ("aqe", "aqe[backward=alg1]",
+                                                                                       {"backward": "alg1"})
+    assert (alg1["w_bits"], alg1["a_bits"], alg1["seed"]) == (2, 2, 1)
+    ref = by_key["float-w32a32-s0"]
+    assert (ref["estimator"], ref["estimator_label"], ref["w_bits"], ref["a_bits"]) == ("float", "float", 32, 32)
+    assert all(r["status"] == "queued" and r["attempts"] == 0 and r["epochs_done"] == 0 for r in rows)
+    assert store.list_trials(session, run["id"])[5]["key"] == rows[5]["key"]
+    assert store.count_rows(session) == {"runs": 1, "trials": 14, "metrics": 0}
+
+
+def test_create_run_accepts_a_dict(session):
+    run, created = store.create_run(session, {"name": "d", "estimators": ["ste"], "seeds": [3]})
+    assert created and run["trial_count"] == 2 and run["dataset"] == "digits"
+
+
+def test_idempotency_key(session, sessions):
+    spec = make_spec()
+    first, created = store.create_run(session, spec, idempotency_key="k1")
+    again, created_again = store.create_run(session, make_spec(), idempotency_key="k1")
+    assert created and not created_again and again["id"] == first["id"]
+    with pytest.raises(store.IdempotencyConflict) as err:
+        store.create_run(session, make_spec(seeds=[0, 1, 2]), idempotency_key="k1")
+    assert err.value.run_id == first["id"]
+    other, created_other = store.create_run(session, spec)  # no key: a new run every time
+    assert created_other and other["id"] != first["id"]
+    assert store.count_rows(session) == {"runs": 2, "trials": 28, "metrics": 0}
+
+    # concurrent requests with one key create one run
+    got, start = [], threading.Barrier(6)
+
+    def post():
+        with sessions() as s:
+            start.wait()
+            got.append(store.create_run(s, spec, idempotency_key="k2"))
+
+    threads = [threading.Thread(target=post) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 6 and len({r["id"] for r, _ in got}) == 1 and sum(c for _, c in got) == 1
+    assert store.count_rows(session)["runs"] == 3
+
+
+def test_list_runs_filters_and_pages(session):
+    ids = [store.create_run(session, make_spec(f"r{i}", dataset="mnist" if i % 2 else "digits"))[0]["id"]
+           for i in range(5)]
+    page, total = store.list_runs(session, limit=2)
+    assert total == 5 and [r["id"] for r in page] == ids[::-1][:2]
+    page, total = store.list_runs(session, dataset="mnist")
+    assert total == 2 and {r["id"] for r in page} == {ids[1], ids[3]}
+    page, total = store.list_runs(session, dataset="digits", limit=1, offset=2)
+    assert total == 3 and [r["id"] for r in page] == [ids[0]]
+    store.claim_run(session, "w")
+    assert store.list_runs(session, status="running")[1] == 1
+    assert store.list_runs(session, model="nope") == ([], 0)
+    assert store.get_run(session, 10_000) is None and store.get_trial(session, 10_000) is None
+
+
+# -- the queue --------------------------------------------------------------------------------
+def test_claim_takes_the_oldest_queued_run(session):
+    a = store.create_run(session, make_spec("a"))[0]
+    b = store.create_run(session, make_spec("b"))[0]
+    got = store.claim_run(session, "w1")
+    assert got["id"] == a["id"] and got["status"] == "running" and got["started_at"]
+    assert store.claim_run(session, "w2")["id"] == b["id"]
+    assert store.claim_run(session, "w3") is None
+    held = {r["id"]: r["worker_id"] for r in table_rows(session, runs)}
+    assert held == {a["id"]: "w1", b["id"]: "w2"}
+
+
+def test_concurrent_claims_take_each_run_once(sessions, session):
+    n_runs, n_workers = 30, 8
+    for i in range(n_runs):
+        store.create_run(session, make_spec(f"r{i}", estimators=["ste"], seeds=[0]))
+    claims: dict[str, list[int]] = {f"w{i}": [] for i in range(n_workers)}
+    start = threading.Barrier(n_workers)
+
+    def worker(wid):
+        start.wait()
+        with sessions() as s:
+            while (run := store.claim_run(s, wid)) is not None:
+                claims[wid].append(run["id"])
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in claims]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    taken = [rid for ids in claims.values() for rid in ids]
+    assert sorted(taken) == sorted(set(taken)) and len(taken) == n_runs
+    rows = table_rows(session, runs)
+    assert all(r["status"] == "running" for r in rows)
+    assert {r["id"]: r["worker_id"] for r in rows} == {rid: w for w, ids in claims.items() for rid in ids}
+
+
+def test_heartbeat_and_stale_requeue_keep_finished_work(session, sessions):
+    run = store.create_run(session, make_spec())[0]
+    rid = run["id"]
+    assert store.claim_run(session, "dead")["id"] == rid
+    assert store.heartbeat(session, rid, "dead") and not store.heartbeat(session, rid, "someone-else")
+    sink = SqlSink(sessions, rid)
+    sink.on_trial_start("ste-w1a1-s0", {"device": "cpu", "attempt": 1})
+    for e in (1, 2, 3):
+        sink.on_epoch("ste-w1a1-s0", epoch_metrics(e))
+    sink.on_trial_end("ste-w1a1-s0", "done", {"final_test_acc": 0.9}, None)
+    sink.on_trial_start("aqe-w1a1-s0", {"device": "cpu", "attempt": 1})
+    sink.on_epoch("aqe-w1a1-s0", epoch_metrics(1))
+
+    assert store.requeue_stale(session, 60) == []  # fresh heartbeat: still held
+    old = datetime.now().astimezone() - timedelta(seconds=120)
+    session.execute(update(runs).where(runs.c.id == rid).values(heartbeat_at=old))
+    session.commit()
+    assert store.requeue_stale(session, 60) == [rid]
+    got = store.get_run(session, rid)
+    assert got["status"] == "queued" and got["progress"]["done"] == 1 and got["progress"]["running"] == 0
+    by_key = {t["key"]: t for t in store.list_trials(session, rid)}
+    assert by_key["ste-w1a1-s0"]["status"] == "done" and by_key["aqe-w1a1-s0"]["status"] == "queued"
+    assert by_key["aqe-w1a1-s0"]["epochs_done"] == 1 and store.count_rows(session)["metrics"] == 4
+
+    assert not store.heartbeat(session, rid, "dead")  # the dead holder lost its claim
+    assert store.claim_run(session, "alive")["id"] == rid
+    assert not store.finish_run(session, rid, "done", worker_id="dead")
+    assert store.finish_run(session, rid, "failed", "boom", worker_id="alive")
+    got = store.get_run(session, rid)
+    assert got["status"] == "failed" and got["error"] == "boom" and got["finished_at"]
+    assert got["progress"] == {"queued": 0, "running": 0, "done": 1, "failed": 0, "cancelled": 13}
+
+
+def test_claim_run_with_stale_s_requeues_first(session):
+    rid = store.create_run(session, make_spec())[0]["id"]
+    store.claim_run(session, "dead")
+    session.execute(update(runs).values(heartbeat_at=datetime.now().astimezone() - timedelta(hours=1)))
+    session.commit()
+    assert store.claim_run(session, "alive") is None
+    assert store.claim_run(session, "alive", stale_s=30)["id"] == rid
+
+
+def test_release_run(session):
+    rid = store.create_run(session, make_spec())[0]["id"]
+    store.claim_run(session, "w")
+    assert not store.release_run(session, rid, "other")
+    assert store.release_run(session, rid, "w")
+    assert store.get_run(session, rid)["status"] == "queued"
+
+
+def test_cancel_paths(session):
+    queued = store.create_run(session, make_spec("q"))[0]["id"]
+    running = store.create_run(session, make_spec("r"))[0]["id"]
+    done = store.create_run(session, make_spec("d"))[0]["id"]
+    stale = store.create_run(session, make_spec("s"))[0]["id"]
+    for rid in (running, done, stale):
+        session.execute(update(runs).where(runs.c.id == rid).values(
+            status="running", worker_id="w", heartbeat_at=datetime.now().astimezone()))
+    session.commit()
+    store.finish_run(session, done, "done")
+
+    got = store.request_cancel(session, queued)
+    assert got["status"] == "cancelled" and got["finished_at"] and got["progress"]["cancelled"] == 14
+    assert store.cancel_requested(session, queued)
+
+    got = store.request_cancel(session, running)
+    assert got["status"] == "running" and got["cancel_requested"] and store.cancel_requested(session, running)
+    assert store.claim_run(session, "w2") is None  # nothing queued
+
+    assert store.request_cancel(session, done)["status"] == "done" and not store.cancel_requested(session, done)
+    assert store.request_cancel(session, 999) is None and not store.cancel_requested(session, 999)
+
+    store.request_cancel(session, stale)  # its holder died: requeueing it cancels it
+    session.execute(update(runs).where(runs.c.id == stale).values(heartbeat_at=None))
+    session.commit()
+    assert store.requeue_stale(session, 30) == []
+    got = store.get_run(session, stale)
+    assert got["status"] == "cancelled" and got["progress"]["cancelled"] == 14
+
+    assert store.finish_run(session, running, "cancelled", "cancelled on request")
+    assert store.get_run(session, running)["progress"]["cancelled"] == 14
+    with pytest.raises(ValueError):
+        store.finish_run(session, running, "running")
+
+
+# -- sink -------------------------------------------------------------------------------------
+def test_sql_sink_stores_each_epoch_once(session, sessions):
+    rid = store.create_run(session, make_spec())[0]["id"]
+    sink = SqlSink(sessions, rid)
+    key = "aqe-w1a1-s0"
+    sink.on_trial_start(key, {"device": "cpu", "attempt": 1})
+    sink.on_epoch(key, epoch_metrics(1, acc=0.4))
+    sink.on_epoch(key, epoch_metrics(1, acc=0.99))  # a replay after a restart: ignored
+    start = threading.Barrier(4)
+
+    def report():  # four threads racing on the same epochs
+        start.wait()
+        for e in (2, 3):
+            sink.on_epoch(key, epoch_metrics(e, acc=0.5 + e / 10))
+
+    threads = [threading.Thread(target=report) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    tid = store.trial_ids(session, rid)[key]
+    rows = table_rows(session, metrics, metrics.c.trial_id == tid)
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[0]["test_acc"] == 0.4
+    trial = store.get_trial(session, tid)
+    assert trial["status"] == "running" and trial["epochs_done"] == 3 and trial["attempts"] == 1
+    assert trial["device"] == "cpu" and trial["started_at"]
+    assert trial["metrics"][1] == {**epoch_metrics(2, acc=0.7)}
+
+    # a restarted trial (attempt 2) replays epoch 3 and goes on; a pickled sink (as Tune saves it) works
+    clone = pickle.loads(pickle.dumps(sink))
+    clone.on_trial_start(key, {"device": "cuda:0", "attempt": 2})
+    for e in (3, 4):
+        clone.on_epoch(key, epoch_metrics(e))
+    final = {"final_test_acc": 0.81, "final_val_acc": 0.8, "best_val_acc": 0.83, "best_epoch": 4, "epochs": 4,
+             "weight_bits_total": 1000, "weight_mib": 0.0001}
+    clone.on_trial_end(key, "done", final, None)
+    trial = store.get_trial(session, tid)
+    assert (trial["status"], trial["attempts"], trial["epochs_done"], trial["device"]) == ("done", 2, 4, "cuda:0")
+    assert (trial["final_test_acc"], trial["final_val_acc"], trial["best_val_acc"]) == (0.81, 0.8, 0.83)
+    assert trial["finished_at"] and [m["epoch"] for m in trial["metrics"]] == [1, 2, 3, 4]
+    assert store.count_rows(session)["metrics"] == 4
+    assert store.run_results(session, rid) == [{**{k: v for k, v in trial.items() if k != "metrics"},
+                                                "final": final}]
+
+    sink.on_trial_end("ste-w1a1-s0", "failed", None, "Traceback: boom")
+    failed = store.list_trials(session, rid)[3]
+    assert (failed["key"], failed["status"], failed["error"]) == ("ste-w1a1-s0", "failed", "Traceback: boom")
+    with pytest.raises(KeyError):
+        sink.on_epoch("no-such-trial", epoch_metrics(1))
+    with pytest.raises(ValueError):
+        sink.on_trial_end(key, "running", None, None)
+
+
+def test_sink_stores_non_finite_and_numpy_values(session, sessions):
+    np = pytest.importorskip("numpy")
+    rid = store.create_run(session, make_spec())[0]["id"]
+    sink = SqlSink(sessions, rid)
+    sink.on_epoch("ste-w2a2-s1", {**epoch_metrics(1), "train_loss": float("nan"), "lr": np.float32(0.5),
+                                  "schedule": {"a": np.float64(0.25), "b": float("inf")}})
+    (m,) = store.trial_metrics(session, store.trial_ids(session, rid)["ste-w2a2-s1"])
+    assert m["train_loss"] is None and m["lr"] == 0.5 and m["schedule"] == {"a": 0.25, "b": None}
+
+
+def test_export_rows(session, sessions):
+    rid = store.create_run(session, make_spec())[0]["id"]
+    sink = SqlSink(sessions, rid)
+    for key in ("ste-w1a1-s0", "float-w32a32-s0"):
+        for e in (1, 2):
+            sink.on_epoch(key, epoch_metrics(e))
+    rows = store.export_rows(session, rid)
+    assert [(r["trial_key"], r["epoch"]) for r in rows] == [
+        ("float-w32a32-s0", 1), ("float-w32a32-s0", 2), ("ste-w1a1-s0", 1), ("ste-w1a1-s0", 2)]
+    assert rows[0] == {"run_id": rid, "trial_key": "float-w32a32-s0", "estimator": "float",
+                       "estimator_label": "float", "w_bits": 32, "a_bits": 32, "seed": 0,
+                       **{k: v for k, v in epoch_metrics(1).items() if k != "schedule"}, "schedule.aqe.alpha": 0.6}
+
+
+# -- leaderboard ------------------------------------------------------------------------------
+def test_leaderboard_matches_a_hand_computation(session, sessions):
+    spec = make_spec(seeds=[0, 1, 2])
+    mnist = make_spec("m", dataset="mnist", estimators=["ste"], seeds=[0])
+    rid = store.create_run(session, spec)[0]["id"]
+    mid = store.create_run(session, mnist)[0]["id"]
+    accs = {  # label, w, a -> per seed
+        ("float", 32, 32): [0.97, 0.96, 0.98],
+        ("aqe", 1, 1): [0.80, 0.82, 0.84],
+        ("ste", 1, 1): [0.70, 0.75, 0.65],
+        ("aqe[backward=alg1]", 1, 1): [0.81, 0.83, 0.80],
+        ("aqe", 2, 2): [0.90, 0.91],  # third seed failed: not counted
+        ("ste", 2, 2): [0.91, 0.90],  # the same mean as aqe W2A2: a tie
+        ("aqe[backward=alg1]", 2, 2): [0.5],  # two seeds still running: n = 1
+    }
+    sink = SqlSink(sessions, rid)
+    for (label, w, a), values in accs.items():
+        for seed, acc in enumerate(values):
+            sink.on_trial_end(f"{label}-w{w}a{a}-s{seed}", "done", {"final_test_acc": acc}, None)
+    sink.on_trial_end("aqe-w2a2-s2", "failed", {"final_test_acc": 0.1}, "diverged")
+    SqlSink(sessions, mid).on_trial_end("ste-w1a1-s0", "done", {"final_test_acc": 0.5}, None)
+
+    board = store.leaderboard(session, dataset="digits")
+    got = {(r["estimator_label"], r["w_bits"], r["a_bits"]): r for r in board}
+    assert set(got) == set(accs)
+    for key, values in accs.items():
+        row = got[key]
+        assert (row["dataset"], row["model"], row["n"]) == ("digits", "digits_net", len(values))
+        assert row["mean"] == pytest.approx(statistics.mean(values), abs=1e-12)
+        if len(values) < 2:
+            assert row["std"] is row["ci_low"] is row["ci_high"] is None
+            continue
+        sd = statistics.stdev(values)
+        half = stats.t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values))
+        assert row["std"] == pytest.approx(sd, rel=1e-6)
+        assert (row["ci_low"], row["ci_high"]) == (pytest.approx(row["mean"] - half, rel=1e-6),
+                                                   pytest.approx(row["mean"] + half, rel=1e-6))
+    order = [(r["estimator_label"], r["w_bits"], r["rank"], r["best"]) for r in board]
+    assert order == [("aqe", 1, 1, True), ("aqe[backward=alg1]", 1, 2, False), ("ste", 1, 3, False),
+                     ("aqe", 2, 1, True), ("ste", 2, 1, True), ("aqe[backward=alg1]", 2, 3, False),
+                     ("float", 32, 1, True)]
+
+    everything = store.leaderboard(session)
+    assert len(everything) == len(accs) + 1
+    assert store.leaderboard(session, dataset="mnist") == [
+        {"dataset": "mnist", "model": "digits_net", "w_bits": 1, "a_bits": 1, "estimator_label": "ste", "n": 1,
+         "mean": 0.5, "std": None, "ci_low": None, "ci_high": None, "rank": 1, "best": True}]
+    assert store.leaderboard(session, dataset="digits", model="other") == []
