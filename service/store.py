@@ -304,14 +304,15 @@ def _t975(dof: int) -> float:
     return float(stats.t.ppf(0.975, dof))
 
 
-def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = None) -> list[dict]:
+def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = None,
+                run_id: int | None = None) -> list[dict]:
     """Estimators ranked by mean final test accuracy over seeds, per dataset × model × bits.
 
     Count, mean and spread are aggregated in SQL over ``done`` trials; the 95% interval is
     ``mean ± t(0.975, n−1)·std/√n`` (sample std; None when n < 2) and rank 1 is the best
     mean within its (dataset, model, w_bits, a_bits) (ties share a rank; ``best`` marks rank 1).
     Rows come ordered by dataset, model, then w_bits + a_bits (the float reference last),
-    w_bits, a_bits, rank."""
+    w_bits, a_bits, rank. ``run_id`` restricts it to one run (a study's report)."""
     x = trials.c.final_test_acc
     keys = (runs.c.dataset, runs.c.model, trials.c.w_bits, trials.c.a_bits, trials.c.estimator_label)
     spread = (func.stddev_samp(x) if _dialect(s) == "postgresql" else func.avg(x * x)).label("spread")
@@ -319,7 +320,8 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
          .select_from(trials.join(runs, runs.c.id == trials.c.run_id))
          .where(trials.c.status == "done", x.isnot(None),
                 *([runs.c.dataset == dataset] if dataset is not None else []),
-                *([runs.c.model == model] if model is not None else []))
+                *([runs.c.model == model] if model is not None else []),
+                *([runs.c.id == run_id] if run_id is not None else []))
          .group_by(*keys))
     rows = []
     for r in s.execute(q):

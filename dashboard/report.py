@@ -1,0 +1,179 @@
+"""A run's report as a self-contained folder: RESULTS.md, figures (PNG + HTML), LaTeX, spec, machine.
+
+Pure over plain records (docs/CONTRACTS.md): the service reads them from the database and
+calls :func:`write_report`; nothing here knows SQL.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from .figures import accuracy_vs_bits, config_label, config_sort_key, bit_config, mean_std
+from .paper_results import paper_points
+from .stats import paired_comparisons
+
+BASELINES = ("ste", "clipped_ste")
+
+
+def mean_curves(epoch_rows: list[dict], metric: str = "test_acc") -> go.Figure:
+    """Mean ``metric`` per epoch over seeds: one line per estimator, one panel per bit config."""
+    from plotly.subplots import make_subplots
+
+    series: dict[tuple, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in epoch_rows:
+        if r.get(metric) is not None:
+            series[bit_config(r["w_bits"], r["a_bits"])][r["estimator_label"]][r["epoch"]].append(r[metric])
+    configs = sorted(series, key=config_sort_key)
+    fig = make_subplots(rows=1, cols=max(len(configs), 1), shared_yaxes=True,
+                        subplot_titles=[config_label(c) for c in configs])
+    for col, config in enumerate(configs, start=1):
+        for i, (label, by_epoch) in enumerate(sorted(series[config].items())):
+            epochs = sorted(by_epoch)
+            fig.add_trace(go.Scatter(x=epochs, y=[sum(v) / len(v) for v in (by_epoch[e] for e in epochs)],
+                                     mode="lines", name=label, legendgroup=label, showlegend=col == 1,
+                                     line=dict(color=_color(i)), meta={"kind": "estimator"}), row=1, col=col)
+        fig.update_xaxes(title="epoch", row=1, col=col)
+    fig.update_yaxes(title=metric.replace("_", " "), tickformat=".0%", row=1, col=1)
+    fig.update_layout(template="plotly_white", height=420, width=max(520, 460 * len(configs)),
+                      title=f"{metric.replace('_', ' ')} by epoch (mean over seeds)")
+    return fig
+
+
+def _color(i: int) -> str:
+    import plotly.colors
+
+    palette = plotly.colors.qualitative.Plotly
+    return palette[i % len(palette)]
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{100 * x:.{digits}f}"
+
+
+def leaderboard_markdown(rows: list[dict]) -> str:
+    """One table per bit configuration: rank, estimator, mean ± std, n, 95% interval (in %)."""
+    out = []
+    by_config: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_config[bit_config(r["w_bits"], r["a_bits"])].append(r)
+    for config in sorted(by_config, key=config_sort_key):
+        out += [f"### {config_label(config)}", "", "| rank | estimator | mean ± std (%) | n | 95% interval (%) |",
+                "|---:|---|---:|---:|---|"]
+        for r in sorted(by_config[config], key=lambda r: r["rank"]):
+            ci = "–" if r["ci_low"] is None else f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]"
+            best = " **(best)**" if r.get("best") and len(by_config[config]) > 1 else ""
+            out.append(f"| {r['rank']} | `{r['estimator_label']}`{best} | {_pct(r['mean'])} ± {_pct(r['std'])} "
+                       f"| {r['n']} | {ci} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    lines = ["| candidate | baseline | bits | seeds | Δ accuracy (points) | 95% interval | p | significant (p < 0.05) |",
+             "|---|---|---|---|---:|---|---:|---|"]
+    for r in rows:
+        ci = "–" if r["ci_low"] is None else f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]"
+        p = "–" if r["p_value"] is None else f"{r['p_value']:.3f}"
+        lines.append(f"| `{r['candidate']}` | `{r['baseline']}` | {r['bits']} | {','.join(map(str, r['seeds']))} "
+                     f"| {100 * r['diff']:+.2f} | {ci} | {p} | {'yes' if r['significant'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def latex_table(rows: list[dict]) -> str:
+    """Estimators × bit configurations, mean ± std test accuracy (%), best per column in bold."""
+    configs = sorted({bit_config(r["w_bits"], r["a_bits"]) for r in rows}, key=config_sort_key)
+    labels = sorted({r["estimator_label"] for r in rows})
+    cell = {(r["estimator_label"], bit_config(r["w_bits"], r["a_bits"])): r for r in rows}
+
+    def tex(s: str) -> str:
+        return s.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("&", r"\&").replace("%", r"\%") \
+            .replace("#", r"\#").replace("{", r"\{").replace("}", r"\}").replace("$", r"\$")
+
+    lines = [r"\begin{tabular}{l" + "r" * len(configs) + "}", r"\hline",
+             "Estimator & " + " & ".join(tex(config_label(c)) for c in configs) + r" \\", r"\hline"]
+    for label in labels:
+        cells = []
+        for c in configs:
+            r = cell.get((label, c))
+            if r is None:
+                cells.append("--")
+                continue
+            body = f"{100 * r['mean']:.2f}" + (rf" $\pm$ {100 * r['std']:.2f}" if r["std"] is not None else "")
+            cells.append(rf"\textbf{{{body}}}" if r.get("best") else body)
+        lines.append(tex(label) + " & " + " & ".join(cells) + r" \\")
+    lines += [r"\hline", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], trials: list[dict],
+                 epoch_rows: list[dict], environment: dict, candidates: list[str] | None = None,
+                 png: bool = True) -> dict[str, Path]:
+    """Write the report folder; return {name: path}. PNGs need kaleido + Chromium (skipped with a note if absent)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    labels = sorted({r["estimator_label"] for r in leaderboard})
+    candidates = candidates or [lab for lab in labels if lab.split("[")[0] == "aqe"]
+    pairs = paired_comparisons(trials, candidates, [b for b in BASELINES if b in labels])
+
+    figures = {
+        "accuracy_vs_bits": accuracy_vs_bits(trials, paper_points(run["dataset"], run["model"]),
+                                             title=f"{run['dataset']} / {run['model']}: final test accuracy"),
+        "training_curves": mean_curves(epoch_rows, "test_acc"),
+    }
+    png_note = ""
+    for name, fig in figures.items():
+        files[f"{name}.html"] = out / f"{name}.html"
+        fig.write_html(files[f"{name}.html"], include_plotlyjs=True, full_html=True)
+        if png:
+            try:
+                fig.write_image(out / f"{name}.png", width=fig.layout.width or 900, height=fig.layout.height or 500)
+                files[f"{name}.png"] = out / f"{name}.png"
+            except Exception as exc:  # kaleido or Chromium missing: the HTML figures still stand
+                png_note = f"\n> PNG figures were not written ({type(exc).__name__}: {exc}); see the HTML files.\n"
+
+    files["leaderboard.tex"] = out / "leaderboard.tex"
+    files["leaderboard.tex"].write_text(latex_table(leaderboard))
+    files["spec.json"] = out / "spec.json"
+    files["spec.json"].write_text(json.dumps(run["spec"], indent=2, sort_keys=True) + "\n")
+    files["environment.json"] = out / "environment.json"
+    files["environment.json"].write_text(json.dumps(environment, indent=2, sort_keys=True) + "\n")
+
+    fp = [t["final_test_acc"] for t in trials if t.get("estimator") == "float" and t.get("final_test_acc") is not None]
+    fp_line = f"Full-precision reference: {_pct(mean_std(fp)[0])} ± {_pct(mean_std(fp)[1])} % (n = {len(fp)}).\n" if fp else ""
+    images = "".join(f"![{n}]({n}.png)\n\n" for n in figures if f"{n}.png" in files)
+    md = f"""# {run['name']}
+
+Run {run['id']} · `{run['dataset']}` / `{run['model']}` · status **{run['status']}** ·
+{sum(1 for t in trials)} finished trials of {run.get('trial_count', '?')} · created {run.get('created_at', '')}
+
+Final test accuracy after the last epoch (not the best epoch), measured with hard quantizers,
+mean over seeds. Every number below is read from the bitbench database for this run.
+
+{fp_line}
+## Leaderboard per bit configuration
+
+{leaderboard_markdown(leaderboard)}
+## Paired comparison over the same seeds
+
+Δ = candidate − baseline in accuracy points; paired t-interval and paired t-test per bit configuration.
+With few seeds the test has little power: an interval that spans 0 means "not shown", not "equal".
+
+{paired_markdown(pairs) if pairs else "_No candidate/baseline pairs in this run._"}
+
+## Figures
+
+{images}Interactive: [accuracy_vs_bits.html](accuracy_vs_bits.html), [training_curves.html](training_curves.html).
+{png_note}
+## Reproduce
+
+The exact spec is in [spec.json](spec.json); submit it with `bitbench submit spec.json`.
+LaTeX table: [leaderboard.tex](leaderboard.tex). Versions and machine: [environment.json](environment.json)
+(`{environment.get('python', '')}`, torch `{environment.get('torch', '')}`, {environment.get('machine', '')}).
+"""
+    files["RESULTS.md"] = out / "RESULTS.md"
+    files["RESULTS.md"].write_text(md)
+    return files
