@@ -1,0 +1,58 @@
+"""The estimator catalogue as Markdown, generated from the registry (README's block).
+
+    python -m estimators.catalog            # print it
+    python -m estimators.catalog --write README.md   # refresh the block between the markers
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from .base import estimator_catalog
+
+START, END = "<!-- estimator-catalog:start -->", "<!-- estimator-catalog:end -->"
+
+
+def _cell(text: str) -> str:
+    """Escape a Markdown table cell's pipes."""
+    return text.replace("|", r"\|")
+
+
+def catalog_markdown() -> str:
+    """One section per registered estimator: its formula (docstring), paper and parameters."""
+    out = []
+    for e in estimator_catalog():
+        out.append(f"#### `{e['name']}`\n")
+        out.append("```text\n" + e["formula"].strip() + "\n```\n")
+        out.append(f"*{e['paper']}*" + (" · scheduled per epoch" if e["scheduled"] else "")
+                   + (" · latent weights clipped to [−1, 1]" if e["clips_weights"] else "") + "\n")
+        if e["params"]:
+            out.append("| parameter | default | meaning |\n|---|---|---|")
+            for k, p in e["params"].items():
+                choices = f" (one of {', '.join(map(str, p['choices']))})" if p["choices"] else ""
+                out.append(f"| `{k}` | `{p['default']}` | {_cell(p['doc'])}{choices} |")
+            out.append("")
+    return "\n".join(out).strip() + "\n"
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with the part between the markers replaced by ``block``."""
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"markers {START} … {END} not found")
+    return pattern.sub(lambda _: f"{START}\n{block}{END}", text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", type=Path, help="file whose marked block to refresh (e.g. README.md)")
+    a = ap.parse_args()
+    if a.write:
+        a.write.write_text(replace_block(a.write.read_text(), catalog_markdown()))
+    else:
+        print(catalog_markdown(), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""One trial: train one grid cell (estimator × bits × seed) and report every epoch.
+
+:func:`run_trial` is the whole contract (docs/CONTRACTS.md): seeded, deterministic where torch
+allows on the CPU, the data set kept on the device, one ``on_epoch(metrics, state)`` call per
+epoch, and a ``state`` from which ``run_trial(resume_state=state)`` continues bit-exactly on the
+CPU. It knows nothing about Ray; ``workers.sweep`` wraps it in a Tune trainable.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import time
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import estimators
+
+from .datasets import DataSplits, load_dataset
+from .models import create_model
+from .spec import ExperimentSpec, LRSchedule, Optimizer, TrialSpec
+
+STATE_VERSION = 1
+METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_acc", "test_acc", "lr", "epoch_seconds",
+               "images_per_s", "device", "schedule")
+FINAL_KEYS = ("final_test_acc", "final_val_acc", "best_val_acc", "best_epoch", "epochs",
+              "weight_bits_total", "weight_mib")
+
+OnEpoch = Callable[[dict, dict], None]
+
+
+# -- building blocks -------------------------------------------------------------------------
+def resolve_device(spec: ExperimentSpec, device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else CUDA when the spec asks for a GPU and one is visible, else CPU."""
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if spec.resources.gpu > 0 and torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (all devices) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def deterministic(enabled: bool):
+    """Ask torch for deterministic kernels (warn only) while inside; restore the setting after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn)
+
+
+def build_optimizer(params, cfg: Optimizer) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD (momentum, Nesterov) with the spec's lr and weight decay."""
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.name!r}; known: adam, adamw, sgd")
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: LRSchedule, epochs: int):
+    """A per-epoch scheduler (stepped after each epoch): constant, exponential (×gamma per
+    epoch), cosine (to eta_min at the last epoch) or step (×gamma after each milestone epoch)."""
+    sched = torch.optim.lr_scheduler
+    if cfg.name == "constant":
+        return sched.ExponentialLR(opt, gamma=1.0)
+    if cfg.name == "exponential":
+        return sched.ExponentialLR(opt, gamma=cfg.gamma)
+    if cfg.name == "cosine":
+        return sched.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=cfg.eta_min)
+    if cfg.name == "step":
+        return sched.MultiStepLR(opt, milestones=sorted(cfg.milestones), gamma=cfg.gamma)
+    raise ValueError(f"unknown lr schedule {cfg.name!r}; known: constant, exponential, cosine, step")
+
+
+def build_model(spec: ExperimentSpec, trial: TrialSpec, data: DataSplits) -> nn.Module:
+    """The spec's model for this trial's bits and estimator (no estimator for float trials)."""
+    quant = {} if trial.is_float else {"estimator": trial.estimator, "estimator_params": dict(trial.estimator_params)}
+    return create_model(spec.model, num_classes=data.num_classes, input_shape=data.input_shape,
+                        w_bits=trial.w_bits, a_bits=trial.a_bits, first_last_float=spec.first_last_float, **quant)
+
+
+def _to_cpu_copy(obj: Any) -> Any:
+    """Deep copy with every tensor detached and cloned to the CPU (state must not alias live tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- one epoch -------------------------------------------------------------------------------
+def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, batches) -> tuple[float, float, int]:
+    """One pass in train mode; latent weights clipped after every step. Returns (mean loss,
+    accuracy, images). Sums stay on the device: one host sync per epoch."""
+    model.train()
+    loss_sum = correct = None
+    n = 0
+    for xb, yb in batches:
+        out = model(xb)
+        loss = F.cross_entropy(out, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        estimators.clip_latent_weights(model)
+        with torch.no_grad():
+            b_loss, b_correct = loss.detach() * len(yb), (out.argmax(1) == yb).sum()
+            loss_sum = b_loss if loss_sum is None else loss_sum + b_loss
+            correct = b_correct if correct is None else correct + b_correct
+        n += len(yb)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    return loss_sum.item() / n, correct.item() / n, n
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches) -> float | None:
+    """Accuracy in eval mode (hard quantizers), or None for an empty split."""
+    model.eval()
+    correct, n = None, 0
+    for xb, yb in batches:
+        c = (model(xb).argmax(1) == yb).sum()
+        correct = c if correct is None else correct + c
+        n += len(yb)
+    return correct.item() / n if n else None
+
+
+# -- the trial -------------------------------------------------------------------------------
+def _rng_state(loader_gen: torch.Generator, device: torch.device) -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+        "loader": loader_gen.get_state(),
+        "loader_device": loader_gen.device.type,
+    }
+
+
+def _set_rng_state(rng: dict, loader_gen: torch.Generator, device: torch.device) -> None:
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if rng["loader_device"] != loader_gen.device.type:
+        raise ValueError(f"checkpoint was trained on {rng['loader_device']}; it cannot resume bit-exactly on "
+                         f"{loader_gen.device.type}")
+    loader_gen.set_state(rng["loader"])
+
+
+def final_metrics(last: dict, best: dict, epochs: int, model: nn.Module) -> dict:
+    """The ``final`` record of CONTRACTS.md from the last epoch's metrics and the best-so-far."""
+    storage = estimators.weight_storage(model)
+    return {
+        "final_test_acc": last["test_acc"], "final_val_acc": last["val_acc"],
+        "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "epochs": epochs,
+        "weight_bits_total": storage.bits, "weight_mib": storage.mib,
+    }
+
+
+def run_trial(
+    spec: ExperimentSpec,
+    trial: TrialSpec,
+    *,
+    on_epoch: OnEpoch,
+    resume_state: dict | None = None,
+    device: str | torch.device | None = None,
+    data_dir=None,
+    threads: int | None = None,
+) -> dict:
+    """Train ``trial`` of ``spec`` for ``spec.epochs`` epochs; return the ``final`` dict.
+
+    After each epoch e = 1..E calls ``on_epoch(metrics, state)``: ``metrics`` exactly as in
+    CONTRACTS.md, ``state`` a self-contained CPU copy (model, optimizer, scheduler, every RNG
+    including the loader's, epoch, best-so-far, last metrics). ``resume_state`` continues from
+    such a state; on the CPU the result is bit-identical to an uninterrupted run. ``threads``
+    sets torch's intra-op threads; ``device`` defaults to :func:`resolve_device`.
+    """
+    if threads:
+        torch.set_num_threads(int(threads))
+    dev = resolve_device(spec, device)
+    with deterministic(dev.type == "cpu"):
+        return _run(spec, trial, on_epoch, resume_state, dev, data_dir)
+
+
+def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
+    epochs = spec.epochs
+    seed_everything(trial.seed)
+    data = load_dataset(spec.dataset, seed=trial.seed, device=dev, data_dir=data_dir, **spec.dataset_options)
+    seed_everything(trial.seed)  # initialisation does not depend on what loading drew
+    model = build_model(spec, trial, data).to(dev)
+    opt = build_optimizer(model.parameters(), spec.optimizer)
+    sched = build_scheduler(opt, spec.lr_schedule, epochs)
+    gen = torch.Generator(device=dev).manual_seed(trial.seed)
+    n_train = len(data.train_y)
+    train_loader = data.loader("train", spec.batch_size, generator=gen,
+                               drop_last=n_train % spec.batch_size == 1 and n_train > 1)  # BN needs >1 sample
+    val_loader, test_loader = data.loader("val", spec.batch_size), data.loader("test", spec.batch_size)
+
+    start, best, last = 0, {"val_acc": None, "epoch": None}, None
+    if resume_state is not None:
+        if resume_state.get("version") != STATE_VERSION or resume_state.get("trial_key") != trial.key:
+            raise ValueError(f"resume_state is not a version-{STATE_VERSION} state of trial {trial.key!r}")
+        model.load_state_dict(resume_state["model"])
+        opt.load_state_dict(resume_state["optimizer"])
+        sched.load_state_dict(resume_state["scheduler"])
+        _set_rng_state(resume_state["rng"], gen, dev)
+        start, best, last = resume_state["epoch"], dict(resume_state["best"]), resume_state["last"]
+
+    for epoch in range(start + 1, epochs + 1):
+        t0 = time.perf_counter()
+        estimators.set_progress(model, epoch, epochs)
+        lr = opt.param_groups[0]["lr"]
+        train_loss, train_acc, n = train_epoch(model, opt, train_loader)
+        _sync(dev)
+        train_s = time.perf_counter() - t0
+        val_acc, test_acc = evaluate(model, val_loader), evaluate(model, test_loader)
+        sched.step()
+        if val_acc is not None and (best["val_acc"] is None or val_acc > best["val_acc"]):
+            best = {"val_acc": val_acc, "epoch": epoch}
+        last = {
+            "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_acc": val_acc,
+            "test_acc": test_acc, "lr": float(lr), "epoch_seconds": time.perf_counter() - t0,
+            "images_per_s": n / train_s if train_s > 0 else 0.0, "device": str(dev),
+            "schedule": {k: float(v) for k, v in estimators.schedule_values(model).items()},
+        }
+        state = {
+            "version": STATE_VERSION, "trial_key": trial.key, "epoch": epoch, "best": dict(best), "last": dict(last),
+            "model": _to_cpu_copy(model.state_dict()), "optimizer": _to_cpu_copy(opt.state_dict()),
+            "scheduler": _to_cpu_copy(sched.state_dict()), "rng": _to_cpu_copy(_rng_state(gen, dev)),
+        }
+        on_epoch(dict(last), state)
+
+    if last is None:
+        raise ValueError("run_trial trained no epoch and has no resume_state to finish from")
+    return final_metrics(last, best, epochs, model)
