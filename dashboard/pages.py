@@ -214,6 +214,11 @@ def _num(value: object) -> str:
     return "—" if value is None else esc(str(value))
 
 
+def kib(value: float | None) -> str:
+    """Bytes as KiB with one decimal, or an em dash."""
+    return "—" if value is None else f"{value / 1024:.1f} KiB"
+
+
 # ---------------------------------------------------------------- runs list
 
 def runs_page(runs: list[dict], total: int, urls: Urls, *, status: str | None = None,
@@ -302,12 +307,14 @@ def trials_table(trials: list[dict], urls: Urls | None) -> str:
         f'<td class="num">{_num(t.get("w_bits"))}</td><td class="num">{_num(t.get("a_bits"))}</td>'
         f'<td class="num">{_num(t.get("seed"))}</td><td>{status_badge(t.get("status"))}</td>'
         f'<td class="num">{_num(t.get("epochs_done"))}</td><td class="num">{pct(t.get("final_test_acc"))}</td>'
-        f'<td class="num">{pct(t.get("best_val_acc"))}</td><td>{_num(t.get("device"))}</td>'
+        f'<td class="num">{pct(t.get("best_val_acc"))}</td><td class="num">{kib(t.get("packed_bytes"))}</td>'
+        f'<td class="num">{pct(t.get("packed_agreement"), 2)}</td><td>{_num(t.get("device"))}</td>'
         f'<td class="num">{_num(t.get("attempts"))}</td></tr>'
         for t in trials
     ]
     return table(["Trial", "Estimator", "#W bits", "#A bits", "#Seed", "Status", "#Epochs", "#Test acc",
-                  "#Best val", "Device", "#Attempts"], rows, element_id="trials", empty="No trials.")
+                  "#Best val", "#Packed", "#Packed agrees", "Device", "#Attempts"], rows, element_id="trials",
+                 empty="No trials.")
 
 
 def spec_block(run: dict) -> str:
@@ -364,7 +371,7 @@ def leaderboard_page(rows: list[dict], pairs: list[tuple[str, str]], dataset: st
     for r in rows:
         bits = figures.config_label(figures.bit_config(r.get("w_bits"), r.get("a_bits")))
         if bits != previous:
-            body_rows.append(f'<tr class="group" data-group="{bits}"><th colspan="6">{bits}</th></tr>')
+            body_rows.append(f'<tr class="group" data-group="{bits}"><th colspan="8">{bits}</th></tr>')
             previous = bits
         best = bool(r.get("best"))
         mark = ' <span class="best-mark" title="best in this configuration">★ best</span>' if best else ""
@@ -375,14 +382,17 @@ def leaderboard_page(rows: list[dict], pairs: list[tuple[str, str]], dataset: st
             f'data-best="{str(best).lower()}"><td class="num">{esc(str(r.get("rank")))}</td>'
             f'<td>{esc(str(r.get("estimator_label")))}{mark}</td><td class="num">{pct(r.get("mean"), 2)}</td>'
             f'<td class="num">{pct(r.get("std"), 2)}</td><td class="num">{ci}</td>'
-            f'<td class="num">{_num(r.get("n"))}</td></tr>')
+            f'<td class="num">{_num(r.get("n"))}</td><td class="num">{kib(r.get("packed_bytes"))}</td>'
+            f'<td class="num">{pct(r.get("packed_agreement"), 2)}</td></tr>')
     empty = ("No finished trials for this dataset and model yet." if pairs
              else "No finished trials yet.")
     title = f'Leaderboard <span class="muted">{esc(dataset or "")} / {esc(model or "")}</span>' if dataset else "Leaderboard"
-    body = section(title, table(["#Rank", "Estimator", "#Mean test acc", "#Std", "#95% CI", "#Seeds"], body_rows,
+    body = section(title, table(["#Rank", "Estimator", "#Mean test acc", "#Std", "#95% CI", "#Seeds", "#Packed size",
+                                 "#Packed agrees (min)"], body_rows,
                                 element_id="leaderboard", empty=empty)
                    + '<p class="muted">Mean final test accuracy over seeds; rank 1 is the best estimator '
-                     'within its bit configuration.</p>', extra=form)
+                     'within its bit configuration. Packed: size of the bit-packed XNOR/SHIFT export and the '
+                     'lowest agreement of its predictions with the trained model\'s.</p>', extra=form)
     return Page("Leaderboard", body, nav="leaderboard")
 
 
@@ -400,6 +410,8 @@ def trial_page(trial: dict, run: dict | None, urls: Urls) -> Page:
              ("Device", _num(trial.get("device"))), ("Attempts", _num(trial.get("attempts"))),
              ("Final test acc", pct(trial.get("final_test_acc"), 2)),
              ("Final val acc", pct(trial.get("final_val_acc"), 2)), ("Best val acc", pct(trial.get("best_val_acc"), 2)),
+             ("Packed export", kib(trial.get("packed_bytes"))),
+             ("Packed engine agrees", pct(trial.get("packed_agreement"), 2)),
              ("Started", when(trial.get("started_at"))), ("Finished", when(trial.get("finished_at")))]
     facts_html = "".join(f"<div><dt>{k}</dt><dd>{v}</dd></div>" for k, v in facts)
     error = f'<pre class="error">{esc(str(trial["error"]))}</pre>' if trial.get("error") else ""

@@ -41,8 +41,8 @@ RUN_FIELDS = ("id", "name", "status", "dataset", "model", "spec", "spec_hash", "
               "finished_at", "error", "trial_count", "cancel_requested")
 TRIAL_FIELDS = ("id", "run_id", "key", "estimator", "estimator_label", "estimator_params", "w_bits", "a_bits",
                 "seed", "status", "attempts", "epochs_done", "final_test_acc", "final_val_acc", "best_val_acc",
-                "device", "started_at", "finished_at", "error")
-FINAL_COLUMNS = ("final_test_acc", "final_val_acc", "best_val_acc")
+                "packed_bytes", "packed_agreement", "device", "started_at", "finished_at", "error")
+FINAL_COLUMNS = ("final_test_acc", "final_val_acc", "best_val_acc", "packed_bytes", "packed_agreement")
 
 
 class IdempotencyConflict(Exception):
@@ -286,6 +286,8 @@ def record_trial_end(s: Session, trial_id: int, status: str, final: dict | None 
     values = {"status": status, "finished_at": utcnow(), "error": error, "final": final}
     if final:
         values.update({c: _num(final.get(c)) for c in FINAL_COLUMNS})
+        if values["packed_bytes"] is not None:
+            values["packed_bytes"] = int(values["packed_bytes"])
     s.execute(update(trials).where(trials.c.id == trial_id).values(**values))
     s.commit()
 
@@ -308,7 +310,8 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
                 run_id: int | None = None) -> list[dict]:
     """Estimators ranked by mean final test accuracy over seeds, per dataset × model × bits.
 
-    Count, mean and spread are aggregated in SQL over ``done`` trials; the 95% interval is
+    Count, mean and spread are aggregated in SQL over ``done`` trials (with the mean packed
+    export size and the lowest packed-engine agreement, where trials have them); the 95% interval is
     ``mean ± t(0.975, n−1)·std/√n`` (sample std; None when n < 2) and rank 1 is the best
     mean within its (dataset, model, w_bits, a_bits) (ties share a rank; ``best`` marks rank 1).
     Rows come ordered by dataset, model, then w_bits + a_bits (the float reference last),
@@ -316,7 +319,9 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
     x = trials.c.final_test_acc
     keys = (runs.c.dataset, runs.c.model, trials.c.w_bits, trials.c.a_bits, trials.c.estimator_label)
     spread = (func.stddev_samp(x) if _dialect(s) == "postgresql" else func.avg(x * x)).label("spread")
-    q = (select(*keys, func.count(x).label("n"), func.avg(x).label("mean"), spread)
+    packed = (func.avg(trials.c.packed_bytes).label("packed_bytes"),
+              func.min(trials.c.packed_agreement).label("packed_agreement"))
+    q = (select(*keys, func.count(x).label("n"), func.avg(x).label("mean"), spread, *packed)
          .select_from(trials.join(runs, runs.c.id == trials.c.run_id))
          .where(trials.c.status == "done", x.isnot(None),
                 *([runs.c.dataset == dataset] if dataset is not None else []),
@@ -336,7 +341,9 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
             ci_low, ci_high = mean - half, mean + half
         rows.append({"dataset": r.dataset, "model": r.model, "w_bits": r.w_bits, "a_bits": r.a_bits,
                      "estimator_label": r.estimator_label, "n": n, "mean": mean, "std": std,
-                     "ci_low": ci_low, "ci_high": ci_high})
+                     "ci_low": ci_low, "ci_high": ci_high,
+                     "packed_bytes": None if r.packed_bytes is None else int(round(float(r.packed_bytes))),
+                     "packed_agreement": None if r.packed_agreement is None else float(r.packed_agreement)})
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["dataset"], row["model"], row["w_bits"], row["a_bits"]), []).append(row)

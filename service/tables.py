@@ -112,6 +112,8 @@ trials = Table(
     Column("final_test_acc", Float, nullable=True),
     Column("final_val_acc", Float, nullable=True),
     Column("best_val_acc", Float, nullable=True),
+    Column("packed_bytes", BigInteger, nullable=True),  # size of the bit-packed XNOR/SHIFT export
+    Column("packed_agreement", Float, nullable=True),  # its predictions = torch eval's, fraction
     Column("final", Json, nullable=True),
     Column("device", String(64), nullable=True),
     Column("started_at", UTCDateTime, nullable=True),

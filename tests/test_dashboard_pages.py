@@ -62,7 +62,8 @@ class FakeSource:
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             rows.append({"dataset": dataset, "model": model, "w_bits": w, "a_bits": a, "estimator_label": label,
                          "n": len(accs), "mean": mean, "std": std, "ci_low": mean - 2 * std,
-                         "ci_high": mean + 2 * std})
+                         "ci_high": mean + 2 * std, "packed_bytes": 3584 * w if w < 32 else None,
+                         "packed_agreement": 0.999 if w < 32 else None})
         rows.sort(key=lambda r: (r["w_bits"] + r["a_bits"], r["w_bits"], -r["mean"]))
         for (w, a), group in _groupby(rows, lambda r: (r["w_bits"], r["a_bits"])):
             for rank, r in enumerate(group, 1):
@@ -97,6 +98,8 @@ def make_trial(trial_id, run_id, estimator, w_bits, a_bits, seed, acc, status="d
             "seed": seed, "status": status, "attempts": 1, "epochs_done": len(metrics),
             "final_test_acc": acc if finished else None, "final_val_acc": acc - 0.01 if finished else None,
             "best_val_acc": acc if finished else None, "device": "cpu", "started_at": "2025-05-01T12:01:00",
+            "packed_bytes": 3584 * w_bits if finished and w_bits < 32 else None,
+            "packed_agreement": 1.0 if finished and w_bits < 32 else None,
             "finished_at": "2025-05-01T12:05:00" if finished else None, "error": None, "metrics": metrics}
 
 
@@ -255,3 +258,14 @@ def test_empty_source():
         for path in ("/dashboard/", "/dashboard/leaderboard"):
             r = c.get(path)
             assert r.status_code == 200 and 'class="empty"' in r.text
+
+
+def test_packed_export_size_and_agreement_are_shown(client, source):
+    """Issue 7: the packed size and the engine's agreement appear on the run, trial and leaderboard pages."""
+    trial = _first_done_trial(source)
+    run_html = client.get("/dashboard/runs/1").text
+    assert f"{3584 * trial['w_bits'] / 1024:.1f} KiB" in run_html and "100.00%" in run_html
+    trial_html = client.get(f"/dashboard/trials/{trial['id']}").text
+    assert "Packed export" in trial_html and f"{3584 * trial['w_bits'] / 1024:.1f} KiB" in trial_html
+    board = client.get("/dashboard/leaderboard", params={"dataset": "cifar10", "model": "convnet_a"}).text
+    assert "Packed agrees (min)" in board and "99.90%" in board and "3.5 KiB" in board

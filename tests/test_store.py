@@ -15,7 +15,7 @@ from scipy import stats
 from sqlalchemy import inspect, select, update
 
 from service import store
-from service.db import current_revision, make_engine, migrate
+from service.db import current_revision, head_revision, make_engine, migrate
 from service.sink import SqlSink
 from service.tables import metadata, metrics, runs, trials
 from workers.spec import parse_spec
@@ -44,7 +44,7 @@ def test_migrated_schema_matches_tables(engine):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == head_revision() == "0002"
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata) == []
         if engine.dialect.name == "sqlite":
@@ -52,7 +52,7 @@ def test_migrated_schema_matches_tables(engine):
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
     migrate(engine)  # again: a no-op
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == head_revision() == "0002"
 
 
 def test_migrations_race_on_an_empty_database(db_url):
@@ -82,7 +82,7 @@ def test_migrations_race_on_an_empty_database(db_url):
     assert not errors
     assert all(rc == 0 for rc, _ in outs), outs
     eng = make_engine(db_url)
-    assert current_revision(eng) == "0001"
+    assert current_revision(eng) == head_revision()
     assert {"runs", "trials", "metrics", "alembic_version"} <= set(inspect(eng).get_table_names())
     eng.dispose()
 
@@ -377,7 +377,8 @@ def test_leaderboard_matches_a_hand_computation(session, sessions):
         for seed, acc in enumerate(values):
             sink.on_trial_end(f"{label}-w{w}a{a}-s{seed}", "done", {"final_test_acc": acc}, None)
     sink.on_trial_end("aqe-w2a2-s2", "failed", {"final_test_acc": 0.1}, "diverged")
-    SqlSink(sessions, mid).on_trial_end("ste-w1a1-s0", "done", {"final_test_acc": 0.5}, None)
+    SqlSink(sessions, mid).on_trial_end("ste-w1a1-s0", "done", {"final_test_acc": 0.5, "packed_bytes": 1234.0,
+                                                               "packed_agreement": 0.999}, None)
 
     board = store.leaderboard(session, dataset="digits")
     got = {(r["estimator_label"], r["w_bits"], r["a_bits"]): r for r in board}
@@ -403,5 +404,7 @@ def test_leaderboard_matches_a_hand_computation(session, sessions):
     assert len(everything) == len(accs) + 1
     assert store.leaderboard(session, dataset="mnist") == [
         {"dataset": "mnist", "model": "digits_net", "w_bits": 1, "a_bits": 1, "estimator_label": "ste", "n": 1,
-         "mean": 0.5, "std": None, "ci_low": None, "ci_high": None, "rank": 1, "best": True}]
+         "mean": 0.5, "std": None, "ci_low": None, "ci_high": None, "rank": 1, "best": True,
+         "packed_bytes": 1234, "packed_agreement": 0.999}]
+    assert got[("aqe", 1, 1)]["packed_bytes"] is None
     assert store.leaderboard(session, dataset="digits", model="other") == []

@@ -28,7 +28,7 @@ STATE_VERSION = 1
 METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_acc", "test_acc", "lr", "epoch_seconds",
                "images_per_s", "device", "schedule")
 FINAL_KEYS = ("final_test_acc", "final_val_acc", "best_val_acc", "best_epoch", "epochs",
-              "weight_bits_total", "weight_mib")
+              "weight_bits_total", "weight_mib", "packed_bytes", "packed_agreement")
 
 OnEpoch = Callable[[dict, dict], None]
 
@@ -173,6 +173,24 @@ def _set_rng_state(rng: dict, loader_gen: torch.Generator, device: torch.device)
     loader_gen.set_state(rng["loader"])
 
 
+#: test images the packed XNOR/SHIFT engine is checked on at the end of a low-bit trial
+PACKED_CHECK_SAMPLES = 2000
+
+
+def packed_metrics(model: nn.Module, trial: TrialSpec, data: DataSplits) -> dict:
+    """``packed_bytes`` and ``packed_agreement`` of the bit-packed export (None where it has none).
+
+    Agreement = fraction of the first PACKED_CHECK_SAMPLES test images on which the packed
+    engine predicts the same class as the eval-mode torch model.
+    """
+    if trial.is_float:
+        return {"packed_bytes": None, "packed_agreement": None}
+    from .packed import packed_summary
+
+    n = PACKED_CHECK_SAMPLES
+    return packed_summary(model, data.test_x[:n], data.test_y[:n])
+
+
 def final_metrics(last: dict, best: dict, epochs: int, model: nn.Module) -> dict:
     """The ``final`` record of CONTRACTS.md from the last epoch's metrics and the best-so-far."""
     storage = estimators.weight_storage(model)
@@ -258,4 +276,4 @@ def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
 
     if last is None:
         raise ValueError("run_trial trained no epoch and has no resume_state to finish from")
-    return final_metrics(last, best, epochs, model)
+    return {**final_metrics(last, best, epochs, model), **packed_metrics(model, trial, data)}

@@ -7,7 +7,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torchvision import datasets as tvd
 
 from .base import RawData, Source, missing
 from .idx import find_idx, read_idx
@@ -25,6 +24,13 @@ _ENV_HINTS = [
     "set BITBENCH_DATA_DIR (or pass data_dir=...) to a directory that holds it",
     "pass download=True (or set BITBENCH_ALLOW_DOWNLOAD=1) to fetch it from the internet",
 ]
+
+
+def _tv():
+    """torchvision.datasets, imported on first use (it costs seconds in every Ray worker)."""
+    from torchvision import datasets
+
+    return datasets
 
 
 def _fetch(cls: type, root: Path) -> None:
@@ -89,7 +95,7 @@ def _mnist_like(cls: type, name: str, fallbacks: tuple[Path, ...], hints: list[s
 def build_mnist(src: Source) -> RawData:
     """MNIST from ``data_dir/MNIST/raw``."""
     hints = [f"put the four IDX files in {src.root / 'MNIST' / 'raw'}"]
-    return _mnist_like(tvd.MNIST, "mnist", (), hints, src)
+    return _mnist_like(_tv().MNIST, "mnist", (), hints, src)
 
 
 def build_fashion_mnist(src: Source) -> RawData:
@@ -98,7 +104,7 @@ def build_fashion_mnist(src: Source) -> RawData:
         f"put the four IDX files in {src.root / 'FashionMNIST' / 'raw'}",
         f"apt-get install dataset-fashion-mnist (installs them in {DEBIAN_FASHION_MNIST})",
     ]
-    return _mnist_like(tvd.FashionMNIST, "fashion_mnist", (DEBIAN_FASHION_MNIST,), hints, src)
+    return _mnist_like(_tv().FashionMNIST, "fashion_mnist", (DEBIAN_FASHION_MNIST,), hints, src)
 
 
 # --- CIFAR-10 and CIFAR-100 --------------------------------------------------------------------
@@ -141,9 +147,9 @@ def _cifar(cls: type, name: str, num_classes: int, src: Source) -> RawData:
 
 def build_cifar10(src: Source) -> RawData:
     """CIFAR-10 from ``data_dir/cifar-10-batches-py/``."""
-    return _cifar(tvd.CIFAR10, "cifar10", 10, src)
+    return _cifar(_tv().CIFAR10, "cifar10", 10, src)
 
 
 def build_cifar100(src: Source) -> RawData:
     """CIFAR-100 (fine labels) from ``data_dir/cifar-100-python/``."""
-    return _cifar(tvd.CIFAR100, "cifar100", 100, src)
+    return _cifar(_tv().CIFAR100, "cifar100", 100, src)
