@@ -57,6 +57,27 @@ def bench_estimators(numel: int, repeats: int) -> list[tuple[str, float, float]]
     return [(k, v, v / ref) for k, v in ms.items()]
 
 
+class NaiveSign(torch.autograd.Function):
+    """The textbook clipped-STE sign: where(x ≥ 0, 1, −1) forward, g·1[|x| ≤ 1] backward (a baseline)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.where(x >= 0, 1.0, -1.0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x.abs() <= 1).float()
+
+
+class NaiveConv(nn.Conv2d):
+    """W1A1 conv quantizing input and weight with :class:`NaiveSign`."""
+
+    def forward(self, x):
+        return self._conv_forward(NaiveSign.apply(x), NaiveSign.apply(self.weight), None)
+
+
 def conv_step(layer, x, g):
     def run():
         xx = x.detach().requires_grad_(True)
@@ -72,6 +93,7 @@ def bench_conv(batch: int, channels: int, size: int, repeats: int) -> list[tuple
     x = torch.randn(batch, channels, size, size).clamp(-1, 1)
     g = torch.randn(batch, channels, size, size)
     fns = {"nn.Conv2d (float)": conv_step(nn.Conv2d(channels, channels, 3, padding=1, bias=False), x, g)}
+    fns["naive autograd sign (baseline)"] = conv_step(NaiveConv(channels, channels, 3, padding=1, bias=False), x, g)
     for name in ("ste", "aqe", "clipped_ste"):
         layer = E.QConv2d(channels, channels, 3, padding=1, w_bits=1, a_bits=1, estimator=name)
         fns[f"QConv2d W1A1 {name}"] = conv_step(layer, x, g)
