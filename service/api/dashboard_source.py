@@ -1,0 +1,42 @@
+"""The dashboard's data source: store reads, each in a fresh session (see ``dashboard.router``)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from sqlalchemy.orm import sessionmaker
+
+from service import store
+
+
+class StoreSource:
+    """What ``dashboard.create_router(source)`` reads through; returns the store's plain records."""
+
+    def __init__(self, sessions: sessionmaker):
+        self._sessions = sessions
+
+    def _read(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        with self._sessions() as s:
+            return fn(s, *args, **kwargs)
+
+    def list_runs(self, **filters) -> tuple[list[dict], int]:
+        """``(runs, total)``; filters as :func:`service.store.list_runs`."""
+        return self._read(store.list_runs, **filters)
+
+    def get_run(self, run_id: int) -> dict | None:
+        return self._read(store.get_run, run_id)
+
+    def list_trials(self, run_id: int) -> list[dict]:
+        return self._read(store.list_trials, run_id)
+
+    def get_trial(self, trial_id: int) -> dict | None:
+        return self._read(store.get_trial, trial_id)
+
+    def leaderboard(self, dataset: str | None = None, model: str | None = None) -> list[dict]:
+        return self._read(store.leaderboard, dataset=dataset, model=model)
+
+    def run_results(self, run_id: int) -> list[dict]:
+        return self._read(store.run_results, run_id)
+
+    def datasets_models(self) -> list[tuple[str, str]]:
+        """Distinct (dataset, model) pairs that have finished results (the leaderboard's groups)."""
+        return sorted({(r["dataset"], r["model"]) for r in self.leaderboard()})

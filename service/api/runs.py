@@ -1,0 +1,136 @@
+"""/runs: queue an experiment spec, list and inspect runs, cancel, export."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tempfile
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi.responses import JSONResponse
+
+from service import report, store
+
+from .deps import SessionDep, SpecBody, http_error, not_found, require_token
+from .schemas import ErrorOut, RunCreated, RunDetail, RunOut, RunPage, RunStatus, TrialOut
+
+router = APIRouter(prefix="/runs", tags=["runs"])
+# the header of an export with no epochs yet (store.export_rows' columns, less schedule values)
+_EXPORT_COLUMNS = ("run_id", "trial_key", "estimator", "estimator_label", "w_bits", "a_bits", "seed",
+                   *(f for f in store.METRIC_FIELDS if f != "schedule"))
+
+_SPEC_BODY = {  # the body is parsed by deps.spec_body; this documents it in /docs
+    "requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ExperimentSpec"}}}},
+}
+_WRITE_ERRORS = {401: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}}
+
+
+def _run_or_404(session, run_id: int) -> dict:
+    run = store.get_run(session, run_id)
+    if run is None:
+        raise not_found("run", run_id, "run_id")
+    return run
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=RunCreated, openapi_extra=_SPEC_BODY,
+             dependencies=[Depends(require_token)], responses={200: {"model": RunCreated}, **_WRITE_ERRORS})
+def create_run(
+    spec: SpecBody, session: SessionDep, request: Request, response: Response,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+):
+    """Queue a sweep: one trial per grid cell. 202 with ``Location``; a repeated
+    ``Idempotency-Key`` with the same body returns the first run (200)."""
+    try:
+        run, created = store.create_run(session, spec, idempotency_key=idempotency_key)
+    except store.IdempotencyConflict as e:
+        raise http_error(status.HTTP_422_UNPROCESSABLE_CONTENT, ("header", "Idempotency-Key"), str(e),
+                         "idempotency_conflict") from None
+    location = str(request.app.url_path_for("get_run", run_id=run["id"]))
+    response.headers["Location"] = location
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return RunCreated(id=run["id"], trial_count=run["trial_count"], status=run["status"], location=location)
+
+
+@router.get("", response_model=RunPage)
+def list_runs(
+    session: SessionDep,
+    status: RunStatus | None = None,
+    dataset: str | None = None,
+    model: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+):
+    """Runs, newest first, with the total count matching the filters."""
+    items, total = store.list_runs(session, status=status, dataset=dataset, model=model, limit=limit, offset=offset)
+    return RunPage(items=items, total=total, limit=limit, offset=offset)
+
+
+@router.get("/{run_id}", response_model=RunDetail, responses={404: {"model": ErrorOut}})
+def get_run(run_id: int, session: SessionDep):
+    """A run: status, progress by trial status, epochs stored so far, timestamps, error."""
+    run = _run_or_404(session, run_id)
+    trials = store.list_trials(session, run_id)
+    done = sum(t["epochs_done"] or 0 for t in trials)
+    current = {t["key"]: t["epochs_done"] or 0 for t in trials if t["status"] == "running"}
+    return {**run, "epochs": {"done": done, "total": len(trials) * run["spec"]["epochs"]}, "current_epochs": current}
+
+
+@router.get("/{run_id}/trials", response_model=list[TrialOut], responses={404: {"model": ErrorOut}})
+def list_run_trials(run_id: int, session: SessionDep):
+    """The run's trials in grid order."""
+    _run_or_404(session, run_id)
+    return store.list_trials(session, run_id)
+
+
+@router.post("/{run_id}/cancel", response_model=RunOut, status_code=status.HTTP_202_ACCEPTED,
+             dependencies=[Depends(require_token)],
+             responses={200: {"model": RunOut}, 401: {"model": ErrorOut}, 404: {"model": ErrorOut}})
+def cancel_run(run_id: int, session: SessionDep, response: Response):
+    """Cancel: a queued run stops at once (200); a running one is asked to stop (202)."""
+    run = store.request_cancel(session, run_id)
+    if run is None:
+        raise not_found("run", run_id, "run_id")
+    if run["status"] != "running":
+        response.status_code = status.HTTP_200_OK
+    return run
+
+
+@router.get("/{run_id}/export", responses={
+    200: {"content": {"text/csv": {}, "application/json": {}}, "description": "one row per (trial, epoch)"},
+    404: {"model": ErrorOut}})
+def export_run(run_id: int, session: SessionDep, format: Literal["csv", "json"] = "csv"):
+    """Every (trial, epoch) row of a run as a CSV or JSON attachment."""
+    _run_or_404(session, run_id)
+    rows = store.export_rows(session, run_id)
+    headers = {"Content-Disposition": f'attachment; filename="bitbench-run-{run_id}.{format}"'}
+    if format == "json":
+        return JSONResponse(rows, headers=headers)
+    return Response(_csv(rows), media_type="text/csv; charset=utf-8", headers=headers)
+
+
+@router.get("/{run_id}/report", response_class=Response, responses={
+    200: {"content": {"application/zip": {}}, "description": "the report folder, zipped"},
+    404: {"model": ErrorOut}})
+def run_report(run_id: int, session: SessionDep, png: bool = True):
+    """The run's report (RESULTS.md, figures as HTML and PNG, LaTeX table, spec, environment) as a zip."""
+    _run_or_404(session, run_id)
+    name = f"bitbench-run-{run_id}"
+    with tempfile.TemporaryDirectory(prefix="bitbench-report-") as tmp:
+        report.build_report(session, run_id, tmp, png=png)
+        body = report.zip_folder(tmp, name)
+    return Response(body, media_type="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{name}.zip"'})
+
+
+def _csv(rows: list[dict]) -> str:
+    """CSV with a header row; columns in first-seen order; nested values as JSON."""
+    columns = list(dict.fromkeys(k for row in rows for k in row)) or list(_EXPORT_COLUMNS)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()})
+    return buf.getvalue()

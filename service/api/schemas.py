@@ -1,0 +1,150 @@
+"""Response models of the HTTP API (the record shapes of docs/CONTRACTS.md; tables live elsewhere)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RunStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+TrialStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ErrorItem(_Out):
+    loc: list[str | int] = Field(description="where the problem is, e.g. ['body', 'optimizer', 'lr']")
+    msg: str
+    type: str
+
+
+class ErrorOut(_Out):
+    """Every 4xx answer: FastAPI's ``detail`` list (422s may carry more keys, such as ``input``)."""
+
+    detail: list[ErrorItem]
+
+
+class RunCreated(_Out):
+    id: int
+    trial_count: int
+    status: RunStatus
+    location: str
+
+
+class Progress(_Out):
+    done: int = 0
+    running: int = 0
+    queued: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+
+class Epochs(_Out):
+    """Epochs stored so far over all trials, against the grid's total."""
+
+    done: int
+    total: int
+
+
+class RunOut(_Out):
+    id: int
+    name: str
+    status: RunStatus
+    dataset: str
+    model: str
+    spec: dict[str, Any]
+    spec_hash: str
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+    trial_count: int
+    cancel_requested: bool = False
+    progress: Progress
+
+
+class RunDetail(RunOut):
+    epochs: Epochs | None = None
+    current_epochs: dict[str, int] = Field(
+        default_factory=dict, description="running trials: trial key → epochs stored so far")
+
+
+class RunPage(_Out):
+    items: list[RunOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class MetricOut(_Out):
+    epoch: int
+    train_loss: float | None = None
+    train_acc: float | None = None
+    val_acc: float | None = None
+    test_acc: float | None = None
+    lr: float | None = None
+    epoch_seconds: float | None = None
+    images_per_s: float | None = None
+    device: str | None = None
+    schedule: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrialOut(_Out):
+    id: int
+    run_id: int
+    key: str
+    estimator: str
+    estimator_label: str
+    estimator_params: dict[str, Any] = Field(default_factory=dict)
+    w_bits: int
+    a_bits: int
+    seed: int
+    status: TrialStatus
+    attempts: int = 0
+    epochs_done: int = 0
+    final_test_acc: float | None = None
+    final_val_acc: float | None = None
+    best_val_acc: float | None = None
+    packed_bytes: int | None = Field(None, description="size of the packed XNOR/SHIFT export")
+    packed_agreement: float | None = Field(None, description="packed engine's agreement with the model")
+    device: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+
+
+class TrialDetail(TrialOut):
+    metrics: list[MetricOut]
+
+
+class LeaderboardRow(_Out):
+    dataset: str
+    model: str
+    w_bits: int
+    a_bits: int
+    estimator_label: str
+    n: int
+    mean: float | None
+    std: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    packed_bytes: int | None = None
+    packed_agreement: float | None = None
+    rank: int
+    best: bool
+
+
+class Catalog(_Out):
+    estimators: list[dict[str, Any]] = Field(description="name, paper, formula, params (default, doc, choices, range)")
+    models: list[str]
+    datasets: list[str]
+    bits: list[int] = Field(description="allowed bit widths; 32 means float")
+    max_trials: int
+
+
+class Health(_Out):
+    status: Literal["ok", "error"]
+    database: str
+    schema_version: str | None = None
