@@ -1,0 +1,67 @@
+"""The real service app in Debian's Chromium, over a small run trained by the real trainer.
+
+The run is POSTed to the app, its trials are trained by ``workers.train.run_trial`` (no Ray:
+the dispatcher's path is covered by test_e2e) and written by the real ``SqlSink``; the pages are
+then read in the browser and checked against the API's own JSON.
+"""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from service import store
+from service.app import create_app
+from service.config import Settings
+from service.sink import SqlSink
+from test_browser import browser, page, plot_traces, problems, screenshot, serve  # noqa: F401  (fixtures)
+from workers.spec import parse_spec
+from workers.train import run_trial
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+NAME = "<script>alert(1)</script>"
+SPEC = {"name": NAME, "dataset": "digits", "model": "digits_net", "estimators": ["aqe", "ste"],
+        "bits": [{"w": 1, "a": 1}, {"w": 2, "a": 2}], "seeds": [0], "epochs": 2}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    db = tmp_path_factory.mktemp("db") / "bitbench.sqlite"
+    app = create_app(Settings(database_url=f"sqlite:///{db}", api_token=None))
+    with serve(app) as url:
+        run_id = httpx.post(f"{url}/runs", json=SPEC).json()["id"]
+        sessions = app.state.session_factory
+        sink = SqlSink(sessions, run_id)
+        spec = parse_spec(SPEC)
+        for trial in spec.trials():
+            sink.on_trial_start(trial.key, {"device": "cpu", "attempt": 1})
+            final = run_trial(spec, trial, on_epoch=lambda m, _s, k=trial.key: sink.on_epoch(k, m), threads=1)
+            sink.on_trial_end(trial.key, "done", final, None)
+        with sessions() as s:
+            store.finish_run(s, run_id, "done")
+        yield url, run_id
+
+
+def test_run_page_of_the_real_app(page, served, problems, tmp_path):
+    url, run_id = served
+    page.goto(f"{url}/dashboard/runs/{run_id}")
+    traces = [t for t in plot_traces(page, "acc-vs-bits") if t["kind"] == "estimator"]
+    assert sorted(t["name"] for t in traces) == ["aqe", "ste"]
+    assert all(t["x"] == ["W1A1", "W2A2"] for t in traces)
+    api = {(t["estimator_label"], t["w_bits"]): t["final_test_acc"] for t in httpx.get(f"{url}/runs/{run_id}/trials").json()}
+    for t in traces:
+        assert t["y"] == pytest.approx([api[(t["name"], 1)], api[(t["name"], 2)]])
+    assert page.locator("#run-name").inner_text() == NAME  # shown as text, and no dialog fired
+    screenshot(page, tmp_path / "service-run.png")
+    assert not problems
+
+
+def test_leaderboard_page_matches_the_api(page, served, problems):
+    url, _ = served
+    page.goto(f"{url}/dashboard/leaderboard?dataset=digits&model=digits_net")
+    shown = page.eval_on_selector_all(
+        "#leaderboard tr[data-rank]", "rows => rows.map(r => [r.dataset.estimator, r.dataset.bits])")
+    api = httpx.get(f"{url}/leaderboard", params={"dataset": "digits", "model": "digits_net"}).json()
+    expected = [[r["estimator_label"], "float" if r["w_bits"] == 32 else f"W{r['w_bits']}A{r['a_bits']}"] for r in api]
+    assert shown == expected and len(shown) == 5
+    assert not problems
