@@ -5,9 +5,12 @@
 Starts ``uvicorn service.app:app`` in a subprocess on a free port over a fresh SQLite file (or
 ``--database-url``), warms it up, then ``--concurrency`` clients send ``--requests`` POST /runs
 in total (a 5-trial digits spec), then as many GET /runs/{id}, then POST /runs from one client
-(the service time). Prints a markdown table of latency percentiles; the target is a POST /runs
-p50 of at most 20 ms under the concurrent load. The clients send back to back (a closed loop),
-so the p50 there is about concurrency / throughput (Little's law).
+(the service time), then POST /runs from ``--concurrency`` clients paced to ``--rate`` requests/s
+in total (each request is due at a fixed time; latency counts from that time, so a server that
+falls behind is charged for the wait — no coordinated omission). Prints a markdown table of
+latency percentiles; the target is a POST /runs p50 of at most 20 ms under the concurrent load.
+Back-to-back clients (a closed loop) saturate the server, so their p50 is about
+concurrency / throughput (Little's law); the paced row is the latency a client sees at a given load.
 """
 from __future__ import annotations
 
@@ -55,16 +58,24 @@ def start_server(database_url: str, port: int, workers: int) -> subprocess.Popen
     raise RuntimeError("uvicorn did not start within 60 s")
 
 
-async def load(client: httpx.AsyncClient, n: int, concurrency: int, send) -> tuple[list[float], int, float]:
-    """``n`` calls of ``send(client, i)`` from ``concurrency`` workers: (latencies in s, errors, wall s)."""
+async def load(client: httpx.AsyncClient, n: int, concurrency: int, send,
+               rate: float | None = None) -> tuple[list[float], int, float]:
+    """``n`` calls of ``send(client, i)`` from ``concurrency`` workers: (latencies in s, errors, wall s).
+
+    With ``rate``, call i is due at start + i/rate and its latency counts from then.
+    """
     latencies: list[float] = []
     errors = 0
     todo = iter(range(n))
+    start = time.perf_counter()
 
     async def worker():
         nonlocal errors
         for i in todo:
             t0 = time.perf_counter()
+            if rate:
+                t0 = start + i / rate
+                await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
             ok = await send(client, i)
             latencies.append(time.perf_counter() - t0)
             errors += not ok
@@ -79,7 +90,7 @@ def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000
 
 
-async def bench(base: str, n: int, concurrency: int) -> list[tuple[str, list[float], int, float]]:
+async def bench(base: str, n: int, concurrency: int, rate: float) -> list[tuple[str, list[float], int, float]]:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
         ids: list[int] = []
@@ -97,7 +108,9 @@ async def bench(base: str, n: int, concurrency: int) -> list[tuple[str, list[flo
         await load(client, min(100, n), concurrency, post)  # warm-up: connections, caches, the DB file
         return [(f"POST /runs, {concurrency} clients", *await load(client, n, concurrency, post)),
                 (f"GET /runs/{{id}}, {concurrency} clients", *await load(client, n, concurrency, get)),
-                ("POST /runs, 1 client (service time)", *await load(client, min(n, 300), 1, post))]
+                ("POST /runs, 1 client (service time)", *await load(client, min(n, 300), 1, post)),
+                (f"POST /runs, {concurrency} clients paced at {rate:.0f} req/s in total",
+                 *await load(client, n, concurrency, post, rate=rate))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument("--database-url", default=None, help="default: a fresh SQLite file")
+    parser.add_argument("--rate", type=float, default=100.0, help="offered load of the paced row, requests/s")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bitbench-bench-") as tmp:
@@ -113,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         server = start_server(url, port, args.workers)
         try:
-            rows = asyncio.run(bench(f"http://127.0.0.1:{port}", args.requests, args.concurrency))
+            rows = asyncio.run(bench(f"http://127.0.0.1:{port}", args.requests, args.concurrency, args.rate))
         finally:
             server.terminate()
             server.wait(10)
@@ -127,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, lat, errors, wall in rows:
         print(f"| {name} | {pct(lat, 50):.1f} | {pct(lat, 90):.1f} | {pct(lat, 99):.1f} | {max(lat) * 1000:.1f} "
               f"| {len(lat) / wall:.0f} | {errors} |")
-    p50 = pct(rows[0][1], 50)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
-    print(f"\nPOST /runs p50 with {args.concurrency} clients {p50:.1f} ms: "
-          f"{'meets' if p50 <= TARGET_P50_MS else 'misses'} the {TARGET_P50_MS:.0f} ms target")
+    for name, lat, _, _ in (rows[0], rows[3]):
+        p50 = pct(lat, 50)
+        print(f"\n{name}: p50 {p50:.1f} ms {'meets' if p50 <= TARGET_P50_MS else 'misses'} "
+              f"the {TARGET_P50_MS:.0f} ms target")
     return 0
 
 
