@@ -27,17 +27,21 @@ def mean_curves(epoch_rows: list[dict], metric: str = "test_acc") -> go.Figure:
         if r.get(metric) is not None:
             series[bit_config(r["w_bits"], r["a_bits"])][r["estimator_label"]][r["epoch"]].append(r[metric])
     configs = sorted(series, key=config_sort_key)
+    labels = sorted({label for by_label in series.values() for label in by_label})
     fig = make_subplots(rows=1, cols=max(len(configs), 1), shared_yaxes=True,
                         subplot_titles=[config_label(c) for c in configs])
+    shown: set[str] = set()
     for col, config in enumerate(configs, start=1):
-        for i, (label, by_epoch) in enumerate(sorted(series[config].items())):
+        for label, by_epoch in sorted(series[config].items()):
             epochs = sorted(by_epoch)
             fig.add_trace(go.Scatter(x=epochs, y=[sum(v) / len(v) for v in (by_epoch[e] for e in epochs)],
-                                     mode="lines", name=label, legendgroup=label, showlegend=col == 1,
-                                     line=dict(color=_color(i)), meta={"kind": "estimator"}), row=1, col=col)
+                                     mode="lines", name=label, legendgroup=label, showlegend=label not in shown,
+                                     line=dict(color=_color(labels.index(label))), meta={"kind": "estimator"}),
+                          row=1, col=col)
+            shown.add(label)
         fig.update_xaxes(title="epoch", row=1, col=col)
     fig.update_yaxes(title=metric.replace("_", " "), tickformat=".0%", row=1, col=1)
-    fig.update_layout(template="plotly_white", height=420, width=max(520, 460 * len(configs)),
+    fig.update_layout(template="plotly_white", height=520, width=max(520, 460 * len(configs)),
                       title=f"{metric.replace('_', ' ')} by epoch (mean over seeds)")
     return fig
 
@@ -45,7 +49,7 @@ def mean_curves(epoch_rows: list[dict], metric: str = "test_acc") -> go.Figure:
 def _color(i: int) -> str:
     import plotly.colors
 
-    palette = plotly.colors.qualitative.Plotly
+    palette = plotly.colors.qualitative.Dark24
     return palette[i % len(palette)]
 
 
@@ -124,13 +128,15 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
                                              title=f"{run['dataset']} / {run['model']}: final test accuracy"),
         "training_curves": mean_curves(epoch_rows, "test_acc"),
     }
+    figures["accuracy_vs_bits"].update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, x=0),
+                                              margin=dict(t=70, b=150))
     png_note = ""
     for name, fig in figures.items():
         files[f"{name}.html"] = out / f"{name}.html"
         fig.write_html(files[f"{name}.html"], include_plotlyjs=True, full_html=True)
         if png:
             try:
-                fig.write_image(out / f"{name}.png", width=fig.layout.width or 900, height=fig.layout.height or 500)
+                fig.write_image(out / f"{name}.png", width=fig.layout.width or 900, height=fig.layout.height or 560)
                 files[f"{name}.png"] = out / f"{name}.png"
             except Exception as exc:  # kaleido or Chromium missing: the HTML figures still stand
                 png_note = f"\n> PNG figures were not written ({type(exc).__name__}: {exc}); see the HTML files.\n"
