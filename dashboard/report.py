@@ -154,7 +154,7 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
     md = f"""# {run['name']}
 
 Run {run['id']} · `{run['dataset']}` / `{run['model']}` · status **{run['status']}** ·
-{sum(1 for t in trials)} finished trials of {run.get('trial_count', '?')} · created {run.get('created_at', '')}
+{len(trials)} finished trials of {run.get('trial_count', '?')} · created {run.get('created_at', '')}
 
 Final test accuracy after the last epoch (not the best epoch), measured with hard quantizers,
 mean over seeds. Every number below is read from the bitbench database for this run.

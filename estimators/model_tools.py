@@ -22,12 +22,17 @@ def set_progress(model: nn.Module, epoch: int, total_epochs: int) -> dict[str, f
 
 
 def schedule_values(model: nn.Module) -> dict[str, float]:
-    """Scheduled or learned quantities, averaged over layers: {"<estimator>.<key>": value}."""
+    """Scheduled or learned quantities, averaged over layers.
+
+    Keys: ``<estimator>.<key>`` for schedules (the same for every layer and role, e.g. ``aqe.alpha``),
+    ``<estimator>.<role>.<key>`` for learned values (per layer and role, e.g. ``lsq.weight.step``).
+    """
     sums: dict[str, list[float]] = {}
     for m in model.modules():
         if isinstance(m, Estimator):
+            prefix = m.name if m.scheduled else f"{m.name}.{m.role}"
             for k, v in m.schedule_values().items():
-                sums.setdefault(f"{m.name}.{m.role}.{k}" if m.name in ("pact", "lsq", "dsq") else f"{m.name}.{k}", []).append(v)
+                sums.setdefault(f"{prefix}.{k}", []).append(v)
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 

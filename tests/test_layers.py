@@ -109,3 +109,11 @@ def test_w1a1_net_learns_digits(name):
     with torch.no_grad():
         acc = (net(xte).argmax(1) == yte).float().mean().item()
     assert acc > BAR, f"{name}: test accuracy {acc:.3f}"
+
+
+def test_learned_values_are_reported_per_role_schedules_per_estimator():
+    net = nn.Sequential(E.QLinear(3, 3, w_bits=2, a_bits=2, estimator="lsq"), E.QLinear(3, 2, estimator="aqe"))
+    net(torch.randn(4, 3))  # LSQ sets its steps from the first batch
+    values = E.schedule_values(net)
+    assert set(values) == {"lsq.weight.step", "lsq.activation.step", "aqe.alpha"}
+    assert values["lsq.weight.step"] == pytest.approx(float(net[0].weight_quantizer.step))
