@@ -163,6 +163,50 @@ def test_digits_split_is_stratified(digits):
         assert (share - overall).abs().max() < 0.01
 
 
+def test_digits_are_scikit_learns_shipped_images_read_without_importing_it():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from workers.data.digits import read_digits
+
+    images, labels = read_digits()
+    bunch = load_digits()
+    assert images.dtype == np.uint8 and images.shape == (1797, 8, 8)
+    assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
+    probe = "import sys, workers.datasets as d; d.load_dataset('digits'); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("n_out", [1, 9, 10, 360, 1000])
+def test_split_indices_partitions_with_proportional_classes(n_out):
+    from workers.data.prepare import split_indices
+
+    y = torch.from_numpy(np.repeat(np.arange(5), [400, 300, 200, 100, 3]))
+    kept, held = split_indices(y, n_out, split_seed=3)
+    assert len(held) == n_out and len(kept) == len(y) - n_out
+    assert np.array_equal(np.sort(np.concatenate([kept, held])), np.arange(len(y)))
+    assert np.all(np.diff(kept) > 0) and np.all(np.diff(held) > 0)
+    share = np.bincount(y.numpy()[held], minlength=5)
+    expected = n_out * np.array([400, 300, 200, 100, 3]) / len(y)
+    if n_out >= 5:  # stratified: every class within one of its exact share
+        assert np.all(np.abs(share - expected) < 1.0 + 1e-9), share
+    again, other = split_indices(y, n_out, 3), split_indices(y, n_out, 4)
+    assert np.array_equal(again[1], held)
+    if 1 < n_out < len(y) - 1:
+        assert not np.array_equal(other[1], held)
+
+
+def test_split_indices_falls_back_to_a_plain_permutation_when_a_class_is_a_singleton():
+    from workers.data.prepare import split_indices
+
+    y = torch.tensor([0] * 50 + [1])
+    kept, held = split_indices(y, 10, split_seed=0)
+    assert len(held) == 10 and len(set(kept) | set(held)) == 51
+
+
 def test_digits_normalised_with_train_statistics(digits):
     assert digits.train_x.mean().item() == pytest.approx(0.0, abs=1e-5)
     assert digits.train_x.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)

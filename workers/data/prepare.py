@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from .base import DataSplits, RawData
 
@@ -28,16 +27,41 @@ def _can_stratify(y: np.ndarray, n_out: int) -> bool:
     return counts[counts > 0].min() >= 2 and n_out >= k and len(y) - n_out >= k
 
 
+def stratified_counts(counts: np.ndarray, n_out: int, rng: np.random.Generator) -> np.ndarray:
+    """Per-class held-out counts summing to ``n_out``, proportional to ``counts``: each class gets
+    floor(n_out·c/n), the rest go one each to the largest remainders (ties in seeded random order),
+    never more than a class has."""
+    exact = n_out * counts / counts.sum()
+    out = np.floor(exact).astype(np.int64)
+    remainder = exact - out
+    order = np.lexsort((rng.random(len(counts)), -remainder))  # largest remainder first, ties shuffled
+    for c in order:
+        if out.sum() == n_out:
+            break
+        if out[c] < counts[c]:
+            out[c] += 1
+    return out
+
+
 def split_indices(y: torch.Tensor, n_out: int, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``range(len(y))`` into (kept, held out) with ``n_out`` held out, stratified by label
-    where every class can appear on both sides, seeded by ``split_seed`` only; both sorted."""
+    """Split ``range(len(y))`` into (kept, held out) with ``n_out`` held out, seeded by
+    ``split_seed`` only; both sorted. Stratified (:func:`stratified_counts`, then a seeded
+    permutation within each class) where every class can appear on both sides, else a seeded
+    permutation of all."""
     idx = np.arange(len(y))
     if n_out == 0:
         return idx, idx[:0]
     labels = y.numpy()
-    strat = labels if _can_stratify(labels, n_out) else None
-    kept, out = train_test_split(idx, test_size=n_out, random_state=split_seed, stratify=strat)
-    return np.sort(kept), np.sort(out)
+    rng = np.random.default_rng(split_seed)
+    if not _can_stratify(labels, n_out):
+        out = rng.permutation(len(labels))[:n_out]
+    else:
+        per_class = stratified_counts(np.bincount(labels), n_out, rng)
+        out = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k]
+                              for c, k in enumerate(per_class) if k])
+    held = np.zeros(len(labels), dtype=bool)
+    held[out] = True
+    return idx[~held], idx[held]
 
 
 def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
