@@ -21,6 +21,7 @@ from torch import nn
 import estimators
 
 from .datasets import DataSplits, load_dataset
+from .malloc import keep_freed_memory
 from .models import create_model
 from .spec import ExperimentSpec, LRSchedule, Optimizer, TrialSpec
 
@@ -217,8 +218,10 @@ def run_trial(
     CONTRACTS.md, ``state`` a self-contained CPU copy (model, optimizer, scheduler, every RNG
     including the loader's, epoch, best-so-far, last metrics). ``resume_state`` continues from
     such a state; on the CPU the result is bit-identical to an uninterrupted run. ``threads``
-    sets torch's intra-op threads; ``device`` defaults to :func:`resolve_device`.
+    sets torch's intra-op threads; ``device`` defaults to :func:`resolve_device`. The process keeps
+    freed memory for reuse from here on (:func:`workers.malloc.keep_freed_memory`).
     """
+    keep_freed_memory()
     if threads:
         torch.set_num_threads(int(threads))
     dev = resolve_device(spec, device)
