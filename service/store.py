@@ -312,7 +312,7 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
 
     Count, mean and spread are aggregated in SQL over ``done`` trials (with the mean packed
     export size and the lowest packed-engine agreement, where trials have them); the 95% interval is
-    ``mean ± t(0.975, n−1)·std/√n`` (sample std; None when n < 2) and rank 1 is the best
+    ``mean ± t(0.975, n−1)·std/√n`` clipped to [0, 1] (sample std; None when n < 2) and rank 1 is the best
     mean within its (dataset, model, w_bits, a_bits) (ties share a rank; ``best`` marks rank 1).
     Rows come ordered by dataset, model, then w_bits + a_bits (the float reference last),
     w_bits, a_bits, rank. ``run_id`` restricts it to one run (a study's report)."""
@@ -338,7 +338,7 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
             else:  # E[x²] − E[x]², made unbiased
                 std = math.sqrt(max(float(r.spread) - mean * mean, 0.0) * n / (n - 1))
             half = _t975(n - 1) * std / math.sqrt(n)
-            ci_low, ci_high = mean - half, mean + half
+            ci_low, ci_high = max(mean - half, 0.0), min(mean + half, 1.0)  # an accuracy stays in [0, 1]
         rows.append({"dataset": r.dataset, "model": r.model, "w_bits": r.w_bits, "a_bits": r.a_bits,
                      "estimator_label": r.estimator_label, "n": n, "mean": mean, "std": std,
                      "ci_low": ci_low, "ci_high": ci_high,

@@ -358,6 +358,18 @@ def test_export_rows(session, sessions):
 
 
 # -- leaderboard ------------------------------------------------------------------------------
+def test_leaderboard_interval_is_clipped_to_accuracy_bounds(session, sessions):
+    rid = store.create_run(session, make_spec(seeds=[0, 1]))[0]["id"]
+    sink = SqlSink(sessions, rid)
+    half = stats.t.ppf(0.975, 1) * statistics.stdev([0.99, 0.97]) / math.sqrt(2)  # ≈ 0.127 for both pairs
+    for label, values in {"aqe": [0.99, 0.97], "ste": [0.05, 0.03]}.items():
+        for seed, acc in enumerate(values):
+            sink.on_trial_end(f"{label}-w1a1-s{seed}", "done", {"final_test_acc": acc}, None)
+    got = {r["estimator_label"]: r for r in store.leaderboard(session, run_id=rid)}
+    assert got["aqe"]["ci_low"] == pytest.approx(0.98 - half, rel=1e-6) and got["aqe"]["ci_high"] == 1.0
+    assert got["ste"]["ci_low"] == 0.0 and got["ste"]["ci_high"] == pytest.approx(0.04 + half, rel=1e-6)
+
+
 def test_leaderboard_matches_a_hand_computation(session, sessions):
     spec = make_spec(seeds=[0, 1, 2])
     mnist = make_spec("m", dataset="mnist", estimators=["ste"], seeds=[0])
