@@ -8,7 +8,8 @@ code and tests. ``get_settings()`` reads the environment once per process.
 ``BITBENCH_API_TOKEN``       bearer token for writes; unset = writes are open
 ``BITBENCH_MAX_TRIALS``      largest grid one run may have (2,000)
 ``BITBENCH_DATA_DIR``        data sets (``workers.datasets``); also ``home`` when set
-``BITBENCH_TUNE_DIR``        Ray Tune storage (absolute); default ``<home>/tune``
+``BITBENCH_TUNE_DIR``        Ray Tune storage: a directory (made absolute) or a URI such as
+                             ``s3://bucket/prefix``; default ``<home>/tune``
 ``RAY_ADDRESS``              Ray cluster to join; unset = a local Ray
 ``BITBENCH_HEARTBEAT_S``     dispatcher heartbeat period (5 s)
 ``BITBENCH_STALE_S``         a running run whose heartbeat is older is requeued (30 s)
@@ -19,11 +20,14 @@ code and tests. ``get_settings()`` reads the environment once per process.
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from workers.storage import normalise
 
 DEFAULT_HOME = Path("~/.cache/bitbench")
 
@@ -40,11 +44,16 @@ class Settings(BaseSettings):
     api_token: str | None = Field(None, validation_alias=_env("api_token", "BITBENCH_API_TOKEN"))
     max_trials: int = Field(2000, ge=1, validation_alias=_env("max_trials", "BITBENCH_MAX_TRIALS"))
     data_dir: Path | None = Field(None, validation_alias=_env("data_dir", "BITBENCH_DATA_DIR"))
-    tune_dir: Path | None = Field(None, validation_alias=_env("tune_dir", "BITBENCH_TUNE_DIR"))
+    tune_dir: str | None = Field(None, validation_alias=_env("tune_dir", "BITBENCH_TUNE_DIR"))
     ray_address: str | None = Field(None, validation_alias=_env("ray_address", "RAY_ADDRESS"))
     heartbeat_s: float = Field(5.0, gt=0, validation_alias=_env("heartbeat_s", "BITBENCH_HEARTBEAT_S"))
     stale_s: float = Field(30.0, gt=0, validation_alias=_env("stale_s", "BITBENCH_STALE_S"))
     max_body_bytes: int = Field(1 << 20, ge=1, validation_alias=_env("max_body_bytes", "BITBENCH_MAX_BODY_BYTES"))
+
+    @field_validator("tune_dir", mode="before")
+    @classmethod
+    def _location_text(cls, value):
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
     @model_validator(mode="after")
     def _defaults(self):
@@ -52,7 +61,7 @@ class Settings(BaseSettings):
             self.data_dir = self.data_dir.expanduser().resolve()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.home / 'bitbench.sqlite'}"
-        self.tune_dir = (self.tune_dir or self.home / "tune").expanduser().resolve()  # Tune needs absolute
+        self.tune_dir = normalise(self.tune_dir or self.home / "tune")  # a URI, or an absolute path (Tune needs it)
         if not self.api_token:
             self.api_token = None
         return self

@@ -27,6 +27,8 @@ from typing import Callable
 
 from sqlalchemy.orm import sessionmaker
 
+from workers.storage import ensure_exists
+
 from . import store
 from .config import Settings, get_settings
 from .db import make_engine, migrate, session_factory
@@ -100,12 +102,12 @@ class Dispatcher:
             with self.sessions() as s:
                 done = [t["key"] for t in store.list_trials(s, run_id) if t["status"] == "done"]
             log.info("run %s (%s): %d trials, %d already done", run_id, run["name"], run["trial_count"], len(done))
-            self.settings.tune_dir.mkdir(parents=True, exist_ok=True)
+            ensure_exists(self.settings.tune_dir)
             run_sweep = self._run_sweep or _load_run_sweep()
             results = run_sweep(
                 spec, SqlSink(self.sessions, run_id),
                 stop_requested=lambda: stop.is_set() or self.shutdown.is_set(),
-                storage_path=str(self.settings.tune_dir), experiment_name=f"run-{run_id}",
+                storage_path=self.settings.tune_dir, experiment_name=f"run-{run_id}",
                 skip_keys=done, ray_address=self.settings.ray_address,
                 data_dir=str(self.settings.data_dir) if self.settings.data_dir else None,
             ) or {}

@@ -222,3 +222,21 @@ def test_fully_skipped_grid_needs_no_ray(tmp_path):
     spec = make_spec()
     keys = {t.key for t in spec.trials()}
     assert run_sweep(spec, MemorySink(), skip_keys=keys, storage_path=tmp_path) == {k: "skipped" for k in keys}
+
+
+def test_storage_may_be_a_uri_checkpoints_and_restore_go_through_it(ray_session):
+    """A ``file://`` URI takes the object-store path through pyarrow (as ``s3://`` would): the
+    retry loads its checkpoint from there, and a rerun restores the finished experiment from it."""
+    spec = make_spec(estimators=["ste"])
+    key = "ste-w1a1-s0"
+    hooks = Hooks(ray_session, "via-uri")
+    hooks.fail(key, 2)
+    root = ray_session.storage.parent / "uri-store"
+    sink = MemorySink(strict=True)
+    assert run_sweep(spec, sink, storage_path=root.as_uri() + "/", experiment_name="via-uri") == {key: "done"}
+    assert hooks.log(key) == ["start 0", "trained 1", "trained 2", "start 1", "trained 2"]
+    assert epochs_of(sink) == {key: [1, 2]}
+    assert list((root / "via-uri").glob("*/checkpoint_*/trial_state.pt"))  # written under the URI's path
+    n_events = len(sink.events)
+    assert run_sweep(spec, sink, storage_path=root.as_uri(), experiment_name="via-uri") == {key: "done"}
+    assert sink.events[n_events:] == [] and hooks.log(key)[-1] == "trained 2"

@@ -25,22 +25,16 @@ from ray import tune
 
 from .sinks import ResultSink
 from .spec import ExperimentSpec, TrialSpec, parse_spec
+from .storage import join, resolve_storage
 from .train import run_trial
 from .tune_callback import FINAL_KEY, SinkCallback, SweepBinding, SweepStopped, bound
 
-DEFAULT_STORAGE = "~/.cache/bitbench/tune"
 STATE_FILE = "trial_state.pt"
 CHECKPOINTS_KEPT = 1  # also forces an experiment snapshot after every checkpoint (see run_sweep)
 FAULT_DIR_ENV = "BITBENCH_FAULT_DIR"  # tests only: see _fault_point
 
 
 # -- paths and names -------------------------------------------------------------------------
-def resolve_storage(storage_path: str | os.PathLike | None = None) -> Path:
-    """``storage_path``, else $BITBENCH_TUNE_DIR, else ~/.cache/bitbench/tune; absolute."""
-    chosen = storage_path or os.environ.get("BITBENCH_TUNE_DIR") or DEFAULT_STORAGE
-    return Path(chosen).expanduser().resolve()
-
-
 def default_experiment_name(spec: ExperimentSpec) -> str:
     """``<spec name, filesystem-safe>-<12 hex of the spec hash>``: the same spec finds its experiment again."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.name).strip("-.")[:60] or "sweep"
@@ -123,14 +117,23 @@ def make_trainable(spec: ExperimentSpec, data_dir: str | os.PathLike | None = No
 
 
 # -- the driver ------------------------------------------------------------------------------
-def _new_tuner(spec: ExperimentSpec, trials: list[TrialSpec], trainable, storage: Path, name: str) -> tune.Tuner:
+def longest_first(trials: list[TrialSpec]) -> list[TrialSpec]:
+    """The order Tune starts the trials in: expected-longest first (the LPT rule), so the sweep's
+    tail is short trials filling the last free slots rather than one long trial alone. Every trial
+    of a spec trains the same model for the same epochs, so the expected cost is the quantizers':
+    more weight + activation bits cost more (multi-level quantizers do more per element), the
+    float reference least; ties keep grid order (stable sort)."""
+    return sorted(trials, key=lambda t: -1 if t.is_float else -(t.w_bits + t.a_bits))
+
+
+def _new_tuner(spec: ExperimentSpec, trials: list[TrialSpec], trainable, storage: str, name: str) -> tune.Tuner:
     return tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search([t.model_dump(mode="json") for t in trials]),
+        param_space={"trial": tune.grid_search([t.model_dump(mode="json") for t in longest_first(trials)]),
                      "spec_hash": spec.spec_hash()},
         tune_config=tune.TuneConfig(reuse_actors=True),  # FIFO scheduler, grid search: no early stopping
         run_config=tune.RunConfig(
-            name=name, storage_path=str(storage), verbose=0,
+            name=name, storage_path=storage, verbose=0,
             callbacks=[SinkCallback(name)],
             failure_config=tune.FailureConfig(max_failures=spec.max_retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
@@ -166,11 +169,11 @@ def run_sweep(
     """
     storage = resolve_storage(storage_path)
     name = experiment_name or default_experiment_name(spec)
-    exp_dir = storage / name
+    exp_dir = join(storage, name)
     skip = set(skip_keys)
     grid = spec.trials()
     todo = [t for t in grid if t.key not in skip]
-    restoring = tune.Tuner.can_restore(str(exp_dir))
+    restoring = tune.Tuner.can_restore(exp_dir)
     if not todo and not restoring:
         return {t.key: "skipped" for t in grid}
 
@@ -183,7 +186,7 @@ def run_sweep(
     trainable = make_trainable(spec, data_dir)
     with bound(name, binding):
         if restoring:
-            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True, restart_errored=False)
         else:
             tuner = _new_tuner(spec, todo, trainable, storage, name)
@@ -244,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     def cli(
         spec_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="experiment spec (JSON)"),
         out: Path = typer.Option(..., "--out", help="results, one JSON line per event (appended)"),
-        storage: Path = typer.Option(None, "--storage",
-                                     help="Tune storage (default $BITBENCH_TUNE_DIR or ~/.cache/bitbench/tune)"),
+        storage: str = typer.Option(None, "--storage", help="Tune storage: a directory or a URI such as "
+                                    "s3://bucket/prefix (default $BITBENCH_TUNE_DIR or ~/.cache/bitbench/tune)"),
         name: str = typer.Option(None, "--name", help="experiment name (default: spec name + hash; rerun to resume)"),
         data_dir: Path = typer.Option(None, "--data-dir", help="data sets (default $BITBENCH_DATA_DIR)"),
         address: str = typer.Option(None, "--address", help="Ray cluster (default $RAY_ADDRESS or a local Ray)"),
