@@ -1,8 +1,6 @@
 """workers.storage: Tune storage locations, local paths and object-store URIs alike."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from service.config import Settings
@@ -34,13 +32,14 @@ def test_resolve_storage_reads_the_environment_then_the_default(monkeypatch, tmp
     assert resolve_storage() == str(tmp_path / ".cache" / "bitbench" / "tune")
 
 
-def test_join_and_ensure_exists(tmp_path):
+def test_join_and_ensure_exists(tmp_path, monkeypatch):
     assert join("s3://b/p", "run-3") == "s3://b/p/run-3"
     assert join(str(tmp_path), "run-3") == str(tmp_path / "run-3")
     ensure_exists(str(tmp_path / "a" / "b"))
     assert (tmp_path / "a" / "b").is_dir()
-    ensure_exists("s3://bucket/never-touched")  # nothing to create, nothing raised
-    assert not Path("s3:").exists()
+    monkeypatch.chdir(tmp_path)
+    ensure_exists("s3://bucket/never-touched")  # a URI is not a relative path "s3:/bucket/…"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
 def test_service_settings_take_a_uri_or_a_path(tmp_path):

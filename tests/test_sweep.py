@@ -16,7 +16,7 @@ from ray.tune.experiment import Trial
 
 from workers.sinks import JsonlSink, MemorySink, ResultSink
 from workers.spec import parse_spec
-from workers.sweep import default_experiment_name, main, run_sweep
+from workers.sweep import default_experiment_name, longest_first, main, run_sweep
 from workers.train import METRIC_KEYS
 from workers.tune_callback import SinkCallback, SweepBinding, bound
 
@@ -47,6 +47,17 @@ class Hooks:
     def log(self, key: str) -> list[str]:
         path = self.dir / f"{key}.log"
         return path.read_text().splitlines() if path.exists() else []
+
+
+def test_trials_start_longest_expected_first_float_last_grid_order_within():
+    spec = make_spec(estimators=["aqe", "ste"], bits=[{"w": 1, "a": 1}, {"w": 2, "a": 2}, {"w": 1, "a": 2}],
+                     include_full_precision=True, seeds=[0, 1])
+    order = [t.key for t in longest_first(spec.trials())]
+    assert sorted(order) == sorted(t.key for t in spec.trials())
+    assert order == ["aqe-w2a2-s0", "ste-w2a2-s0", "aqe-w2a2-s1", "ste-w2a2-s1",  # grid order is seed-major
+                     "aqe-w1a2-s0", "ste-w1a2-s0", "aqe-w1a2-s1", "ste-w1a2-s1",
+                     "aqe-w1a1-s0", "ste-w1a1-s0", "aqe-w1a1-s1", "ste-w1a1-s1",
+                     "float-w32a32-s0", "float-w32a32-s1"]
 
 
 def test_memory_and_jsonl_sinks_satisfy_the_protocol(tmp_path):

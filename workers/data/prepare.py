@@ -29,17 +29,13 @@ def _can_stratify(y: np.ndarray, n_out: int) -> bool:
 
 def stratified_counts(counts: np.ndarray, n_out: int, rng: np.random.Generator) -> np.ndarray:
     """Per-class held-out counts summing to ``n_out``, proportional to ``counts``: each class gets
-    floor(n_out·c/n), the rest go one each to the largest remainders (ties in seeded random order),
-    never more than a class has."""
+    floor(n_out·c/n), the rest go one each to the largest remainders (ties in seeded random order).
+    The rest is the sum of the remainders, each < 1, so only classes with a remainder get one, and
+    none of those is already at its size."""
     exact = n_out * counts / counts.sum()
     out = np.floor(exact).astype(np.int64)
-    remainder = exact - out
-    order = np.lexsort((rng.random(len(counts)), -remainder))  # largest remainder first, ties shuffled
-    for c in order:
-        if out.sum() == n_out:
-            break
-        if out[c] < counts[c]:
-            out[c] += 1
+    order = np.lexsort((rng.random(len(counts)), out - exact))  # largest remainder first, ties shuffled
+    out[order[:n_out - int(out.sum())]] += 1
     return out
 
 
