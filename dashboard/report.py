@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import plotly.graph_objects as go
+import plotly.io as pio
 
 from .figures import accuracy_vs_bits, config_label, config_sort_key, bit_config, mean_std
 from .paper_results import paper_points
@@ -134,12 +135,15 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
     for name, fig in figures.items():
         files[f"{name}.html"] = out / f"{name}.html"
         fig.write_html(files[f"{name}.html"], include_plotlyjs=True, full_html=True)
-        if png:
-            try:
-                fig.write_image(out / f"{name}.png", width=fig.layout.width or 900, height=fig.layout.height or 560)
-                files[f"{name}.png"] = out / f"{name}.png"
-            except Exception as exc:  # kaleido or Chromium missing: the HTML figures still stand
-                png_note = f"\n> PNG figures were not written ({type(exc).__name__}: {exc}); see the HTML files.\n"
+    if png:
+        pngs = {f"{name}.png": out / f"{name}.png" for name in figures}
+        try:  # one Chromium for all figures: half the time and CPU of one per figure
+            pio.write_images(list(figures.values()), list(pngs.values()),
+                             width=[f.layout.width or 900 for f in figures.values()],
+                             height=[f.layout.height or 560 for f in figures.values()])
+            files.update(pngs)
+        except Exception as exc:  # kaleido or Chromium missing: the HTML figures still stand
+            png_note = f"\n> PNG figures were not written ({type(exc).__name__}: {exc}); see the HTML files.\n"
 
     files["leaderboard.tex"] = out / "leaderboard.tex"
     files["leaderboard.tex"].write_text(latex_table(leaderboard))

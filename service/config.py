@@ -14,6 +14,7 @@ code and tests. ``get_settings()`` reads the environment once per process.
 ``BITBENCH_HEARTBEAT_S``     dispatcher heartbeat period (5 s)
 ``BITBENCH_STALE_S``         a running run whose heartbeat is older is requeued (30 s)
 ``BITBENCH_MAX_BODY_BYTES``  largest request body (1 MiB)
+``BITBENCH_REPORT_RENDERS``  reports an API process renders at once (2); more get 503
 ===========================  ====================================================================
 
 ``home`` is ``BITBENCH_DATA_DIR`` or ``~/.cache/bitbench``.
@@ -49,6 +50,7 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0, validation_alias=_env("heartbeat_s", "BITBENCH_HEARTBEAT_S"))
     stale_s: float = Field(30.0, gt=0, validation_alias=_env("stale_s", "BITBENCH_STALE_S"))
     max_body_bytes: int = Field(1 << 20, ge=1, validation_alias=_env("max_body_bytes", "BITBENCH_MAX_BODY_BYTES"))
+    report_renders: int = Field(2, ge=1, validation_alias=_env("report_renders", "BITBENCH_REPORT_RENDERS"))
 
     @field_validator("tune_dir", mode="before")
     @classmethod

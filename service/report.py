@@ -1,19 +1,60 @@
-"""Build a run's report folder from the database (``bitbench report RUN``, GET /runs/{id}/report)."""
+"""A run's report: the folder (``build_report``), its zip, and serving it (GET /runs/{id}/report).
+
+The folder holds RESULTS.md, the figures as HTML and PNG, a LaTeX table, the spec and the
+machine (:func:`dashboard.report.write_report` over the run's plain records).
+
+Serving goes through the app's :class:`ReportService` (:func:`reports`):
+
+- A finished run's (done, failed, cancelled) archive is rendered once and kept in the database
+  (``report_archives``) under its *fingerprint*: ``REPORT_FORMAT`` plus the run's
+  ``store.results_fingerprint``, so edited rows or a new report format render it again. The
+  database rather than a cache directory: every API replica sees it (compose can scale ``api``,
+  which has no volume), it survives restarts, and it goes when the run goes. An archive is a few
+  MB, mostly plotly.js inlined into each HTML figure. An archive whose PNGs failed is served but
+  not kept.
+- A queued or running run's report is rendered on every request (its results move).
+- No database session is held while rendering: the records are read in a short session, closed
+  before the render starts in a process pool (spawned workers at ``RENDER_NICE``, so the
+  API's requests keep their CPU and share no GIL with a render; kaleido's Chromium runs under the
+  worker, niced too).
+- At most ``max_renders`` (``BITBENCH_REPORT_RENDERS``) renders run at once per API process; a
+  request that needs another gets :class:`RendersBusy` (the route answers 503 with
+  ``Retry-After``, the mean render time so far). A request for a report whose render is in
+  flight waits for that render instead of starting its own.
+"""
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import io
+import math
+import multiprocessing
 import os
 import platform
 import sys
+import tempfile
+import threading
+import time
+import weakref
 import zipfile
+from collections import deque
+from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from dashboard.report import write_report
 
 from . import store
+from .tables import FINISHED
+
+REPORT_FORMAT = "1"  # bump when write_report's output changes: stored archives are rendered again
+RENDER_NICE = 10  # render workers' niceness above the API's
+FIRST_RETRY_AFTER_S = 10  # Retry-After before any render has finished (a PNG render takes ≈ 5–10 s)
 
 
 def environment(trials: list[dict]) -> dict:
@@ -40,14 +81,26 @@ def environment(trials: list[dict]) -> dict:
     }
 
 
-def build_report(s: Session, run_id: int, out_dir: str | Path, *, png: bool = True) -> dict[str, Path] | None:
-    """Write run ``run_id``'s report into ``out_dir``; None for an unknown run."""
+# -- the folder -------------------------------------------------------------------------------
+def load_records(s: Session, run_id: int) -> dict | None:
+    """``{run, leaderboard, trials, epoch_rows}``: the plain records a report is drawn from; None
+    for an unknown run."""
     run = store.get_run(s, run_id)
     if run is None:
         return None
-    trials = store.run_results(s, run_id)
-    return write_report(out_dir, run=run, leaderboard=store.leaderboard(s, run_id=run_id), trials=trials,
-                        epoch_rows=store.export_rows(s, run_id), environment=environment(trials), png=png)
+    return {"run": run, "leaderboard": store.leaderboard(s, run_id=run_id), "trials": store.run_results(s, run_id),
+            "epoch_rows": store.export_rows(s, run_id)}
+
+
+def write_records(records: dict, out_dir: str | Path, *, png: bool = True) -> dict[str, Path]:
+    """Write the report folder of ``records`` (:func:`load_records`) into ``out_dir``."""
+    return write_report(out_dir, **records, environment=environment(records["trials"]), png=png)
+
+
+def build_report(s: Session, run_id: int, out_dir: str | Path, *, png: bool = True) -> dict[str, Path] | None:
+    """Write run ``run_id``'s report into ``out_dir``; None for an unknown run."""
+    records = load_records(s, run_id)
+    return None if records is None else write_records(records, out_dir, png=png)
 
 
 def zip_folder(folder: str | Path, prefix: str) -> bytes:
@@ -57,3 +110,140 @@ def zip_folder(folder: str | Path, prefix: str) -> bytes:
         for path in sorted(Path(folder).iterdir()):
             z.write(path, f"{prefix}/{path.name}")
     return buf.getvalue()
+
+
+def archive_name(run_id: int) -> str:
+    return f"bitbench-run-{run_id}"
+
+
+def render_archive(records: dict, png: bool) -> tuple[bytes, bool]:
+    """``(zip, complete)``: the report folder zipped under ``bitbench-run-<id>/``; ``complete`` is
+    False when PNGs were asked for and not written (kaleido or Chromium failed)."""
+    with tempfile.TemporaryDirectory(prefix="bitbench-report-") as tmp:
+        files = write_records(records, tmp, png=png)
+        body = zip_folder(tmp, archive_name(records["run"]["id"]))
+    return body, not png or any(name.endswith(".png") for name in files)
+
+
+# -- serving ----------------------------------------------------------------------------------
+class RendersBusy(Exception):
+    """Every render slot is taken; try again after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int, max_renders: int):
+        super().__init__(f"{max_renders} report(s) are being rendered, the most at once "
+                         f"(BITBENCH_REPORT_RENDERS); retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+def _init_render_worker(parent: int) -> None:
+    """In a render worker: lower its priority, and exit once the process that started it is gone
+    (uvicorn ends by re-raising SIGTERM, so the pool's own exit handler never runs)."""
+    os.nice(RENDER_NICE)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
+class ReportService:
+    """Report archives for one app: stored ones served, others rendered off the database session.
+
+    ``render(records, png) -> (zip, complete)`` runs on ``executor`` (default: a spawned process
+    pool of ``max_renders`` workers at ``RENDER_NICE``, started on first use). ``renders`` counts
+    the renders started.
+    """
+
+    def __init__(self, sessions: sessionmaker, max_renders: int, *,
+                 render: Callable[[dict, bool], tuple[bytes, bool]] = render_archive, executor: Executor | None = None):
+        self.sessions = sessions
+        self.max_renders = max_renders
+        self.slots = threading.BoundedSemaphore(max_renders)
+        self.renders = 0
+        self._render_fn = render
+        self._executor = executor
+        self._inflight: dict[tuple, asyncio.Task] = {}
+        self._seconds: deque[float] = deque(maxlen=8)
+
+    async def archive(self, run_id: int, png: bool) -> bytes | None:
+        """The run's report as a zip; None for an unknown run. Raises :class:`RendersBusy`."""
+        found = await run_in_threadpool(self._stored, run_id, png)
+        if found is None:
+            return None
+        fingerprint, body = found
+        if body is not None:
+            return body
+        key = (run_id, png, fingerprint)
+        task = self._inflight.get(key)
+        if task is None:
+            if not self.slots.acquire(blocking=False):
+                raise RendersBusy(self.retry_after(), self.max_renders)
+            task = self._inflight[key] = asyncio.create_task(self._render(key, run_id, png))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # seen even if no request waits
+        return await asyncio.shield(task)  # a client that goes away does not stop the render
+
+    def retry_after(self) -> int:
+        """Seconds a client should wait for a free slot: the mean of the last renders."""
+        return math.ceil(sum(self._seconds) / len(self._seconds)) if self._seconds else FIRST_RETRY_AFTER_S
+
+    # -- steps (database steps run in the thread pool, each in its own short session) ---------
+    def _stored(self, run_id: int, png: bool) -> tuple[str, bytes | None] | None:
+        with self.sessions() as s:
+            state = store.results_fingerprint(s, run_id)
+            if state is None:
+                return None
+            fingerprint = _fingerprint(state[1])
+            return fingerprint, store.report_archive(s, run_id, png, fingerprint)
+
+    def _load(self, run_id: int) -> tuple[dict, str, str] | None:
+        with self.sessions() as s:
+            state = store.results_fingerprint(s, run_id)
+            records = load_records(s, run_id) if state is not None else None
+        return None if records is None else (records, state[0], _fingerprint(state[1]))
+
+    def _save(self, run_id: int, png: bool, fingerprint: str, body: bytes) -> None:
+        with self.sessions() as s:
+            store.save_report_archive(s, run_id, png, fingerprint, body)
+
+    async def _render(self, key: tuple, run_id: int, png: bool) -> bytes | None:
+        try:
+            loaded = await run_in_threadpool(self._load, run_id)
+            if loaded is None:
+                return None
+            records, status, fingerprint = loaded
+            self.renders += 1
+            start = time.monotonic()
+            body, complete = await asyncio.wrap_future(self._pool().submit(self._render_fn, records, png))
+            self._seconds.append(time.monotonic() - start)
+            if status in FINISHED and complete:
+                await run_in_threadpool(self._save, run_id, png, fingerprint, body)
+            return body
+        except BrokenProcessPool:
+            self._executor = None  # a worker died (killed, out of memory): the next render gets a new pool
+            raise
+        finally:
+            del self._inflight[key]
+            self.slots.release()
+
+    def _pool(self) -> Executor:
+        if self._executor is None:
+            pool = ProcessPoolExecutor(self.max_renders, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_init_render_worker, initargs=(os.getpid(),))
+            weakref.finalize(self, pool.shutdown, wait=False, cancel_futures=True)
+            self._executor = pool
+        return self._executor
+
+
+def _fingerprint(results: str) -> str:
+    """The archive's key: the run's results fingerprint under this ``REPORT_FORMAT``."""
+    return hashlib.sha256(f"report {REPORT_FORMAT} of {results}".encode()).hexdigest()
+
+
+def reports(app) -> ReportService:
+    """The app's :class:`ReportService`, made on first use from its settings and sessions."""
+    service = getattr(app.state, "reports", None)
+    if service is None:
+        service = app.state.reports = ReportService(app.state.session_factory, app.state.settings.report_renders)
+    return service

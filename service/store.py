@@ -16,6 +16,9 @@ Records
 - Leaderboard row: ``{dataset, model, w_bits, a_bits, estimator_label, n, mean, std, ci_low,
   ci_high, rank, best}``
 
+A finished run's report is rendered once and kept in ``report_archives`` under the run's
+``results_fingerprint`` (service.report).
+
 The queue is the runs table: ``claim_run`` takes the oldest queued run (PostgreSQL:
 ``FOR UPDATE SKIP LOCKED``; SQLite: one guarded ``UPDATE … WHERE id = (oldest) AND
 status = 'queued'``), the holder keeps ``heartbeat_at`` fresh, and ``requeue_stale`` puts the runs
@@ -23,6 +26,8 @@ of dead holders back in the queue (finished trials and stored epochs are kept).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -33,7 +38,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .tables import FINISHED, METRIC_FIELDS, RUN_STATUSES, metrics, runs, trials, utcnow
+from .tables import FINISHED, METRIC_FIELDS, RUN_STATUSES, metrics, report_archives, runs, trials, utcnow
 
 FLOAT_LABEL = "float"
 FLOAT_BITS = 32
@@ -295,6 +300,44 @@ def record_trial_end(s: Session, trial_id: int, status: str, final: dict | None 
 def _close_open_trials(s: Session, run_ids: list[int], status: str, now: datetime) -> None:
     s.execute(update(trials).where(trials.c.run_id.in_(run_ids), trials.c.status.in_(("queued", "running")))
               .values(status=status, finished_at=now))
+
+
+# -- report archives --------------------------------------------------------------------------
+def results_fingerprint(s: Session, run_id: int) -> tuple[str, str] | None:
+    """``(status, SHA-256 hex)`` of what a run's report is drawn from, None for an unknown run.
+
+    The digest covers the run's row (name, spec, status, times, error), its trials per status
+    (count, epochs, sums of the final accuracies, latest start and finish) and its metric rows
+    (count, highest id): three indexed aggregate queries. Any write a report could show
+    changes it; a finished run's never changes unless its rows are edited.
+    """
+    run = s.execute(select(runs.c.name, runs.c.spec_hash, runs.c.status, runs.c.created_at, runs.c.started_at,
+                           runs.c.finished_at, runs.c.error, runs.c.trial_count).where(runs.c.id == run_id)).first()
+    if run is None:
+        return None
+    by_status = s.execute(
+        select(trials.c.status, func.count(), func.sum(trials.c.epochs_done), func.sum(trials.c.final_test_acc),
+               func.sum(trials.c.final_val_acc), func.max(trials.c.started_at), func.max(trials.c.finished_at))
+        .where(trials.c.run_id == run_id).group_by(trials.c.status).order_by(trials.c.status)).all()
+    epochs = s.execute(select(func.count(metrics.c.id), func.max(metrics.c.id))
+                       .join(trials, trials.c.id == metrics.c.trial_id).where(trials.c.run_id == run_id)).one()
+    state = json.dumps([list(run), [list(r) for r in by_status], list(epochs)], default=str)
+    return run.status, hashlib.sha256(state.encode()).hexdigest()
+
+
+def report_archive(s: Session, run_id: int, png: bool, fingerprint: str) -> bytes | None:
+    """The stored report archive of the run, if it was built from ``fingerprint``."""
+    return s.execute(select(report_archives.c.body).where(
+        report_archives.c.run_id == run_id, report_archives.c.png == png,
+        report_archives.c.fingerprint == fingerprint)).scalar()
+
+
+def save_report_archive(s: Session, run_id: int, png: bool, fingerprint: str, body: bytes) -> None:
+    """Keep ``body`` as the run's report archive (replacing an older one); commits."""
+    values = {"fingerprint": fingerprint, "body": body, "created_at": utcnow()}
+    s.execute(_upsert_insert(s, report_archives).values(run_id=run_id, png=png, **values)
+              .on_conflict_do_update(index_elements=["run_id", "png"], set_=values))
+    s.commit()
 
 
 # -- leaderboard ------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The schema: runs (the queue), trials (one per grid cell), metrics (one per trial and epoch).
+"""The schema: runs (the queue), trials (one per grid cell), metrics (one per trial and epoch),
+report_archives (a finished run's zipped report, built once).
 
 SQLAlchemy Core tables; Alembic (``service/migrations``) creates them. Types work on SQLite and
 PostgreSQL alike: JSON (JSONB on PostgreSQL), timezone-aware UTC timestamps (``UTCDateTime``).
@@ -18,6 +19,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -140,6 +142,17 @@ metrics = Table(
     Column("device", String(64), nullable=True),
     Column("schedule", Json, nullable=True),
     UniqueConstraint("trial_id", "epoch"),  # exactly once per (trial, epoch); also the trial's index
+)
+
+# GET /runs/{id}/report of a finished run, rendered once (service.report): valid while ``fingerprint``
+# (store.report_fingerprint: the run's results and the report format) is the run's current one
+report_archives = Table(
+    "report_archives", metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("png", Boolean, primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
 )
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_acc", "test_acc", "lr", "epoch_seconds",

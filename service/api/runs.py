@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tempfile
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
@@ -113,16 +112,21 @@ def export_run(run_id: int, session: SessionDep, format: Literal["csv", "json"] 
 
 @router.get("/{run_id}/report", response_class=Response, responses={
     200: {"content": {"application/zip": {}}, "description": "the report folder, zipped"},
-    404: {"model": ErrorOut}})
-def run_report(run_id: int, session: SessionDep, png: bool = True):
-    """The run's report (RESULTS.md, figures as HTML and PNG, LaTeX table, spec, environment) as a zip."""
-    _run_or_404(session, run_id)
-    name = f"bitbench-run-{run_id}"
-    with tempfile.TemporaryDirectory(prefix="bitbench-report-") as tmp:
-        report.build_report(session, run_id, tmp, png=png)
-        body = report.zip_folder(tmp, name)
+    404: {"model": ErrorOut}, 503: {"model": ErrorOut, "description": "every render slot is taken: see Retry-After"}})
+async def run_report(run_id: int, request: Request, png: bool = True):
+    """The run's report (RESULTS.md, figures as HTML and PNG, LaTeX table, spec, environment) as a zip.
+
+    A finished run's archive is rendered once and stored; a running one's on every request. Renders
+    are bounded per process (``BITBENCH_REPORT_RENDERS``): beyond that, 503 with ``Retry-After``."""
+    try:
+        body = await report.reports(request.app).archive(run_id, png)
+    except report.RendersBusy as busy:
+        raise http_error(status.HTTP_503_SERVICE_UNAVAILABLE, (), str(busy), "renders_busy",
+                         {"Retry-After": str(busy.retry_after)}) from None
+    if body is None:
+        raise not_found("run", run_id, "run_id")
     return Response(body, media_type="application/zip",
-                    headers={"Content-Disposition": f'attachment; filename="{name}.zip"'})
+                    headers={"Content-Disposition": f'attachment; filename="{report.archive_name(run_id)}.zip"'})
 
 
 def _csv(rows: list[dict]) -> str:
