@@ -12,6 +12,13 @@ a run a dead one held: finished trials are skipped, the Tune experiment ``run-<i
 
 SIGTERM / SIGINT: stop the current run's trials, hand the run back to the queue (unless it
 finished), exit; a second signal stops at once. ``--once`` handles at most one run and exits.
+
+Ray going away: while a run is in flight a watchdog thread probes Ray's GCS (a TCP connect).
+When it stops answering — at once after a stop signal (a local Ray dies with the dispatcher when
+the whole process group gets SIGTERM, as systemd's default kill mode does), after ``RAY_LOST_S``
+without one — the watchdog hands the run back to the queue and ends the process (exit 0 after a
+signal, 1 otherwise); the main thread cannot, as Ray retries the GCS for 60 s inside the sweep and
+then ends the process itself. Finished epochs are in the database, the Tune experiment resumes.
 """
 from __future__ import annotations
 
@@ -20,7 +27,9 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
+import time
 import traceback
 import uuid
 from typing import Callable
@@ -36,6 +45,9 @@ from .sink import SqlSink
 from .tables import FINISHED
 
 log = logging.getLogger("bitbench.dispatcher")
+RAY_PROBE_S = 1.0  # how often the watchdog probes Ray's GCS during a run
+RAY_PROBE_STOPPING_S = 0.2  # … once a stop signal came
+RAY_LOST_S = 10.0  # without a stop signal, how long the GCS may stay unreachable before the run is handed back
 
 
 def default_worker_id() -> str:
@@ -48,19 +60,51 @@ def _load_run_sweep() -> Callable:
     return run_sweep
 
 
+def gcs_address() -> str | None:
+    """``host:port`` of the Ray GCS this process is connected to; None when Ray is not initialised."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().gcs_address
+
+
+def reachable(address: str, timeout: float = 1.0) -> bool:
+    """Whether ``host:port`` accepts a TCP connection within ``timeout`` seconds."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def hard_exit(code: int) -> None:
+    """End the process now, skipping exit handlers (Ray's would wait 60 s on a dead GCS)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class Dispatcher:
     """Claims and runs queued runs; ``shutdown`` (an Event) stops it between and inside runs.
 
-    ``run_sweep`` defaults to ``workers.sweep.run_sweep`` (tests pass a fake)."""
+    ``run_sweep`` defaults to ``workers.sweep.run_sweep`` (tests pass a fake), ``ray_alive``
+    (True, False, or None when there is no Ray to ask) to a probe of this process's Ray GCS, and
+    ``exit_process`` (what the Ray watchdog ends the process with) to :func:`hard_exit`."""
 
     def __init__(self, sessions: sessionmaker, settings: Settings, *, worker_id: str | None = None,
-                 run_sweep: Callable | None = None):
+                 run_sweep: Callable | None = None, ray_alive: Callable[[], bool | None] | None = None,
+                 exit_process: Callable[[int], None] = hard_exit):
         self.sessions = sessions
         self.settings = settings
         self.worker_id = worker_id or default_worker_id()
         self._run_sweep = run_sweep
+        self.ray_alive = ray_alive or self._gcs_reachable
+        self._exit_process = exit_process
         self.shutdown = threading.Event()
         self._signals_installed = False
+        self._gcs: str | None = None
 
     # -- loop ---------------------------------------------------------------------------------
     def serve(self, *, once: bool = False, poll_s: float = 2.0) -> None:
@@ -68,8 +112,6 @@ class Dispatcher:
         log.info("dispatcher %s polling every %.1f s", self.worker_id, poll_s)
         while not self.shutdown.is_set():
             handled = self.run_once()
-            if self._signals_installed:
-                self.install_signal_handlers()  # ray.init replaces the SIGTERM handler
             if once:
                 return
             if handled is None:
@@ -94,6 +136,8 @@ class Dispatcher:
         beat = threading.Thread(target=self._heartbeat, args=(run_id, stop, lost, cancelled, over),
                                 name=f"heartbeat-run-{run_id}", daemon=True)
         beat.start()
+        threading.Thread(target=self._watch_ray, args=(run_id, over), name=f"watch-ray-run-{run_id}",
+                         daemon=True).start()
         results, error, interrupted = {}, None, None
         try:
             from workers.spec import parse_spec
@@ -103,6 +147,8 @@ class Dispatcher:
                 done = [t["key"] for t in store.list_trials(s, run_id) if t["status"] == "done"]
             log.info("run %s (%s): %d trials, %d already done", run_id, run["name"], run["trial_count"], len(done))
             ensure_exists(self.settings.tune_dir)
+            if self._run_sweep is None:
+                self._start_ray()
             run_sweep = self._run_sweep or _load_run_sweep()
             results = run_sweep(
                 spec, SqlSink(self.sessions, run_id),
@@ -123,6 +169,44 @@ class Dispatcher:
         self._conclude(run_id, results, error, lost=lost.is_set(), cancelled=cancelled.is_set())
         if interrupted is not None:
             raise interrupted
+
+    def _start_ray(self) -> None:
+        """Start or join Ray before the sweep does, then put our signal handlers back (``ray.init``
+        replaces SIGTERM's with one that raises SystemExit wherever the main thread is)."""
+        from workers.sweep import ensure_ray
+
+        ensure_ray(self.settings.ray_address)
+        if self._signals_installed:
+            self.install_signal_handlers()
+
+    def _gcs_reachable(self) -> bool | None:
+        try:
+            self._gcs = self._gcs or gcs_address()
+        except Exception:  # Ray is starting or stopping in the main thread: ask again later
+            return None
+        return None if self._gcs is None else reachable(self._gcs)
+
+    def _watch_ray(self, run_id: int, over: threading.Event) -> None:
+        """Until ``over``: hand the run back and end the process once Ray's GCS is gone (module doc)."""
+        lost_since = None
+        while not over.wait(RAY_PROBE_STOPPING_S if self.shutdown.is_set() else RAY_PROBE_S):
+            if self.ray_alive() is not False:
+                lost_since = None
+                continue
+            lost_since = lost_since or time.monotonic()
+            due = self.shutdown.is_set() or time.monotonic() - lost_since >= RAY_LOST_S
+            if not due or over.is_set():
+                continue
+            log.error("run %s: Ray's GCS (%s) does not answer%s; handing the run back and exiting", run_id,
+                      self._gcs or "?", " after a stop signal" if self.shutdown.is_set() else f" for {RAY_LOST_S:.0f} s")
+            try:
+                with self.sessions() as s:
+                    if store.release_run(s, run_id, self.worker_id):
+                        log.info("run %s: requeued", run_id)
+            except Exception:  # the database is unreachable too: staleness decides
+                log.exception("run %s: could not requeue", run_id)
+            self._exit_process(0 if self.shutdown.is_set() else 1)
+            return
 
     def _heartbeat(self, run_id, stop, lost, cancelled, over) -> None:
         while True:
@@ -202,14 +286,17 @@ def main(argv: list[str] | None = None) -> int:
     migrate(engine)
     dispatcher = Dispatcher(session_factory(engine), settings, worker_id=args.worker_id)
     dispatcher.install_signal_handlers()
+    code = 0
     try:
         dispatcher.serve(once=args.once, poll_s=args.poll_seconds)
     except KeyboardInterrupt:
         log.info("stopped")
-        return 130
+        code = 130
     finally:
         engine.dispose()
-    return 0
+    if dispatcher.ray_alive() is False:  # Ray died under us (idle): its exit handler would wait on the GCS
+        hard_exit(code)
+    return code
 
 
 if __name__ == "__main__":

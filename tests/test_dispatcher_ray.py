@@ -1,0 +1,179 @@
+"""A dispatcher whose Ray goes away mid-run hands the run back within seconds: with a fake sweep
+stuck the way a real one is (its main thread inside Ray), and with a real dispatcher process and
+a local Ray whose whole process group gets SIGTERM (systemd's default kill mode)."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from service import dispatcher as dispatcher_module
+from service import store
+from service.config import Settings
+from service.db import make_engine, migrate, session_factory
+from service.dispatcher import Dispatcher
+from service.tables import metrics, runs, trials
+from workers.spec import parse_spec
+
+pytestmark = pytest.mark.timeout(600)
+
+
+class StuckSweep:
+    """Starts its trials, then ignores the stop flag until ``unstick``: a sweep whose Ray is gone."""
+
+    def __init__(self):
+        self.started, self.unstick = threading.Event(), threading.Event()
+
+    def __call__(self, spec, sink, *, stop_requested, **_):
+        for t in spec.trials():
+            sink.on_trial_start(t.key, {"device": "cpu", "attempt": 1})
+            sink.on_epoch(t.key, {"epoch": 1, "test_acc": 0.5})
+        self.started.set()
+        self.unstick.wait(60)
+        return {}
+
+
+class Ray:
+    """The watchdog's probe: alive until ``die()``; the exit codes the dispatcher asked for."""
+
+    def __init__(self):
+        self.alive, self.exits, self.exited = True, [], threading.Event()
+
+    def probe(self) -> bool:
+        return self.alive
+
+    def exit(self, code: int) -> None:
+        self.exits.append(code)
+        self.exited.set()
+
+
+def start(sessions, settings, ray: Ray) -> tuple[int, StuckSweep, threading.Thread, Dispatcher]:
+    with sessions() as s:
+        run_id = store.create_run(s, parse_spec({"name": "ray-dies", "estimators": ["ste"], "bits": [{"w": 1, "a": 1}],
+                                                 "seeds": [0], "epochs": 3}))[0]["id"]
+    sweep = StuckSweep()
+    d = Dispatcher(sessions, settings, worker_id="d1", run_sweep=sweep, ray_alive=ray.probe, exit_process=ray.exit)
+    worker = threading.Thread(target=d.run_once, daemon=True)
+    worker.start()
+    assert sweep.started.wait(30)
+    return run_id, sweep, worker, d
+
+
+@pytest.fixture
+def settings(db_url, tmp_path):
+    return Settings(database_url=db_url, heartbeat_s=0.2, stale_s=300, tune_dir=tmp_path / "tune")
+
+
+def status(sessions, run_id) -> tuple[str, str | None]:
+    with sessions() as s:
+        return tuple(s.execute(select(runs.c.status, runs.c.worker_id).where(runs.c.id == run_id)).one())
+
+
+def test_ray_gone_after_a_stop_signal_hands_the_run_back_at_once(sessions, settings):
+    ray = Ray()
+    run_id, sweep, worker, d = start(sessions, settings, ray)
+    d.shutdown.set()  # SIGTERM to the process group: the dispatcher's handler …
+    time.sleep(0.5)
+    assert status(sessions, run_id) == ("running", "d1") and not ray.exits  # … Ray still answers: wait for it
+    ray.alive = False  # … and Ray dies with it
+    assert ray.exited.wait(5) and ray.exits == [0]
+    assert status(sessions, run_id) == ("queued", None)
+    with sessions() as s:
+        assert {t["status"] for t in store.list_trials(s, run_id)} == {"queued"}
+        assert len(s.execute(select(metrics)).all()) == 2  # the finished epochs stay
+    sweep.unstick.set()
+    worker.join(30)
+    assert status(sessions, run_id) == ("queued", None)
+
+
+def test_ray_gone_without_a_signal_hands_the_run_back_after_a_grace(sessions, settings, monkeypatch):
+    monkeypatch.setattr(dispatcher_module, "RAY_LOST_S", 1.0)
+    ray = Ray()
+    run_id, sweep, worker, d = start(sessions, settings, ray)
+    ray.alive = False
+    assert ray.exited.wait(10) and ray.exits == [1]  # not a clean stop: a supervisor restarts it
+    assert status(sessions, run_id) == ("queued", None)
+    sweep.unstick.set()
+    worker.join(30)
+    assert status(sessions, run_id) == ("queued", None)
+
+
+def test_a_gcs_probe_is_a_tcp_connect():
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = "127.0.0.1:%d" % listener.getsockname()[1]
+        assert dispatcher_module.reachable(address)
+    assert not dispatcher_module.reachable(address)
+    assert dispatcher_module.gcs_address() is None or ":" in dispatcher_module.gcs_address()
+
+
+# -- a real dispatcher process and its local Ray -----------------------------------------------
+EPOCHS = 12
+
+
+def spec(name: str, epochs: int) -> dict:
+    return {"name": name, "estimators": ["ste"], "bits": [{"w": 1, "a": 1}], "seeds": [0, 1], "epochs": epochs,
+            "include_full_precision": False, "batch_size": 64}
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_requeues_the_run_within_seconds():
+    from tests.test_e2e import Proc, wait_until
+
+    with tempfile.TemporaryDirectory(prefix="bb-rayd-", dir="/tmp") as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "ray").mkdir()
+        url = f"sqlite:///{tmp / 'd.sqlite'}"
+        engine = make_engine(url)
+        migrate(engine)
+        sessions = session_factory(engine)
+        with sessions() as s:
+            first = store.create_run(s, parse_spec(spec("first", 1)))[0]["id"]
+            run_id = store.create_run(s, parse_spec(spec("killed", EPOCHS)))[0]["id"]
+        env = {**os.environ, "HOME": str(tmp), "RAY_TMPDIR": str(tmp / "ray"), "RAY_OVERRIDE_RESOURCES": '{"CPU": 2}',
+               "DATABASE_URL": url, "BITBENCH_DATA_DIR": str(tmp / "data"), "BITBENCH_TUNE_DIR": str(tmp / "tune"),
+               "BITBENCH_HEARTBEAT_S": "1", "BITBENCH_STALE_S": "300", "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_ADDRESS", None)
+
+        def rows() -> list[tuple[str, int, float]]:
+            with sessions() as s:
+                return [tuple(r) for r in s.execute(
+                    select(trials.c.key, metrics.c.epoch, metrics.c.test_acc)
+                    .join(trials, trials.c.id == metrics.c.trial_id).where(trials.c.run_id == run_id))]
+
+        disp = Proc("dispatcher", ["-m", "service.dispatcher", "--poll-seconds", "0.5"], env, tmp)
+        try:
+            # the second run: Ray was started by the first, SIGTERM finds the dispatcher's own handler
+            wait_until(lambda: status(sessions, first)[0] == "done" and len(rows()) >= 2, 400,
+                       "two epochs of the second run", every=0.2, procs=[disp])
+            os.killpg(disp.proc.pid, signal.SIGTERM)  # systemd's KillMode=control-group
+            killed = time.monotonic()
+            wait_until(lambda: status(sessions, run_id) == ("queued", None), 15, "the run back in the queue",
+                       every=0.1)
+            assert disp.proc.wait(15) == 0, disp.log_tail()
+            assert time.monotonic() - killed < 15
+            kept = rows()
+            assert len(kept) < 2 * EPOCHS
+
+            disp = Proc("dispatcher", ["-m", "service.dispatcher", "--poll-seconds", "0.5"], env, tmp)
+            wait_until(lambda: status(sessions, run_id)[0] == "done", 400, "the run resumed and done", every=0.5,
+                       procs=[disp])
+            final = rows()
+            assert sorted((key, epoch) for key, epoch, _ in final) == sorted(
+                (f"ste-w1a1-s{seed}", e) for seed in (0, 1) for e in range(1, EPOCHS + 1))  # each epoch once
+            assert set(kept) <= set(final)  # nothing stored before the kill was lost or rewritten
+            with sessions() as s:
+                assert [t["epochs_done"] for t in store.list_trials(s, run_id)] == [EPOCHS, EPOCHS]
+        finally:
+            disp.stop()
+            engine.dispose()
