@@ -19,6 +19,7 @@ the whole process group gets SIGTERM, as systemd's default kill mode does), afte
 without one — the watchdog hands the run back to the queue and ends the process (exit 0 after a
 signal, 1 otherwise); the main thread cannot, as Ray retries the GCS for 60 s inside the sweep and
 then ends the process itself. Finished epochs are in the database, the Tune experiment resumes.
+Exit handlers (Ray's shutdown, which waits on the same dead GCS) get at most ``EXIT_GRACE_S``.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ log = logging.getLogger("bitbench.dispatcher")
 RAY_PROBE_S = 1.0  # how often the watchdog probes Ray's GCS during a run
 RAY_PROBE_STOPPING_S = 0.2  # … once a stop signal came
 RAY_LOST_S = 10.0  # without a stop signal, how long the GCS may stay unreachable before the run is handed back
+EXIT_GRACE_S = 10.0  # the most the process spends in exit handlers (Ray's shutdown) after the loop ends
 
 
 def default_worker_id() -> str:
@@ -294,8 +296,13 @@ def main(argv: list[str] | None = None) -> int:
         code = 130
     finally:
         engine.dispose()
-    if dispatcher.ray_alive() is False:  # Ray died under us (idle): its exit handler would wait on the GCS
+    if dispatcher.ray_alive() is False:  # Ray died under us: its exit handler would wait 60 s on the GCS
         hard_exit(code)
+    # the exit handler stops a local Ray; when the GCS is dying too (a signal to the whole process group)
+    # it would wait 60 s and abort: end the process after EXIT_GRACE_S in any case
+    deadline = threading.Timer(EXIT_GRACE_S, hard_exit, (code,))
+    deadline.daemon = True
+    deadline.start()
     return code
 
 

@@ -195,7 +195,7 @@ class ReportService:
             if state is None:
                 return None
             fingerprint = _fingerprint(state[1])
-            return fingerprint, store.report_archive(s, run_id, png, fingerprint)
+            return fingerprint, store.report_archive(s, run_id, png, fingerprint) if state[0] in FINISHED else None
 
     def _load(self, run_id: int) -> tuple[dict, str, str] | None:
         with self.sessions() as s:
