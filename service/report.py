@@ -47,6 +47,7 @@ def build_report(s: Session, run_id: int, out_dir: str | Path, *, png: bool = Tr
         return None
     trials = store.run_results(s, run_id)
     return write_report(out_dir, run=run, leaderboard=store.leaderboard(s, run_id=run_id), trials=trials,
+                        selected_leaderboard=store.leaderboard(s, run_id=run_id, metric="selected"),
                         epoch_rows=store.export_rows(s, run_id), environment=environment(trials), png=png)
 
 

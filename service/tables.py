@@ -112,6 +112,8 @@ trials = Table(
     Column("final_test_acc", Float, nullable=True),
     Column("final_val_acc", Float, nullable=True),
     Column("best_val_acc", Float, nullable=True),
+    Column("selected_test_acc", Float, nullable=True),  # test accuracy at the best validation epoch
+    Column("selected_epoch", Integer, nullable=True),
     Column("packed_bytes", BigInteger, nullable=True),  # size of the bit-packed XNOR/SHIFT export
     Column("packed_agreement", Float, nullable=True),  # its predictions = torch eval's, fraction
     Column("final", Json, nullable=True),
@@ -137,10 +139,11 @@ metrics = Table(
     Column("lr", Float, nullable=True),
     Column("epoch_seconds", Float, nullable=True),
     Column("images_per_s", Float, nullable=True),
+    Column("weight_flips", Float, nullable=True),  # fraction of quantized weights whose level changed
     Column("device", String(64), nullable=True),
     Column("schedule", Json, nullable=True),
     UniqueConstraint("trial_id", "epoch"),  # exactly once per (trial, epoch); also the trial's index
 )
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_acc", "test_acc", "lr", "epoch_seconds",
-                 "images_per_s", "device", "schedule")
+                 "images_per_s", "weight_flips", "device", "schedule")

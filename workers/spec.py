@@ -134,6 +134,9 @@ class ExperimentSpec(_Strict):
     lr_schedule: LRSchedule = Field(default_factory=LRSchedule)
     resources: Resources = Field(default_factory=Resources)
     first_last_float: bool = False
+    bn_reestimate: bool = Field(False, description="after the last epoch, recompute every BatchNorm's running "
+                                "statistics over the training set with the final weights (no weight update) "
+                                "before the final evaluation")
     dataset_options: dict[str, Any] = Field(default_factory=dict, description="extra loader options, e.g. synthetic shape")
     max_retries: int = Field(2, ge=0, le=10, description="retries of a failed trial (Ray Tune FailureConfig)")
 

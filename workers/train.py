@@ -27,8 +27,9 @@ from .spec import ExperimentSpec, LRSchedule, Optimizer, TrialSpec
 
 STATE_VERSION = 1
 METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_acc", "test_acc", "lr", "epoch_seconds",
-               "images_per_s", "device", "schedule")
-FINAL_KEYS = ("final_test_acc", "final_val_acc", "best_val_acc", "best_epoch", "epochs",
+               "images_per_s", "weight_flips", "device", "schedule")
+FINAL_KEYS = ("final_test_acc", "final_val_acc", "best_val_acc", "best_epoch", "selected_test_acc", "selected_epoch",
+              "last_epoch_test_acc", "last_epoch_val_acc", "bn_reestimated", "epochs",
               "weight_bits_total", "weight_mib", "packed_bytes", "packed_agreement")
 
 OnEpoch = Callable[[dict, dict], None]
@@ -150,6 +151,32 @@ def evaluate(model: nn.Module, batches) -> float | None:
     return correct.item() / n if n else None
 
 
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, batches) -> int:
+    """Recompute every BatchNorm's running mean and variance over ``batches`` with the final weights.
+
+    The rest of the model runs in eval mode (hard quantizers: the network that is evaluated);
+    each BatchNorm restarts its statistics and takes the cumulative average over all batches
+    (``momentum=None``). No parameter changes. Returns the number of BatchNorm layers; the model
+    is left in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    try:
+        for xb, _ in batches:
+            model(xb)
+    finally:
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+            bn.eval()
+    return len(norms)
+
+
 # -- the trial -------------------------------------------------------------------------------
 def _rng_state(loader_gen: torch.Generator, device: torch.device) -> dict:
     return {
@@ -192,12 +219,22 @@ def packed_metrics(model: nn.Module, trial: TrialSpec, data: DataSplits) -> dict
     return packed_summary(model, data.test_x[:n], data.test_y[:n])
 
 
-def final_metrics(last: dict, best: dict, epochs: int, model: nn.Module) -> dict:
-    """The ``final`` record of CONTRACTS.md from the last epoch's metrics and the best-so-far."""
+def final_metrics(last: dict, best: dict, epochs: int, model: nn.Module, reestimated: dict | None = None) -> dict:
+    """The ``final`` record of CONTRACTS.md from the last epoch's metrics and the best-so-far.
+
+    ``final_*`` is the trained network's result: the last epoch's, or the accuracies measured
+    after BatchNorm re-estimation when ``reestimated`` (``{"val_acc", "test_acc"}``) is given;
+    ``last_epoch_*`` always the last epoch's own. ``selected_*`` is the test accuracy of the
+    epoch with the best validation accuracy (the earliest on ties): chosen on validation, never on test.
+    """
     storage = estimators.weight_storage(model)
+    after = reestimated or last
     return {
-        "final_test_acc": last["test_acc"], "final_val_acc": last["val_acc"],
-        "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "epochs": epochs,
+        "final_test_acc": after["test_acc"], "final_val_acc": after["val_acc"],
+        "last_epoch_test_acc": last["test_acc"], "last_epoch_val_acc": last["val_acc"],
+        "bn_reestimated": reestimated is not None,
+        "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
+        "selected_test_acc": best.get("test_acc"), "selected_epoch": best["epoch"], "epochs": epochs,
         "weight_bits_total": storage.bits, "weight_mib": storage.mib,
     }
 
@@ -243,7 +280,7 @@ def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
                                drop_last=n_train % spec.batch_size == 1 and n_train > 1)  # BN needs >1 sample
     val_loader, test_loader = data.loader("val", spec.batch_size), data.loader("test", spec.batch_size)
 
-    start, best, last = 0, {"val_acc": None, "epoch": None}, None
+    start, best, last = 0, {"val_acc": None, "epoch": None, "test_acc": None}, None
     if resume_state is not None:
         if resume_state.get("version") != STATE_VERSION or resume_state.get("trial_key") != trial.key:
             raise ValueError(f"resume_state is not a version-{STATE_VERSION} state of trial {trial.key!r}")
@@ -257,17 +294,20 @@ def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
         t0 = time.perf_counter()
         estimators.set_progress(model, epoch, epochs)
         lr = opt.param_groups[0]["lr"]
+        levels_before = estimators.weight_levels(model)
         train_loss, train_acc, n = train_epoch(model, opt, train_loader)
         _sync(dev)
         train_s = time.perf_counter() - t0
         val_acc, test_acc = evaluate(model, val_loader), evaluate(model, test_loader)
         sched.step()
         if val_acc is not None and (best["val_acc"] is None or val_acc > best["val_acc"]):
-            best = {"val_acc": val_acc, "epoch": epoch}
+            best = {"val_acc": val_acc, "epoch": epoch, "test_acc": test_acc}
         last = {
             "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_acc": val_acc,
             "test_acc": test_acc, "lr": float(lr), "epoch_seconds": time.perf_counter() - t0,
-            "images_per_s": n / train_s if train_s > 0 else 0.0, "device": str(dev),
+            "images_per_s": n / train_s if train_s > 0 else 0.0,
+            "weight_flips": estimators.level_change_fraction(levels_before, estimators.weight_levels(model)),
+            "device": str(dev),
             "schedule": {k: float(v) for k, v in estimators.schedule_values(model).items()},
         }
         state = {
@@ -279,4 +319,10 @@ def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
 
     if last is None:
         raise ValueError("run_trial trained no epoch and has no resume_state to finish from")
-    return {**final_metrics(last, best, epochs, model), **packed_metrics(model, trial, data)}
+    reestimated = None
+    if spec.bn_reestimate:
+        gen = torch.Generator(device=dev).manual_seed(trial.seed)  # the same batches after a resume
+        reestimate_batchnorm(model, data.loader("train", spec.batch_size, generator=gen,
+                                                drop_last=n_train % spec.batch_size == 1 and n_train > 1))
+        reestimated = {"val_acc": evaluate(model, val_loader), "test_acc": evaluate(model, test_loader)}
+    return {**final_metrics(last, best, epochs, model, reestimated), **packed_metrics(model, trial, data)}

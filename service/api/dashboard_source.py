@@ -31,8 +31,9 @@ class StoreSource:
     def get_trial(self, trial_id: int) -> dict | None:
         return self._read(store.get_trial, trial_id)
 
-    def leaderboard(self, dataset: str | None = None, model: str | None = None) -> list[dict]:
-        return self._read(store.leaderboard, dataset=dataset, model=model)
+    def leaderboard(self, dataset: str | None = None, model: str | None = None,
+                    metric: str = store.DEFAULT_RANK_METRIC) -> list[dict]:
+        return self._read(store.leaderboard, dataset=dataset, model=model, metric=metric)
 
     def run_results(self, run_id: int) -> list[dict]:
         return self._read(store.run_results, run_id)
