@@ -276,8 +276,8 @@ def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
     sched = build_scheduler(opt, spec.lr_schedule, epochs)
     gen = torch.Generator(device=dev).manual_seed(trial.seed)
     n_train = len(data.train_y)
-    train_loader = data.loader("train", spec.batch_size, generator=gen,
-                               drop_last=n_train % spec.batch_size == 1 and n_train > 1)  # BN needs >1 sample
+    drop_last = n_train % spec.batch_size == 1 and n_train > 1  # BatchNorm needs more than one sample
+    train_loader = data.loader("train", spec.batch_size, generator=gen, drop_last=drop_last)
     val_loader, test_loader = data.loader("val", spec.batch_size), data.loader("test", spec.batch_size)
 
     start, best, last = 0, {"val_acc": None, "epoch": None, "test_acc": None}, None
@@ -291,10 +291,10 @@ def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
         start, best, last = resume_state["epoch"], dict(resume_state["best"]), resume_state["last"]
 
     for epoch in range(start + 1, epochs + 1):
+        levels_before = estimators.weight_levels(model)
         t0 = time.perf_counter()
         estimators.set_progress(model, epoch, epochs)
         lr = opt.param_groups[0]["lr"]
-        levels_before = estimators.weight_levels(model)
         train_loss, train_acc, n = train_epoch(model, opt, train_loader)
         _sync(dev)
         train_s = time.perf_counter() - t0
@@ -322,7 +322,6 @@ def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
     reestimated = None
     if spec.bn_reestimate:
         gen = torch.Generator(device=dev).manual_seed(trial.seed)  # the same batches after a resume
-        reestimate_batchnorm(model, data.loader("train", spec.batch_size, generator=gen,
-                                                drop_last=n_train % spec.batch_size == 1 and n_train > 1))
+        reestimate_batchnorm(model, data.loader("train", spec.batch_size, generator=gen, drop_last=drop_last))
         reestimated = {"val_acc": evaluate(model, val_loader), "test_acc": evaluate(model, test_loader)}
     return {**final_metrics(last, best, epochs, model, reestimated), **packed_metrics(model, trial, data)}
