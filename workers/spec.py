@@ -12,9 +12,21 @@ import json
 import os
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FieldSerializationInfo,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 import estimators
+
+from .data.base import DatasetOptions
+from .data.registry import options_model, options_models
 
 FLOAT = estimators.FLOAT_BITS
 ALLOWED_BITS = (*estimators.SUPPORTED_BITS, FLOAT)
@@ -103,6 +115,10 @@ class Resources(_Strict):
     gpu: float = Field(0.0, ge=0, le=16, description="fractional: 0.25 lets four trials share a GPU")
 
 
+# every data set's options model: the published schema lists them, an error's loc names the option
+AnyDatasetOptions = Union[tuple(options_models())]
+
+
 class TrialSpec(_Strict):
     """One grid cell: an estimator at (w_bits, a_bits) with one seed."""
 
@@ -134,7 +150,9 @@ class ExperimentSpec(_Strict):
     lr_schedule: LRSchedule = Field(default_factory=LRSchedule)
     resources: Resources = Field(default_factory=Resources)
     first_last_float: bool = False
-    dataset_options: dict[str, Any] = Field(default_factory=dict, description="extra loader options, e.g. synthetic shape")
+    dataset_options: AnyDatasetOptions = Field(
+        default_factory=dict, validate_default=True,
+        description="the data set's own options: val_size, train_size, split_seed; synthetic also shape, sizes")
     max_retries: int = Field(2, ge=0, le=10, description="retries of a failed trial (Ray Tune FailureConfig)")
 
     @field_validator("dataset")
@@ -145,6 +163,22 @@ class ExperimentSpec(_Strict):
         if v not in list_datasets():
             raise ValueError(f"unknown dataset {v!r}; known: {', '.join(list_datasets())}")
         return v
+
+    @field_validator("dataset_options", mode="before")
+    @classmethod
+    def _options_of_the_dataset(cls, v, info: ValidationInfo):
+        """Validate with the options model of ``dataset``, so that an error's loc names the option."""
+        name = info.data.get("dataset")
+        if name is None:  # the data set is unknown, and its error says so: no verdict on its options
+            return DatasetOptions.model_construct()
+        if isinstance(v, DatasetOptions):
+            v = v.model_dump(exclude_unset=True)
+        return options_model(name).model_validate(v) if isinstance(v, dict) else v  # else: not an object
+
+    @field_serializer("dataset_options")
+    def _given_options(self, v: DatasetOptions, info: FieldSerializationInfo) -> dict[str, Any]:
+        """Only the options given (defaults stay out of the canonical JSON, so of the spec hash)."""
+        return v.model_dump(mode=info.mode, exclude_unset=True)
 
     @field_validator("model")
     @classmethod
