@@ -36,3 +36,26 @@ def test_dataset_options_in_readme_are_current():
         assert f"| `{option}` |" in block
     assert "download" not in block and "data_dir" not in block
     assert f"{MAX_NUMBERS:,} numbers" in text
+
+
+def test_readme_shows_the_answer_to_a_reused_idempotency_key(tmp_path):
+    """The 422 quoted in the README is the one the API gives (and the second spec is not queued)."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import Settings
+
+    text = README.read_text()
+    quoted = next(line for line in text.splitlines() if '"idempotency_conflict"' in line)
+    assert "422" in text.split(quoted)[0].rsplit("Idempotency-Key", 1)[1]
+    spec = {"name": "nightly", "estimators": ["ste"], "epochs": 1}
+    headers = {"Idempotency-Key": "nightly-1"}
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'bb.sqlite'}", api_token=None)
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/runs", json=spec, headers=headers).status_code == 202
+        assert client.post("/runs", json={**spec, "epochs": 1, "seeds": [0]}, headers=headers).status_code == 200
+        conflict = client.post("/runs", json={**spec, "epochs": 2}, headers=headers)
+        assert conflict.status_code == 422 and conflict.json() == json.loads(quoted)
+        assert client.get("/runs").json()["total"] == 1
