@@ -33,10 +33,10 @@ def missing(name: str, looked: list[Path], files: list[str], remedies: list[str]
 
 
 class DatasetOptions(BaseModel):
-    """The options a spec's ``dataset_options`` may set for every data set: how the training pool
-    is split (applied by ``load_dataset`` after the builder). A data set with options of its own
-    subclasses this. Where the data live and whether they may be downloaded are the server's
-    settings ($BITBENCH_DATA_DIR, $BITBENCH_ALLOW_DOWNLOAD), never options."""
+    """Options every data set takes: how its training pool is split into train and validation
+    (applied by load_dataset after the builder; a data set with options of its own subclasses
+    this). Where the data live and whether they may be downloaded are the server's settings
+    (BITBENCH_DATA_DIR, BITBENCH_ALLOW_DOWNLOAD), never options."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -13,8 +13,8 @@ MAX_NUMBERS = 2**30  # generated values in all (4 GiB as float32): a spec must n
 
 
 class SyntheticOptions(DatasetOptions):
-    """``synthetic``'s own options: image shape, class count, split sizes, class separation; all the
-    numbers drawn, (n_train + n_val + n_test + num_classes)·C·H·W, at most MAX_NUMBERS."""
+    """The synthetic data set's options: image shape, class count, split sizes, class separation;
+    all the numbers drawn, (n_train + n_val + n_test + num_classes)·C·H·W, at most 2^30."""
 
     shape: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)] = Field([3, 32, 32], description="[C, H, W]")
     num_classes: int = Field(10, ge=2, description="classes, one random mean image each")
