@@ -106,6 +106,8 @@ SYNTH = {**BASE, "dataset": "synthetic", "model": "convnet_a"}
          "greater than or equal to 0"),
         ({**SYNTH, "dataset_options": {"shape": [3, 4096, 4096], "n_train": 100}}, "dataset_options",
          "over the limit of 1073741824"),
+        ({**SYNTH, "dataset_options": {"n_train": 10, "n_val": 2, "val_size": 12}}, "dataset_options",
+         "leaves no training data in a pool of 12"),
         ({**SYNTH, "dataset_options": {"download": True}}, "dataset_options.download", "Extra inputs"),
         ({**BASE, "dataset_options": [1]}, "dataset_options", "should be an object"),
     ],

@@ -29,6 +29,9 @@ class SyntheticOptions(DatasetOptions):
         if n > MAX_NUMBERS:
             raise ValueError(f"(n_train + n_val + n_test + num_classes) × C·H·W = {n} numbers, "
                              f"over the limit of {MAX_NUMBERS}")
+        pool = self.n_train + self.n_val
+        if isinstance(self.val_size, int) and self.val_size >= pool:
+            raise ValueError(f"val_size {self.val_size} leaves no training data in a pool of {pool} (n_train + n_val)")
         return self
 
 
