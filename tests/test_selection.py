@@ -118,3 +118,12 @@ def test_weight_flips_are_reported_per_epoch(peaking):
     final, float_seen = train(parse_spec({**PEAKING, "epochs": 1, "include_full_precision": True}),
                               "float-w32a32-s0")
     assert float_seen[0][0]["weight_flips"] is None
+
+
+def test_bn_reestimate_changes_the_spec_hash_only_when_asked():
+    """Older specs keep their hash (their Tune experiment's name); asking for re-estimation is another spec."""
+    base = parse_spec(PEAKING)
+    assert "bn_reestimate" not in base.canonical_json()
+    assert parse_spec({**PEAKING, "bn_reestimate": False}).spec_hash() == base.spec_hash()
+    asked = parse_spec({**PEAKING, "bn_reestimate": True})
+    assert asked.spec_hash() != base.spec_hash() and parse_spec(asked.canonical_json()) == asked

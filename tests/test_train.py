@@ -147,3 +147,27 @@ def test_lr_schedules_per_epoch(schedule, expected):
         opt.step()
         sched.step()
     assert lrs == pytest.approx(expected, abs=1e-6)
+
+
+def test_dataset_options_reach_the_loader_and_nothing_else_does(monkeypatch):
+    """A spec's options arrive as the data set's validated fields; where data live comes from the caller
+    (the dispatcher's setting), and downloading from the environment only."""
+    import workers.train
+
+    calls = []
+
+    def spy(name, **kw):
+        calls.append(kw)
+        return load_dataset(name, **kw)
+
+    monkeypatch.setattr(workers.train, "load_dataset", spy)
+    monkeypatch.setenv("BITBENCH_ALLOW_DOWNLOAD", "0")
+    spec = make_spec(dataset="synthetic", epochs=1, estimators=["ste"], include_full_precision=False,
+                     dataset_options={"shape": [1, 8, 8], "n_train": 60, "n_val": 20, "n_test": 30, "num_classes": 4,
+                                      "train_size": 40})
+    final, seen = train(spec, "ste-w1a1-s0", data_dir="/nowhere")
+    [kw] = calls
+    assert kw.pop("data_dir") == "/nowhere" and kw.pop("seed") == 0 and str(kw.pop("device")) == "cpu"
+    assert kw == {"val_size": None, "train_size": 40, "split_seed": 0, "shape": [1, 8, 8], "num_classes": 4,
+                  "n_train": 60, "n_val": 20, "n_test": 30, "separation": 0.1}
+    assert final["epochs"] == 1 and len(seen) == 1

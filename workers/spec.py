@@ -2,19 +2,34 @@
 
 One JSON object describes a sweep: estimators × (weight bits, activation bits) × seeds on one
 dataset and model, plus an optional full-precision reference per seed. Unknown fields are
-rejected; names are checked against the registries; :meth:`ExperimentSpec.trials` expands the
-grid into :class:`TrialSpec` cells with stable keys.
+rejected; names are checked against the registries, ``dataset_options`` against the data set's
+options model; :meth:`ExperimentSpec.trials` expands the grid into :class:`TrialSpec` cells with
+stable keys. The JSON schema says what the validators check (:mod:`workers.spec_schema`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FieldSerializationInfo,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 import estimators
+
+from . import spec_schema
+from .data.base import MAX_SEED, DatasetOptions
+from .data.registry import list_datasets, options_model, options_models
+from .spec_schema import Keywords
 
 FLOAT = estimators.FLOAT_BITS
 ALLOWED_BITS = (*estimators.SUPPORTED_BITS, FLOAT)
@@ -31,7 +46,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-Bits = Annotated[int, Field(description="1–8, or 32 for float")]
+Bits = Annotated[int, Field(description="1–8, or 32 for float"), Keywords(enum=list(ALLOWED_BITS))]
+BitsList = Annotated[list[Bits], Keywords(minItems=1, uniqueItems=True)]
+EstimatorName = Annotated[str, Keywords(enum=estimators.list_estimators)]
+Seed = Annotated[int, Keywords(minimum=0, maximum=MAX_SEED)]  # checked, with one message, by _unique_seeds
+
+
+def _model_names() -> list[str]:
+    from .models import list_models  # on first use: the model zoo is not needed to read a spec
+
+    return list_models()
 
 
 def _check_bits(v: int) -> int:
@@ -43,8 +67,8 @@ def _check_bits(v: int) -> int:
 class BitsConfig(_Strict):
     """One (weights, activations) cell, or lists of each for their cross product."""
 
-    w: Union[Bits, list[Bits]]
-    a: Union[Bits, list[Bits]]
+    w: Union[Bits, BitsList]
+    a: Union[Bits, BitsList]
 
     @field_validator("w", "a")
     @classmethod
@@ -67,7 +91,9 @@ class BitsConfig(_Strict):
 class EstimatorChoice(_Strict):
     """A registered estimator name with parameters (defaults fill the rest)."""
 
-    name: str
+    model_config = ConfigDict(json_schema_extra=spec_schema.estimator_params)
+
+    name: EstimatorName
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -103,6 +129,10 @@ class Resources(_Strict):
     gpu: float = Field(0.0, ge=0, le=16, description="fractional: 0.25 lets four trials share a GPU")
 
 
+# every data set's options model: the published schema lists them, an error's loc names the option
+AnyDatasetOptions = Union[tuple(options_models())]
+
+
 class TrialSpec(_Strict):
     """One grid cell: an estimator at (w_bits, a_bits) with one seed."""
 
@@ -122,12 +152,15 @@ class ExperimentSpec(_Strict):
     """A sweep: estimators × bits × seeds on one dataset and model (DESIGN.md §3)."""
 
     name: str = Field(..., min_length=1, max_length=200)
-    dataset: str = "digits"
-    model: str = "digits_net"
-    estimators: list[Union[str, EstimatorChoice]] = Field(..., min_length=1)
-    bits: Union[BitsConfig, list[BitsConfig]] = Field(default_factory=lambda: [BitsConfig(w=1, a=1)])
+    dataset: Annotated[str, Keywords(enum=list_datasets)] = "digits"
+    model: Annotated[str, Keywords(enum=_model_names)] = "digits_net"
+    estimators: Annotated[list[Union[EstimatorName, EstimatorChoice]], Keywords(uniqueItems=True)] = Field(
+        ..., min_length=1)
+    bits: Union[BitsConfig, Annotated[list[BitsConfig], Keywords(minItems=1, uniqueItems=True)]] = Field(
+        default_factory=lambda: [BitsConfig(w=1, a=1)])
     include_full_precision: bool = True
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=1000)
+    seeds: Annotated[list[Seed], Keywords(uniqueItems=True)] = Field(default_factory=lambda: [0], min_length=1,
+                                                                     max_length=1000)
     epochs: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(128, ge=1, le=65_536)
     optimizer: Optimizer = Field(default_factory=Optimizer)
@@ -137,25 +170,39 @@ class ExperimentSpec(_Strict):
     bn_reestimate: bool = Field(False, description="after the last epoch, recompute every BatchNorm's running "
                                 "statistics over the training set with the final weights (no weight update) "
                                 "before the final evaluation")
-    dataset_options: dict[str, Any] = Field(default_factory=dict, description="extra loader options, e.g. synthetic shape")
+    dataset_options: AnyDatasetOptions = Field(
+        default_factory=dict, validate_default=True,
+        description="the data set's own options: val_size, train_size, split_seed; synthetic also shape, sizes")
     max_retries: int = Field(2, ge=0, le=10, description="retries of a failed trial (Ray Tune FailureConfig)")
 
     @field_validator("dataset")
     @classmethod
     def _dataset_known(cls, v):
-        from .datasets import list_datasets
-
         if v not in list_datasets():
             raise ValueError(f"unknown dataset {v!r}; known: {', '.join(list_datasets())}")
         return v
 
+    @field_validator("dataset_options", mode="before")
+    @classmethod
+    def _options_of_the_dataset(cls, v, info: ValidationInfo):
+        """Validate with the options model of ``dataset``, so that an error's loc names the option."""
+        name = info.data.get("dataset")
+        if name is None:  # the data set is unknown, and its error says so: no verdict on its options
+            return DatasetOptions.model_construct()
+        if isinstance(v, DatasetOptions):
+            v = v.model_dump(exclude_unset=True)
+        return options_model(name).model_validate(v) if isinstance(v, dict) else v  # else: not an object
+
+    @field_serializer("dataset_options")
+    def _given_options(self, v: DatasetOptions, info: FieldSerializationInfo) -> dict[str, Any]:
+        """Only the options given (defaults stay out of the canonical JSON, so of the spec hash)."""
+        return v.model_dump(mode=info.mode, exclude_unset=True)
+
     @field_validator("model")
     @classmethod
     def _model_known(cls, v):
-        from .models import list_models
-
-        if v not in list_models():
-            raise ValueError(f"unknown model {v!r}; known: {', '.join(list_models())}")
+        if v not in _model_names():
+            raise ValueError(f"unknown model {v!r}; known: {', '.join(_model_names())}")
         return v
 
     @field_validator("estimators", mode="before")
@@ -192,7 +239,7 @@ class ExperimentSpec(_Strict):
     def _unique_seeds(cls, v):
         if len(set(v)) != len(v):
             raise ValueError(f"duplicate seeds: {sorted({s for s in v if v.count(s) > 1})}")
-        if any(s < 0 or s > 2**32 - 1 for s in v):
+        if any(s < 0 or s > MAX_SEED for s in v):
             raise ValueError("seeds must lie in [0, 2^32 − 1]")
         return v
 
@@ -203,6 +250,12 @@ class ExperimentSpec(_Strict):
         if n > limit:
             raise ValueError(f"the grid has {n} trials, over the limit of {limit} (BITBENCH_MAX_TRIALS)")
         return self
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        schema = handler(core_schema)
+        spec_schema.dataset_options(handler.resolve_ref_schema(schema), handler.resolve_ref_schema)
+        return schema
 
     # -- grid -------------------------------------------------------------------------------
     def bit_cells(self) -> list[tuple[int, int]]:
@@ -224,9 +277,18 @@ class ExperimentSpec(_Strict):
                                          estimator_params=dict(est.params), w_bits=w, a_bits=a, seed=seed))
         return out
 
+    #: fields added after specs were first stored: left out of the canonical JSON while they hold
+    #: their default, so the hash (and the Tune experiment named by it) of an older spec never changes
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("bn_reestimate",)
+
     def canonical_json(self) -> str:
-        """The normalised spec as canonical JSON (sorted keys, defaults filled)."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """The normalised spec as canonical JSON (sorted keys, defaults filled but those of
+        :attr:`ADDED_LATER`)."""
+        data = self.model_dump(mode="json")
+        for name in self.ADDED_LATER:
+            if data[name] == type(self).model_fields[name].default:
+                del data[name]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def spec_hash(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()

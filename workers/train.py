@@ -269,7 +269,7 @@ def run_trial(
 def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
     epochs = spec.epochs
     seed_everything(trial.seed)
-    data = load_dataset(spec.dataset, seed=trial.seed, device=dev, data_dir=data_dir, **spec.dataset_options)
+    data = load_dataset(spec.dataset, seed=trial.seed, device=dev, data_dir=data_dir, **dict(spec.dataset_options))
     seed_everything(trial.seed)  # initialisation does not depend on what loading drew
     model = build_model(spec, trial, data).to(dev)
     opt = build_optimizer(model.parameters(), spec.optimizer)

@@ -4,11 +4,11 @@ Modules: ``registry`` (names, ``load_dataset``), ``base`` (types, errors), ``pre
 normalise), ``loader`` (batches and augmentation), one module per family of data sets
 (``digits``, ``vision``, ``synthetic``) and ``idx`` (the (Fashion-)MNIST file format).
 """
-from .base import DatasetMissingError, DataSplits
+from .base import DatasetMissingError, DatasetOptions, DataSplits
 from .loader import DeviceLoader, random_crop, random_flip
-from .registry import list_datasets, load_dataset, resolve_data_dir
+from .registry import list_datasets, load_dataset, options_model, resolve_data_dir
 
 __all__ = [
-    "DataSplits", "DatasetMissingError", "DeviceLoader", "list_datasets", "load_dataset",
-    "random_crop", "random_flip", "resolve_data_dir",
+    "DataSplits", "DatasetMissingError", "DatasetOptions", "DeviceLoader", "list_datasets", "load_dataset",
+    "options_model", "random_crop", "random_flip", "resolve_data_dir",
 ]
