@@ -149,3 +149,21 @@ def test_spec_hashes_of_existing_specs_are_unchanged(spec, digest):
 
     data = (Path(__file__).resolve().parents[1] / spec).read_text() if isinstance(spec, str) else spec
     assert parse_spec(data).spec_hash() == digest
+
+
+@pytest.mark.parametrize("params, reason", [
+    ({"pow2_thresholds": "banana"}, "expected a non-empty list of numbers"),
+    ({"pow2_thresholds": [0.1, 0.05, 0.2]}, "strictly increasing fractions"),
+    ({"pow2_thresholds": [0.0, 0.5, 0.9]}, "strictly increasing fractions"),
+    ({"pow2_thresholds": [0.1, True]}, "expected a non-empty list of numbers"),
+])
+def test_estimator_params_without_a_numeric_default_are_still_checked(params, reason):
+    """A parameter whose default is None is checked by its own rule at POST, not when a worker builds it."""
+    errs = errors({**BASE, "estimators": [{"name": "ste", "params": params}]})
+    assert any(loc.startswith("estimators.0") and reason in msg for loc, msg in errs), errs
+
+
+def test_valid_pow2_thresholds_are_accepted_and_kept():
+    s = parse_spec({**BASE, "estimators": [{"name": "aqe", "params": {"pow2_thresholds": [0.02, 0.07, 0.14]}}],
+                    "bits": [{"w": 3, "a": 3}]})
+    assert s.estimators[0].params == {"pow2_thresholds": [0.02, 0.07, 0.14]}
