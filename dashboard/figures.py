@@ -17,7 +17,7 @@ from plotly.subplots import make_subplots
 FLOAT_BITS = 32
 FLOAT_LABEL = "float"
 TEMPLATE = "plotly_white"
-PAPER_SYMBOLS = {"aqe": "x-thin-open", "ste": "diamond-open", "float": "star-open"}
+PAPER_SYMBOLS = {"aqe": "x-thin-open", "minw_aqe": "x-thin-open", "ste": "diamond-open", "float": "star-open"}
 
 BitConfig = tuple[int, int]
 #: what a figure or table shows per trial: metric name → (trial field, words for axes and captions)

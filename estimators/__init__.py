@@ -5,7 +5,7 @@
     ['approx_sign', 'aqe', 'clipped_ste']
     >>> q = estimators.create_estimator("aqe", bits=1, role="activation", backward="alg1")
 """
-from . import aqe, dorefa, dsq, ede, ewgs, lsq, pact, ste, xnor  # noqa: F401  (registration)
+from . import aqe, dorefa, dsq, ede, ewgs, hwgq, lq_nets, lsq, pact, ste, xnor  # noqa: F401  (registration)
 from .base import (
     FLOAT_BITS,
     SUPPORTED_BITS,

@@ -3,6 +3,7 @@
 The reference formulas below are written independently of the implementation, from the
 papers (see each estimator's docstring). Inputs are random, several shapes, float32 and float64.
 """
+import functools
 import math
 
 import pytest
@@ -79,6 +80,34 @@ def ref_dorefa(x, g, est):
     return g * (1 - torch.tanh(x) ** 2) / m
 
 
+def ref_xnor_twn(x, g, est):
+    """TWN: the ternary weights' gradient goes to the latent weights (α constant); clipped STE."""
+    return ref_clipped(x, g, est)
+
+
+@functools.lru_cache(maxsize=None)
+def half_normal_uniform_step(n):
+    """argmin_Δ E[(Q(x) − x)²] for x ~ half-normal, Q = nearest of Δ, 2Δ, …, nΔ (0 < x ≤ 1.5Δ → Δ),
+    by numerical integration and a bounded scalar minimiser (independent of the Lloyd iteration)."""
+    from scipy import integrate, optimize, stats
+
+    def distortion(d):
+        edges = [0.0] + [(i + 0.5) * d for i in range(1, n)] + [math.inf]
+        return sum(integrate.quad(lambda x, c=(i + 1) * d: (x - c) ** 2 * 2 * stats.norm.pdf(x), a, b)[0]
+                   for i, (a, b) in enumerate(zip(edges, edges[1:])))
+
+    return optimize.minimize_scalar(distortion, bounds=(0.01, 2.0), method="bounded",
+                                    options={"xatol": 1e-10}).x
+
+
+def ref_hwgq(x, g, est):
+    if est.role == "weight":
+        return ref_xnor(x, g, est)
+    n = 2**est.bits - 1
+    q_max = n * half_normal_uniform_step(n)
+    return g * mask((x > 0) & (x <= q_max))
+
+
 def ref_ewgs(x, g, est):
     n = 2**est.bits - 1
     xn = ((x + 1) / 2).clamp(0, 1)
@@ -96,6 +125,8 @@ REFERENCES = {
     "aqe:alg1": ({"backward": "alg1"}, ref_aqe_alg1),
     "aqe:autodiff": ({"backward": "autodiff"}, ref_aqe_autodiff),
     "xnor": ({}, ref_xnor),
+    "xnor:twn": ({"scale": "twn"}, ref_xnor_twn),
+    "hwgq": ({}, ref_hwgq),
     "dorefa": ({}, ref_dorefa),
     "ewgs": ({}, ref_ewgs),
 }
@@ -127,7 +158,7 @@ def test_backward_matches_formula(case, shape, dtype, role, bits):
 
 
 def test_every_registered_estimator_has_a_gradient_test():
-    covered = {c.split(":")[0] for c in REFERENCES} | {"pact", "lsq", "dsq"}  # learnable ones: below
+    covered = {c.split(":")[0] for c in REFERENCES} | {"pact", "lsq", "dsq", "lq_nets"}  # learned ones: below
     assert set(E.list_estimators()) <= covered
 
 
