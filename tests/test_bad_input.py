@@ -45,7 +45,7 @@ CASES = [
     case("name-not-a-string", ["body", "name"], "valid string", json_=spec(name=5)),
     case("name-empty", ["body", "name"], "at least 1 character", json_=spec(name="")),
     case("name-missing", ["body", "name"], "field required", json_=spec(name=...)),
-    case("estimators-missing", ["body", "estimators"], "field required", json_=spec(estimators=...)),
+    case("estimators-missing", ["body"], "list at least one estimator or method", json_=spec(estimators=...)),
     case("estimators-a-string", ["body", "estimators"], "valid array", json_=spec(estimators="aqe")),
     case("estimator-a-number", ["body", "estimators", 0], "valid string", json_=spec(estimators=[5])),
     case("epochs-a-word", ["body", "epochs"], "valid integer", json_=spec(epochs="ten")),
@@ -98,7 +98,7 @@ CASES = [
     case("bits-w32a32", ["body", "bits"], "W32A32 is the full-precision reference",
          json_=spec(bits=[{"w": 1, "a": 1}, {"w": 32, "a": 32}])),
     # grid cells and sizes
-    case("estimators-empty", ["body", "estimators"], "at least 1 item", json_=spec(estimators=[])),
+    case("estimators-empty", ["body"], "list at least one estimator or method", json_=spec(estimators=[])),
     case("estimators-duplicate", ["body", "estimators"], "duplicate estimators", json_=spec(estimators=["aqe", "aqe"])),
     case("seeds-empty", ["body", "seeds"], "at least 1 item", json_=spec(seeds=[])),
     case("seeds-duplicate", ["body", "seeds"], "duplicate seeds", json_=spec(seeds=[0, 1, 0])),

@@ -15,6 +15,7 @@ from service.app import create_app
 from service.config import Settings
 from service.demo import DEMO_SPEC
 from workers.datasets import list_datasets
+from workers.methods import list_methods
 from workers.models import list_models
 from workers.spec import ALLOWED_BITS
 
@@ -63,7 +64,12 @@ def test_names_are_enums_of_the_registries(schemas):
     [as_string] = [s for s in spec["estimators"]["items"]["anyOf"] if s.get("type") == "string"]
     assert as_string["enum"] == estimators.list_estimators()
     assert schemas["EstimatorChoice"]["properties"]["name"]["enum"] == estimators.list_estimators()
-    assert spec["estimators"]["minItems"] == 1 and spec["estimators"]["uniqueItems"] is True
+    assert spec["estimators"]["uniqueItems"] is True and spec["methods"]["uniqueItems"] is True
+    [as_name] = [s for s in spec["methods"]["items"]["anyOf"] if s.get("type") == "string"]
+    assert as_name["enum"] == list_methods()
+    # a spec lists estimators, methods or both: at least one of the two lists is non-empty
+    assert schemas["ExperimentSpec"]["anyOf"] == [{"required": [f], "properties": {f: {"minItems": 1}}}
+                                                  for f in ("estimators", "methods")]
 
 
 def test_bits_are_the_allowed_widths_in_non_empty_lists(schemas):

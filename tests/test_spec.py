@@ -51,7 +51,7 @@ def test_hash_is_canonical():
     [
         ({"estimators": ["sgn"]}, "estimators.0", "unknown estimator 'sgn'; known: approx_sign"),
         ({"estimators": [{"name": "aqe", "params": {"bw": 1}}]}, "estimators.0", "has no parameter 'bw'"),
-        ({"estimators": []}, "estimators", "at least 1"),
+        ({"estimators": []}, "", "list at least one estimator or method"),
         ({"estimators": ["aqe", "aqe"]}, "estimators", "duplicate estimators"),
         ({"dataset": "imagenet"}, "dataset", "unknown dataset 'imagenet'; known: cifar10"),
         ({"model": "resnet50"}, "model", "unknown model 'resnet50'; known: "),

@@ -58,6 +58,15 @@ def _model_names() -> list[str]:
     return list_models()
 
 
+def _method_names() -> list[str]:
+    from .methods import list_methods
+
+    return list_methods()
+
+
+MethodName = Annotated[str, Keywords(enum=_method_names)]
+
+
 def _check_bits(v: int) -> int:
     if v not in ALLOWED_BITS:
         raise ValueError(f"bit width {v} is not supported; allowed: 1–8 and {FLOAT} (float)")
@@ -109,6 +118,38 @@ class EstimatorChoice(_Strict):
         return f"{self.name}[{','.join(f'{k}={self.params[k]}' for k in sorted(self.params))}]"
 
 
+class MethodChoice(_Strict):
+    """A named published method (:mod:`workers.methods`): its estimator, parameters, bit cells and
+    first/last-layer policy. ``bits`` keeps a subset of the method's cells (default: all of them)."""
+
+    name: MethodName
+    bits: Annotated[list[BitsConfig], Keywords(minItems=1)] | None = None
+
+    @model_validator(mode="after")
+    def _registered(self):
+        from .methods import get_method
+
+        own = get_method(self.name).bit_cells()  # raises with the known names
+        asked = [c for b in self.bits or [] for c in b.cells()]
+        missing = [f"W{w}A{a}" for w, a in asked if (w, a) not in own]
+        if missing:
+            raise ValueError(f"method {self.name!r} has no cell {', '.join(missing)}; its cells: "
+                             f"{', '.join(f'W{w}A{a}' for w, a in own)}")
+        return self
+
+    def settings(self) -> list[tuple[int, int, bool]]:
+        """``(w_bits, a_bits, first_last_float)`` of each chosen cell, in the method's order."""
+        from .methods import get_method
+
+        method = get_method(self.name)
+        asked = {c for b in self.bits or [] for c in b.cells()}
+        chosen = {}
+        for cell in method.cells:
+            if (not asked or (cell.w_bits, cell.a_bits) in asked) and (cell.w_bits, cell.a_bits) not in chosen:
+                chosen[(cell.w_bits, cell.a_bits)] = method.policy(cell)
+        return [(w, a, policy) for (w, a), policy in chosen.items()]
+
+
 class Optimizer(_Strict):
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(0.01, gt=0, le=10)
@@ -134,7 +175,8 @@ AnyDatasetOptions = Union[tuple(options_models())]
 
 
 class TrialSpec(_Strict):
-    """One grid cell: an estimator at (w_bits, a_bits) with one seed."""
+    """One grid cell: an estimator at (w_bits, a_bits) with one seed; a named method's trial
+    also carries the method and its first/last-layer policy (None: the spec's)."""
 
     key: str
     estimator: str
@@ -142,6 +184,8 @@ class TrialSpec(_Strict):
     w_bits: int
     a_bits: int
     seed: int
+    method: str | None = None
+    first_last_float: bool | None = None
 
     @property
     def is_float(self) -> bool:
@@ -149,13 +193,17 @@ class TrialSpec(_Strict):
 
 
 class ExperimentSpec(_Strict):
-    """A sweep: estimators × bits × seeds on one dataset and model (DESIGN.md §3)."""
+    """A sweep: (estimators × bits + named methods at their own cells) × seeds on one dataset and
+    model (DESIGN.md §3)."""
 
     name: str = Field(..., min_length=1, max_length=200)
     dataset: Annotated[str, Keywords(enum=list_datasets)] = "digits"
     model: Annotated[str, Keywords(enum=_model_names)] = "digits_net"
     estimators: Annotated[list[Union[EstimatorName, EstimatorChoice]], Keywords(uniqueItems=True)] = Field(
-        ..., min_length=1)
+        default_factory=list, description="gradient estimators, each trained at every cell of `bits`")
+    methods: Annotated[list[Union[MethodName, MethodChoice]], Keywords(uniqueItems=True)] = Field(
+        default_factory=list, description="named published methods (GET /catalog), each at its own bit cells "
+                                          "and with its own first/last-layer policy")
     bits: Union[BitsConfig, Annotated[list[BitsConfig], Keywords(minItems=1, uniqueItems=True)]] = Field(
         default_factory=lambda: [BitsConfig(w=1, a=1)])
     include_full_precision: bool = True
@@ -166,7 +214,8 @@ class ExperimentSpec(_Strict):
     optimizer: Optimizer = Field(default_factory=Optimizer)
     lr_schedule: LRSchedule = Field(default_factory=LRSchedule)
     resources: Resources = Field(default_factory=Resources)
-    first_last_float: bool = False
+    first_last_float: bool = Field(False, description="keep the first and last layers float (estimators; "
+                                   "methods carry their own policy)")
     bn_reestimate: bool = Field(False, description="after the last epoch, recompute every BatchNorm's running "
                                 "statistics over the training set with the final weights (no weight update) "
                                 "before the final evaluation")
@@ -212,6 +261,22 @@ class ExperimentSpec(_Strict):
             return [{"name": e} if isinstance(e, str) else e for e in v]
         return v
 
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _normalise_methods(cls, v):
+        if isinstance(v, list):
+            return [{"name": m} if isinstance(m, str) else m for m in v]
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _unique_methods(cls, v):
+        names = [m.name for m in v]
+        dupes = sorted({x for x in names if names.count(x) > 1})
+        if dupes:
+            raise ValueError(f"duplicate methods: {', '.join(dupes)} (list each once; 'bits' chooses its cells)")
+        return v
+
     @field_validator("estimators")
     @classmethod
     def _unique_estimators(cls, v):
@@ -244,6 +309,18 @@ class ExperimentSpec(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _something_to_train(self):
+        if not self.estimators and not self.methods:
+            raise ValueError("list at least one estimator or method")
+        cells = set(self.bit_cells())
+        dupes = sorted({m.name for m in self.methods for e in self.estimators if e.label == m.name
+                        and cells & {(w, a) for w, a, _ in m.settings()}})
+        if dupes:
+            raise ValueError(f"an estimator and a method share the label {', '.join(map(repr, dupes))} at the same "
+                             "bits: their trials would have the same keys; run them in separate specs")
+        return self
+
+    @model_validator(mode="after")
     def _grid_size(self, info: ValidationInfo):
         limit = (info.context or {}).get("max_trials", max_trials()) if info else max_trials()
         n = self.trial_count()
@@ -254,7 +331,9 @@ class ExperimentSpec(_Strict):
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema, handler):
         schema = handler(core_schema)
-        spec_schema.dataset_options(handler.resolve_ref_schema(schema), handler.resolve_ref_schema)
+        resolved = handler.resolve_ref_schema(schema)
+        spec_schema.dataset_options(resolved, handler.resolve_ref_schema)
+        resolved["anyOf"] = [{"required": [f], "properties": {f: {"minItems": 1}}} for f in ("estimators", "methods")]
         return schema
 
     # -- grid -------------------------------------------------------------------------------
@@ -262,10 +341,14 @@ class ExperimentSpec(_Strict):
         return [c for b in (self.bits if isinstance(self.bits, list) else [self.bits]) for c in b.cells()]
 
     def trial_count(self) -> int:
-        return len(self.seeds) * (len(self.estimators) * len(self.bit_cells()) + int(self.include_full_precision))
+        per_seed = len(self.estimators) * len(self.bit_cells()) + sum(len(m.settings()) for m in self.methods)
+        return len(self.seeds) * (per_seed + int(self.include_full_precision))
 
     def trials(self) -> list[TrialSpec]:
-        """The grid, in a stable order: per seed, the float reference then estimator × bits."""
+        """The grid, in a stable order: per seed, the float reference, estimator × bits, then each
+        method at its cells (keyed and labelled by the method's name)."""
+        from .methods import get_method
+
         out = []
         for seed in self.seeds:
             if self.include_full_precision:
@@ -275,18 +358,24 @@ class ExperimentSpec(_Strict):
                 for w, a in self.bit_cells():
                     out.append(TrialSpec(key=f"{est.label}-w{w}a{a}-s{seed}", estimator=est.name,
                                          estimator_params=dict(est.params), w_bits=w, a_bits=a, seed=seed))
+            for choice in self.methods:
+                method = get_method(choice.name)
+                for w, a, policy in choice.settings():
+                    out.append(TrialSpec(key=f"{method.name}-w{w}a{a}-s{seed}", estimator=method.estimator,
+                                         estimator_params=dict(method.params), w_bits=w, a_bits=a, seed=seed,
+                                         method=method.name, first_last_float=policy))
         return out
 
     #: fields added after specs were first stored: left out of the canonical JSON while they hold
     #: their default, so the hash (and the Tune experiment named by it) of an older spec never changes
-    ADDED_LATER: ClassVar[tuple[str, ...]] = ("bn_reestimate",)
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("bn_reestimate", "methods")
 
     def canonical_json(self) -> str:
         """The normalised spec as canonical JSON (sorted keys, defaults filled but those of
         :attr:`ADDED_LATER`)."""
         data = self.model_dump(mode="json")
         for name in self.ADDED_LATER:
-            if data[name] == type(self).model_fields[name].default:
+            if data[name] == type(self).model_fields[name].get_default(call_default_factory=True):
                 del data[name]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 

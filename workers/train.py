@@ -93,10 +93,13 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: LRSchedule, epochs: int):
 
 
 def build_model(spec: ExperimentSpec, trial: TrialSpec, data: DataSplits) -> nn.Module:
-    """The spec's model for this trial's bits and estimator (no estimator for float trials)."""
+    """The spec's model for this trial's bits and estimator (no estimator for float trials), with
+    the trial's own first/last-layer policy where it has one (a named method's), else the spec's."""
     quant = {} if trial.is_float else {"estimator": trial.estimator, "estimator_params": dict(trial.estimator_params)}
     return create_model(spec.model, num_classes=data.num_classes, input_shape=data.input_shape,
-                        w_bits=trial.w_bits, a_bits=trial.a_bits, first_last_float=spec.first_last_float, **quant)
+                        w_bits=trial.w_bits, a_bits=trial.a_bits, **quant,
+                        first_last_float=spec.first_last_float if trial.first_last_float is None
+                        else trial.first_last_float)
 
 
 def _to_cpu_copy(obj: Any) -> Any:

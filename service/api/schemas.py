@@ -144,6 +144,9 @@ class LeaderboardRow(_Out):
 
 class Catalog(_Out):
     estimators: list[dict[str, Any]] = Field(description="name, paper, formula, params (default, doc, choices, range)")
+    methods: list[dict[str, Any]] = Field(
+        description="named published methods: name, title, estimator, params, cells (w_bits, a_bits, tables, "
+                    "first_last_float), citation")
     models: list[str]
     datasets: list[str]
     bits: list[int] = Field(description="allowed bit widths; 32 means float")
