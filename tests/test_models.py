@@ -291,3 +291,25 @@ def test_depths_outside_the_families_are_refused():
         DenseNet(QuantConfig(), (3, 32, 32), 10, depth=99)
     assert n_params(cifar_resnet(QuantConfig(32, 32), (3, 32, 32), 10, 20)) == \
         n_params(create_model("resnet20", w_bits=32, a_bits=32)) == 269_722
+
+
+@pytest.mark.parametrize("name,shape", [("alexnet_bn", [3, 67, 67]), ("densenet100", [3, 8, 8]),
+                                        ("resnet110", [3, 8, 8]), ("resnet18", [3, 16, 16])])
+def test_larger_networks_train_one_epoch_through_run_trial(name, shape):
+    """Full width, small images (seconds on a busy CPU): one epoch of W1A1 AQE on synthetic data through the
+    real trainer."""
+    from workers.spec import parse_spec
+    from workers.train import run_trial
+
+    spec = parse_spec({"name": name, "dataset": "synthetic", "model": name, "estimators": ["aqe"],
+                       "bits": [{"w": 1, "a": 1}], "include_full_precision": False, "epochs": 1, "batch_size": 16,
+                       "dataset_options": {"shape": shape, "num_classes": 10, "n_train": 32, "n_val": 16,
+                                           "n_test": 16}})
+    seen = []
+    final = run_trial(spec, spec.trials()[0], on_epoch=lambda m, s: seen.append((m, s)), threads=1)
+    (m, state), = seen
+    assert math.isfinite(m["train_loss"]) and m["train_loss"] > 0
+    assert 0 <= m["test_acc"] <= m["test_top5"] <= 1 and 0 <= m["val_acc"] <= 1
+    assert m["weight_flips"] > 0  # the quantized weights moved
+    assert final["weight_bits_total"] == estimators.weight_storage(
+        create_model(name, input_shape=tuple(shape))).bits > 0

@@ -53,7 +53,7 @@ def test_hash_is_canonical():
         ({"estimators": [{"name": "aqe", "params": {"bw": 1}}]}, "estimators.0", "has no parameter 'bw'"),
         ({"estimators": []}, "estimators", "at least 1"),
         ({"estimators": ["aqe", "aqe"]}, "estimators", "duplicate estimators"),
-        ({"dataset": "imagenet"}, "dataset", "unknown dataset 'imagenet'; known: cifar10"),
+        ({"dataset": "imagenet21k"}, "dataset", "unknown dataset 'imagenet21k'; known: cifar10"),
         ({"model": "resnet50"}, "model", "unknown model 'resnet50'; known: "),
         ({"bits": {"w": 0, "a": 1}}, "bits", "bit width 0 is not supported"),
         ({"bits": [{"w": 1, "a": 1}, {"w": 1, "a": 1}]}, "bits", "duplicate bit configurations: W1A1"),

@@ -253,7 +253,8 @@ def final_metrics(last: dict, best: dict, epochs: int, model: nn.Module, reestim
     storage = estimators.weight_storage(model)
     after = reestimated or last
     return {
-        "final_test_acc": after["test_acc"], "final_test_top5": after.get("test_top5"), "final_val_acc": after["val_acc"],
+        "final_test_acc": after["test_acc"], "final_val_acc": after["val_acc"],
+        "final_test_top5": after.get("test_top5"),
         "last_epoch_test_acc": last["test_acc"], "last_epoch_val_acc": last["val_acc"],
         "bn_reestimated": reestimated is not None,
         "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],

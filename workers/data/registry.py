@@ -9,7 +9,7 @@ import torch
 
 from estimators.registry import Registry, UnknownNameError
 
-from . import digits, synthetic, vision
+from . import digits, folder, synthetic, vision
 from .base import DataSplits, Source
 from .prepare import held_out_count, make_splits
 
@@ -22,6 +22,7 @@ for _name, _build in {
     "cifar100": vision.build_cifar100,
     "digits": digits.build,
     "fashion_mnist": vision.build_fashion_mnist,
+    "imagenet": folder.build_imagenet,
     "mnist": vision.build_mnist,
     "synthetic": synthetic.build,
 }.items():
@@ -86,4 +87,6 @@ def load_dataset(
     raw = build(src, **options)
     size = raw.default_val if val_size is None else val_size
     n_val = held_out_count(size, len(raw.pool_y))
+    if isinstance(raw, folder.FolderData):  # image files, streamed: a FolderSplits
+        return raw.make_splits(name, n_val, split_seed, torch.device(device), train_size)
     return make_splits(name, raw, n_val, split_seed, torch.device(device), train_size)
