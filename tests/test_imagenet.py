@@ -162,6 +162,22 @@ def test_val_may_hold_fewer_classes_but_not_others(tmp_path):
         load(tmp_path / "b")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batches_with_a_cuda_generator(root):
+    """The trainer's generator lives on the device: the pass seed is drawn there, batches land there."""
+    data, ref = load(root, device="cuda", workers=1), load(root)
+    x, y = data.head("test", 12)
+    assert x.is_cuda and y.is_cuda and torch.allclose(x.cpu(), ref.head("test", 12)[0], atol=1e-5)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    one, two = passes(data.loader("train", 8, generator=gen)), passes(data.loader("train", 8, generator=gen))
+    gen.manual_seed(0)
+    again = passes(data.loader("train", 8, generator=gen))
+    assert all(xb.is_cuda and yb.is_cuda for xb, yb in one)
+    assert all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(one, again))
+    assert [y.tolist() for _, y in one] != [y.tolist() for _, y in two]
+    check_colours(torch.cat([xb for xb, _ in one]).cpu(), torch.cat([yb for _, yb in one]).cpu())
+
+
 # -- errors -----------------------------------------------------------------------------------------
 def test_missing_imagenet_names_the_paths_and_how_to_provide_it(tmp_path):
     with pytest.raises(DatasetMissingError) as e:
