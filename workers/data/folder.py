@@ -9,7 +9,7 @@ Classes are train/'s folder names in sorted order; val/ may hold a subset of the
 split (default 1 % of train/, stratified, fixed by the split seed like every data set) is
 carved out of train/ so that model selection never sees val/.
 
-Views (the paper, Sec. IV-D: "random-size crop resized to 256×256, then a random 224×224
+Views (the paper's AlexNet set-up: "random-size crop resized to 256×256, then a random 224×224
 crop", flip; test: 224 centre crop)::
 
     train:      random-size crop (area U(0.08, 1), aspect log-U(3/4, 4/3); Szegedy et al. 2015)
@@ -18,7 +18,7 @@ crop", flip; test: 224 centre crop)::
 
 then normalised per channel with ImageNet's usual mean and std (not measured: a pass over 1.28 M
 images per trial would cost more than an epoch). ``resize = image_size`` trains on torchvision's
-plain RandomResizedCrop.
+plain RandomResizedCrop (and tests on the centre square of the whole image).
 
 Decoding runs in ``workers`` DataLoader processes (default: the trial's CPUs, i.e. torch's
 thread count when the data set is loaded: ``run_trial`` sets it from ``resources.cpu``) that hand
