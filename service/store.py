@@ -11,8 +11,8 @@ Records
 - Trial: ``{id, run_id, key, estimator, estimator_label, estimator_params, w_bits, a_bits, seed,
   status, attempts, epochs_done, final_test_acc, final_val_acc, best_val_acc, selected_test_acc,
   selected_epoch, packed_bytes, packed_agreement, device, started_at, finished_at, error}``
-- Metric: ``{epoch, train_loss, train_acc, val_acc, test_acc, lr, epoch_seconds, images_per_s,
-  weight_flips, device, schedule}``
+- Metric: ``{epoch, train_loss, train_acc, val_acc, test_acc, test_top5, lr, epoch_seconds,
+  images_per_s, weight_flips, device, schedule}``
 - Leaderboard row: ``{dataset, model, w_bits, a_bits, estimator_label, metric, n, mean, std, ci_low,
   ci_high, rank, best, packed_bytes, packed_agreement}``
 

@@ -136,6 +136,7 @@ metrics = Table(
     Column("train_acc", Float, nullable=True),
     Column("val_acc", Float, nullable=True),
     Column("test_acc", Float, nullable=True),
+    Column("test_top5", Float, nullable=True),  # label among the 5 largest logits (None with < 6 classes)
     Column("lr", Float, nullable=True),
     Column("epoch_seconds", Float, nullable=True),
     Column("images_per_s", Float, nullable=True),
@@ -145,5 +146,5 @@ metrics = Table(
     UniqueConstraint("trial_id", "epoch"),  # exactly once per (trial, epoch); also the trial's index
 )
 
-METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_acc", "test_acc", "lr", "epoch_seconds",
+METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_acc", "test_acc", "test_top5", "lr", "epoch_seconds",
                  "images_per_s", "weight_flips", "device", "schedule")

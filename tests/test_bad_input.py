@@ -83,7 +83,8 @@ CASES = [
          json_=spec(estimators=[{"name": "aqe", "params": {"bogus": 1}}])),
     case("aqe-bad-backward", ["body", "estimators", 0], "eq18, alg1, autodiff",
          json_=spec(estimators=[{"name": "aqe", "params": {"backward": "eq99"}}])),
-    case("unknown-dataset", ["body", "dataset"], "unknown dataset 'imagenet'; known:", json_=spec(dataset="imagenet")),
+    case("unknown-dataset", ["body", "dataset"], "unknown dataset 'imagenet21k'; known:",
+         json_=spec(dataset="imagenet21k")),
     case("unknown-model", ["body", "model"], "unknown model 'resnet50'; known:", json_=spec(model="resnet50")),
     # bits
     case("bits-0", ["body", "bits", 0, "w"], "bit width 0 is not supported", json_=spec(bits=[{"w": 0, "a": 1}])),

@@ -26,7 +26,7 @@ from workers.datasets import (
     random_flip,
 )
 
-KNOWN = ["cifar10", "cifar100", "digits", "fashion_mnist", "mnist", "synthetic"]
+KNOWN = ["cifar10", "cifar100", "digits", "fashion_mnist", "imagenet", "mnist", "synthetic"]
 
 
 @pytest.fixture(autouse=True)
@@ -120,9 +120,9 @@ def test_list_datasets():
 
 def test_unknown_name_lists_known_names():
     with pytest.raises(UnknownNameError) as err:
-        load_dataset("imagenet")
+        load_dataset("imagenet21k")
     assert isinstance(err.value, ValueError)
-    assert "imagenet" in str(err.value)
+    assert "imagenet21k" in str(err.value)
     assert all(name in str(err.value) for name in KNOWN)
 
 

@@ -93,7 +93,7 @@ def test_seeds_are_bounded_and_distinct(schemas):
 def test_dataset_options_are_each_data_sets_own(schemas):
     options = schemas["ExperimentSpec"]["properties"]["dataset_options"]
     refs = {o["$ref"].rsplit("/", 1)[1] for o in options["anyOf"]}
-    assert refs == {"DatasetOptions", "SyntheticOptions"}
+    assert refs == {"DatasetOptions", "ImagenetOptions", "SyntheticOptions"}
     for name in refs:
         model = schemas[name]
         assert model["additionalProperties"] is False
@@ -131,7 +131,7 @@ REFUSED = {  # each refused by the published schema and by the server
     "seeds-negative": {**VALID, "seeds": [-1]},
     "seeds-2^32": {**VALID, "seeds": [2**32]},
     "seeds-repeated": {**VALID, "seeds": [3, 3]},
-    "dataset-unknown": {**VALID, "dataset": "imagenet"},
+    "dataset-unknown": {**VALID, "dataset": "imagenet21k"},
     "model-unknown": {**VALID, "model": "resnet50"},
     "option-unknown": {**VALID, "dataset_options": {"bogus": 1}},
     "option-download": {**VALID, "dataset_options": {"download": True}},

@@ -32,7 +32,8 @@ def ranked(make_api):  # noqa: F811
         key = f"{label}-w1a1-s{seed}"
         sink.on_trial_start(key, {"device": "cpu", "attempt": 1})
         for epoch, acc in enumerate(accs, 1):
-            sink.on_epoch(key, {"epoch": epoch, "val_acc": acc, "test_acc": acc, "weight_flips": 0.1 / epoch})
+            sink.on_epoch(key, {"epoch": epoch, "val_acc": acc, "test_acc": acc, "test_top5": (1 + acc) / 2,
+                                "weight_flips": 0.1 / epoch})
         best = max(range(len(accs)), key=lambda i: (accs[i], -i))
         sink.on_trial_end(key, "done", {
             "final_test_acc": REESTIMATED[(label, seed)], "final_val_acc": REESTIMATED[(label, seed)],
@@ -59,6 +60,7 @@ def test_the_api_ranks_by_either_metric_and_says_which(ranked):
     assert (trial["key"], trial["selected_test_acc"], trial["selected_epoch"]) == ("ste-w1a1-s0", 0.90, 2)
     detail = api.get(f"/trials/{trial['id']}").json()
     assert [m["weight_flips"] for m in detail["metrics"]] == pytest.approx([0.1, 0.05, 0.1 / 3])
+    assert [m["test_top5"] for m in detail["metrics"]] == pytest.approx([0.85, 0.95, 0.875])
 
 
 def test_dashboard_pages_follow_the_metric(ranked):

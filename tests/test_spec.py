@@ -53,7 +53,7 @@ def test_hash_is_canonical():
         ({"estimators": [{"name": "aqe", "params": {"bw": 1}}]}, "estimators.0", "has no parameter 'bw'"),
         ({"estimators": []}, "", "list at least one estimator or method"),
         ({"estimators": ["aqe", "aqe"]}, "estimators", "duplicate estimators"),
-        ({"dataset": "imagenet"}, "dataset", "unknown dataset 'imagenet'; known: cifar10"),
+        ({"dataset": "imagenet21k"}, "dataset", "unknown dataset 'imagenet21k'; known: cifar10"),
         ({"model": "resnet50"}, "model", "unknown model 'resnet50'; known: "),
         ({"bits": {"w": 0, "a": 1}}, "bits", "bit width 0 is not supported"),
         ({"bits": [{"w": 1, "a": 1}, {"w": 1, "a": 1}]}, "bits", "duplicate bit configurations: W1A1"),
@@ -119,7 +119,7 @@ def test_dataset_options_are_checked_against_the_data_sets_own(spec, field, reas
 
 
 def test_dataset_options_of_an_unknown_dataset_add_no_errors_of_their_own():
-    assert [loc for loc, _ in errors({**BASE, "dataset": "imagenet", "dataset_options": {"bogus": 1}})] == ["dataset"]
+    assert [loc for loc, _ in errors({**BASE, "dataset": "imagenet21k", "dataset_options": {"bogus": 1}})] == ["dataset"]
 
 
 def test_dataset_options_become_the_data_sets_model_and_keep_only_what_was_given():

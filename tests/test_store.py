@@ -35,7 +35,8 @@ def table_rows(s, table, *where):
 
 def epoch_metrics(epoch, acc=0.5):
     return {"epoch": epoch, "train_loss": 1.0 / epoch, "train_acc": acc, "val_acc": acc, "test_acc": acc,
-            "lr": 0.01, "epoch_seconds": 0.1, "images_per_s": 1000.0, "weight_flips": 0.01, "device": "cpu",
+            "test_top5": min(1.0, acc + 0.25), "lr": 0.01, "epoch_seconds": 0.1, "images_per_s": 1000.0,
+            "weight_flips": 0.01, "device": "cpu",
             "schedule": {"aqe.alpha": 0.5 + epoch / 10}}
 
 
@@ -44,7 +45,7 @@ def test_migrated_schema_matches_tables(engine):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    assert current_revision(engine) == head_revision() == "0003"
+    assert current_revision(engine) == head_revision() == "0004"
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata) == []
         if engine.dialect.name == "sqlite":
@@ -52,7 +53,7 @@ def test_migrated_schema_matches_tables(engine):
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
     migrate(engine)  # again: a no-op
-    assert current_revision(engine) == head_revision() == "0003"
+    assert current_revision(engine) == head_revision() == "0004"
 
 
 def test_migrations_race_on_an_empty_database(db_url):
@@ -474,3 +475,23 @@ def test_migration_0003_selects_on_validation_for_existing_trials(db_url):
                for r in conn.execute(select(trials.c.key, trials.c.selected_test_acc, trials.c.selected_epoch))}
     eng.dispose()
     assert got == {"a": (0.70, 2), "b": (0.60, 1), "c": (None, None)}
+
+
+def test_migration_0004_adds_top5_and_keeps_older_epochs(db_url):
+    """Epochs stored before 0004 keep their values and have no top-5 accuracy (it was never measured)."""
+    eng = make_engine(db_url)
+    migrate(eng, "0003")
+    assert "test_top5" not in {c["name"] for c in inspect(eng).get_columns("metrics")}
+    with eng.begin() as conn:
+        rid = conn.execute(runs.insert().values(name="old", status="done", dataset="digits", model="digits_net",
+                                                spec={}, spec_hash="x", created_at=datetime.now(),
+                                                trial_count=1).returning(runs.c.id)).scalar_one()
+        tid = conn.execute(trials.insert().values(
+            run_id=rid, key="a", estimator="aqe", estimator_label="aqe", estimator_params={}, w_bits=1,
+            a_bits=1, seed=0, status="done").returning(trials.c.id)).scalar_one()
+        conn.exec_driver_sql(f"INSERT INTO metrics (trial_id, epoch, test_acc) VALUES ({tid}, 1, 0.5)")
+    migrate(eng)
+    with eng.connect() as conn:
+        rows = conn.execute(select(metrics.c.epoch, metrics.c.test_acc, metrics.c.test_top5)).all()
+    eng.dispose()
+    assert [tuple(r) for r in rows] == [(1, 0.5, None)]

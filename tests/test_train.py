@@ -8,7 +8,7 @@ import torch
 
 import estimators
 from workers.spec import parse_spec
-from workers.train import FINAL_KEYS, METRIC_KEYS, build_model, build_scheduler, run_trial
+from workers.train import FINAL_KEYS, METRIC_KEYS, accuracies, build_model, build_scheduler, evaluate, run_trial
 from workers.datasets import load_dataset
 
 TIMING = ("epoch_seconds", "images_per_s")
@@ -54,8 +54,9 @@ def test_metrics_follow_the_contract(aqe_run):
     assert [m["epoch"] for m, _ in seen] == [1, 2]
     for m, _ in seen:
         assert set(m) == set(METRIC_KEYS)
-        for k in ("train_acc", "val_acc", "test_acc"):
+        for k in ("train_acc", "val_acc", "test_acc", "test_top5"):
             assert isinstance(m[k], float) and 0.0 <= m[k] <= 1.0
+        assert m["test_top5"] >= m["test_acc"]  # digits: 10 classes, so top-5 is reported
         assert isinstance(m["train_loss"], float) and m["train_loss"] > 0
         assert m["epoch_seconds"] > 0 and m["images_per_s"] > 0
         assert m["device"] == "cpu"
@@ -75,6 +76,7 @@ def test_final_record(aqe_run):
     assert set(final) == set(FINAL_KEYS)
     last = seen[-1][0]
     assert final["final_test_acc"] == last["test_acc"] and final["final_val_acc"] == last["val_acc"]
+    assert final["final_test_top5"] == last["test_top5"]
     best = max(seen, key=lambda s: s[0]["val_acc"])[0]
     assert final["best_val_acc"] == best["val_acc"] and final["best_epoch"] == best["epoch"]
     assert final["epochs"] == 2
@@ -171,3 +173,23 @@ def test_dataset_options_reach_the_loader_and_nothing_else_does(monkeypatch):
     assert kw == {"val_size": None, "train_size": 40, "split_seed": 0, "shape": [1, 8, 8], "num_classes": 4,
                   "n_train": 60, "n_val": 20, "n_test": 30, "separation": 0.1}
     assert final["epochs"] == 1 and len(seen) == 1
+
+
+def test_top1_and_top5_count_the_label_among_the_largest_logits():
+    # the label's logit ranks 1st, 5th, 6th (of 6) and 1st: top-1 2/4, top-5 3/4
+    logits = torch.tensor([[9., 1, 2, 3, 4, 5], [9., 1, 2, 3, 4, 5], [5., 4, 0, 3, 2, 1], [1., 2, 0, 0, 0, 0]])
+    labels = torch.tensor([0, 2, 2, 1])
+    batches = [(logits[:3], labels[:3]), (logits[3:], labels[3:])]
+    assert accuracies(torch.nn.Identity(), batches, top5=True) == (0.5, 0.75)
+    assert accuracies(torch.nn.Identity(), batches) == (0.5, None)
+    assert evaluate(torch.nn.Identity(), batches) == 0.5
+    assert accuracies(torch.nn.Identity(), []) == (None, None)
+
+
+def test_top5_is_not_reported_with_fewer_than_six_classes():
+    spec = make_spec(dataset="synthetic", model="digits_net", epochs=1, include_full_precision=False,
+                     estimators=["ste"], dataset_options={"shape": [1, 8, 8], "num_classes": 5, "n_train": 64,
+                                                          "n_val": 16, "n_test": 32})
+    final, seen = train(spec, "ste-w1a1-s0")
+    assert seen[0][0]["test_top5"] is None and final["final_test_top5"] is None
+    assert seen[0][0]["test_acc"] is not None

@@ -85,6 +85,7 @@ class MetricOut(_Out):
     train_acc: float | None = None
     val_acc: float | None = None
     test_acc: float | None = None
+    test_top5: float | None = Field(None, description="top-5 test accuracy (data sets with at least 6 classes)")
     lr: float | None = None
     epoch_seconds: float | None = None
     images_per_s: float | None = None

@@ -122,6 +122,12 @@ class DataSplits:
             x, y, batch_size, shuffle=train, generator=generator, drop_last=drop_last, **augment
         )
 
+    def head(self, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` samples of ``split`` in order, unaugmented: (x, y) on the device."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', not {split!r}")
+        return getattr(self, f"{split}_x")[:n], getattr(self, f"{split}_y")[:n]
+
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}={len(getattr(self, s + '_y'))}" for s in ("train", "val", "test"))
         return (

@@ -10,7 +10,7 @@ import torch
 
 from estimators.registry import Registry, UnknownNameError
 
-from . import digits, synthetic, vision
+from . import digits, folder, synthetic, vision
 from .base import DatasetOptions, DataSplits, RawData, Source
 from .prepare import held_out_count, make_splits
 
@@ -31,6 +31,7 @@ for _name, _entry in {
     "cifar100": DataSet(vision.build_cifar100),
     "digits": DataSet(digits.build),
     "fashion_mnist": DataSet(vision.build_fashion_mnist),
+    "imagenet": DataSet(folder.build_imagenet, folder.ImagenetOptions),
     "mnist": DataSet(vision.build_mnist),
     "synthetic": DataSet(synthetic.build, synthetic.SyntheticOptions),
 }.items():
@@ -103,4 +104,6 @@ def load_dataset(
     raw = build(Source(resolve_data_dir(data_dir), download_allowed(download), seed, opts))
     size = raw.default_val if opts.val_size is None else opts.val_size
     n_val = held_out_count(size, len(raw.pool_y))
+    if isinstance(raw, folder.FolderData):  # image files, streamed: a FolderSplits
+        return raw.make_splits(name, n_val, opts.split_seed, torch.device(device), opts.train_size)
     return make_splits(name, raw, n_val, opts.split_seed, torch.device(device), opts.train_size)
