@@ -301,6 +301,16 @@ def test_unknown_ids_are_404(make_api):
         assert err["loc"] == ["path", param] and err["msg"].endswith("999 not found")
 
 
+def test_dashboard_answers_ids_past_the_tables_with_its_404_page(api):
+    for n in (2**31, 2**63):
+        for path, what in [(f"/dashboard/runs/{n}", "run"), (f"/dashboard/runs/{n}/report.html", "run"),
+                           (f"/dashboard/trials/{n}", "trial")]:
+            r = api.get(path)
+            assert r.status_code == 404 and f"There is no {what} {n}." in r.text, path
+        page = api.get(f"/dashboard/?offset={n}")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+
+
 def test_docs_openapi_and_root(api):
     assert api.get("/docs").status_code == 200
     schema = api.get("/openapi.json").json()

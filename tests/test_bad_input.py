@@ -143,6 +143,20 @@ CASES = [
     case("run-id-not-int", ["path", "run_id"], "valid integer", method="get", url="/runs/abc"),
     case("export-format", ["query", "format"], "'csv' or 'json'", method="get", url="/runs/1/export?format=xml"),
     case("unknown-run", ["path", "run_id"], "run 424242 not found", status=404, method="get", url="/runs/424242"),
+    # ids are SQL INTEGER: one past PostgreSQL's int4 or SQLite's int64 is refused before the database
+    *(case(f"{name}-{n}", ["path", param], "less than or equal to 2147483647", method=method, url=url.format(n))
+      for n in (2**31, 2**63) for name, method, url, param in [
+          ("run", "get", "/runs/{}", "run_id"), ("run-trials", "get", "/runs/{}/trials", "run_id"),
+          ("export", "get", "/runs/{}/export", "run_id"), ("report", "get", "/runs/{}/report", "run_id"),
+          ("cancel", "post", "/runs/{}/cancel", "run_id"), ("trial", "get", "/trials/{}", "trial_id")]),
+    case("run-id-0", ["path", "run_id"], "greater than or equal to 1", method="get", url="/runs/0"),
+    case("trial-id-negative", ["path", "trial_id"], "greater than or equal to 1", method="get", url="/trials/-1"),
+    case("offset-over-int4", ["query", "offset"], "less than or equal to 2147483647", method="get",
+         url=f"/runs?offset={2**31}"),
+    case("offset-over-int64", ["query", "offset"], "less than or equal to 2147483647", method="get",
+         url=f"/runs?offset={2**63}"),
+    case("leaderboard-run-id-over-int4", ["query", "run_id"], "less than or equal to 2147483647", method="get",
+         url=f"/leaderboard?run_id={2**31}"),
 ]
 
 

@@ -1,4 +1,5 @@
-"""Request dependencies: settings, a DB session per request, bearer-token auth, the spec body."""
+"""Request dependencies: settings, a DB session per request, id and paging parameters, the guards
+of writes (same-origin JSON, bearer token), the spec body."""
 from __future__ import annotations
 
 import secrets
@@ -6,7 +7,7 @@ import typing
 from collections.abc import Iterator, Sequence
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
@@ -14,6 +15,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from service.config import Settings
+from service.tables import MAX_ID
 from workers.spec import ExperimentSpec, parse_spec
 
 
@@ -55,6 +57,13 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 # from 134 to ~280 requests/s and p99 from 670 to ~100 ms (bench/api_latency.py).
 DB_CONCURRENCY = 4
 SessionDep = Annotated[Session, Depends(get_session, scope="function", max_concurrency=DB_CONCURRENCY)]
+
+# -- ids and paging ---------------------------------------------------------------------------
+# An id outside its column's range names no row: it is refused here (422, like any bad parameter)
+# instead of reaching the database driver, where it overflows (a 500).
+RowId = Annotated[int, Path(ge=1, le=MAX_ID, description=f"an id, 1 … {MAX_ID}")]
+RowIdFilter = Annotated[int | None, Query(ge=1, le=MAX_ID, description=f"an id, 1 … {MAX_ID}")]
+Offset = Annotated[int, Query(ge=0, le=MAX_ID, description="rows to skip")]
 
 # -- auth -------------------------------------------------------------------------------------
 _bearer = HTTPBearer(auto_error=False, description="BITBENCH_API_TOKEN; writes need it when it is set")

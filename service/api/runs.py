@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from service import report, store
 
-from .deps import SessionDep, SpecBody, http_error, not_found, require_token
+from .deps import Offset, RowId, SessionDep, SpecBody, http_error, not_found, require_token
 from .schemas import ErrorOut, RunCreated, RunDetail, RunOut, RunPage, RunStatus, TrialOut
 
 router = APIRouter(prefix="/runs", tags=["runs"])
@@ -61,7 +61,7 @@ def list_runs(
     dataset: str | None = None,
     model: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ):
     """Runs, newest first, with the total count matching the filters."""
     items, total = store.list_runs(session, status=status, dataset=dataset, model=model, limit=limit, offset=offset)
@@ -69,7 +69,7 @@ def list_runs(
 
 
 @router.get("/{run_id}", response_model=RunDetail, responses={404: {"model": ErrorOut}})
-def get_run(run_id: int, session: SessionDep):
+def get_run(run_id: RowId, session: SessionDep):
     """A run: status, progress by trial status, epochs stored so far, timestamps, error."""
     run = _run_or_404(session, run_id)
     trials = store.list_trials(session, run_id)
@@ -79,7 +79,7 @@ def get_run(run_id: int, session: SessionDep):
 
 
 @router.get("/{run_id}/trials", response_model=list[TrialOut], responses={404: {"model": ErrorOut}})
-def list_run_trials(run_id: int, session: SessionDep):
+def list_run_trials(run_id: RowId, session: SessionDep):
     """The run's trials in grid order."""
     _run_or_404(session, run_id)
     return store.list_trials(session, run_id)
@@ -88,7 +88,7 @@ def list_run_trials(run_id: int, session: SessionDep):
 @router.post("/{run_id}/cancel", response_model=RunOut, status_code=status.HTTP_202_ACCEPTED,
              dependencies=[Depends(require_token)],
              responses={200: {"model": RunOut}, 401: {"model": ErrorOut}, 404: {"model": ErrorOut}})
-def cancel_run(run_id: int, session: SessionDep, response: Response):
+def cancel_run(run_id: RowId, session: SessionDep, response: Response):
     """Cancel: a queued run stops at once (200); a running one is asked to stop (202)."""
     run = store.request_cancel(session, run_id)
     if run is None:
@@ -101,7 +101,7 @@ def cancel_run(run_id: int, session: SessionDep, response: Response):
 @router.get("/{run_id}/export", responses={
     200: {"content": {"text/csv": {}, "application/json": {}}, "description": "one row per (trial, epoch)"},
     404: {"model": ErrorOut}})
-def export_run(run_id: int, session: SessionDep, format: Literal["csv", "json"] = "csv"):
+def export_run(run_id: RowId, session: SessionDep, format: Literal["csv", "json"] = "csv"):
     """Every (trial, epoch) row of a run as a CSV or JSON attachment."""
     _run_or_404(session, run_id)
     rows = store.export_rows(session, run_id)
@@ -114,7 +114,7 @@ def export_run(run_id: int, session: SessionDep, format: Literal["csv", "json"] 
 @router.get("/{run_id}/report", response_class=Response, responses={
     200: {"content": {"application/zip": {}}, "description": "the report folder, zipped"},
     404: {"model": ErrorOut}})
-def run_report(run_id: int, session: SessionDep, png: bool = True):
+def run_report(run_id: RowId, session: SessionDep, png: bool = True):
     """The run's report (RESULTS.md, figures as HTML and PNG, LaTeX table, spec, environment) as a zip."""
     _run_or_404(session, run_id)
     name = f"bitbench-run-{run_id}"
