@@ -138,17 +138,62 @@ def test_writes_need_the_token_when_one_is_set(make_api):
 
     auth = {"Authorization": f"Bearer {TOKEN}"}
     run = api.post_run(headers=auth)
-    assert api.post(f"/runs/{run['id']}/cancel").status_code == 401
-    assert api.post(f"/runs/{run['id']}/cancel", headers=auth).json()["status"] == "cancelled"
+    assert api.post(f"/runs/{run['id']}/cancel", json={}).status_code == 401
+    assert api.post(f"/runs/{run['id']}/cancel", json={}, headers=auth).json()["status"] == "cancelled"
     for path in ("/runs", f"/runs/{run['id']}", f"/runs/{run['id']}/trials", "/leaderboard", "/catalog",
                  f"/runs/{run['id']}/export", "/healthz", "/dashboard/"):
         assert api.get(path).status_code == 200, path  # reads stay open
 
 
+@pytest.mark.parametrize("token", [None, TOKEN])
+def test_cross_site_writes_are_refused_token_or_not(make_api, token):
+    """A browser on another site can POST a form or text/plain without a CORS preflight, and can't
+    leave out ``Origin``: writes take only application/json and only from this service's own pages
+    (or a configured origin)."""
+    api = make_api(api_token=token, allowed_origins=["https://lab.example.org"])
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    run = api.post_run(headers=auth)
+    body = json.dumps(small_spec("cross-site"))
+    before = api.counts()
+
+    def refused(code, loc, url="/runs", **kwargs):
+        r = api.post(url, **{**kwargs, "headers": {**auth, **kwargs.get("headers", {})}})
+        assert r.status_code == code, r.text
+        assert r.json()["detail"][0]["loc"] == loc
+        return r.json()["detail"][0]["msg"]
+
+    evil = {"Origin": "https://evil.example"}
+    assert "'https://evil.example' is refused" in refused(403, ["header", "Origin"], content=body,
+                                                             headers={**evil, "Content-Type": "text/plain"})
+    refused(403, ["header", "Origin"], json=small_spec(), headers=evil)
+    refused(403, ["header", "Origin"], json=small_spec(), headers={"Origin": "null"})  # a sandboxed page
+    refused(403, ["header", "Origin"], json=small_spec(), headers={"Origin": "http://testserver:8080"})
+    refused(403, ["header", "Origin"], url=f"/runs/{run['id']}/cancel", json={}, headers=evil)
+    assert "not 'text/plain'" in refused(415, ["header", "Content-Type"], content=body,
+                                         headers={"Content-Type": "text/plain;charset=UTF-8"})
+    refused(415, ["header", "Content-Type"], data={"name": "form"})
+    refused(415, ["header", "Content-Type"], content=body, headers={"Content-Type": "multipart/form-data"})
+    assert "no Content-Type" in refused(415, ["header", "Content-Type"], url=f"/runs/{run['id']}/cancel")
+    assert api.counts() == before and api.get(f"/runs/{run['id']}").json()["status"] == "queued"
+
+    for origin in ("http://testserver", "HTTP://TESTSERVER:80", "https://lab.example.org"):  # its own; allowed
+        assert api.post("/runs", json=small_spec(origin), headers={**auth, "Origin": origin}).status_code == 202
+    r = api.post(f"/runs/{run['id']}/cancel", content=b"{}", headers={**auth, "Origin": "http://testserver",
+                                                                       "Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+
+
+def test_allowed_origins_setting():
+    settings = Settings(allowed_origins="https://lab.example.org, http://10.0.0.5:8000")
+    assert settings.allowed_origins == ["https://lab.example.org:443", "http://10.0.0.5:8000"]
+    with pytest.raises(ValueError, match="not an origin"):
+        Settings(allowed_origins="https://lab.example.org/dashboard")
+
+
 def test_list_runs_filters_and_pages(api):
     ids = [api.post_run(small_spec(f"r{i}"))["id"] for i in range(5)]
     synthetic = api.post_run(small_spec("syn", dataset="synthetic"))["id"]
-    api.post(f"/runs/{ids[0]}/cancel")
+    api.post(f"/runs/{ids[0]}/cancel", json={})
 
     page = api.get("/runs", params={"limit": 2}).json()
     assert page["total"] == 6 and page["limit"] == 2 and page["offset"] == 0
@@ -194,14 +239,14 @@ def test_run_progress_trials_and_metrics(api):
 
 def test_cancel(api):
     queued = api.post_run()
-    r = api.post(f"/runs/{queued['id']}/cancel")
+    r = api.post(f"/runs/{queued['id']}/cancel", json={})
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     assert r.json()["progress"]["cancelled"] == 10
 
     running = api.post_run(small_spec("running"))
     with api.sessions() as s:
         assert store.claim_run(s, "test-worker")["id"] == running["id"]
-    r = api.post(f"/runs/{running['id']}/cancel")
+    r = api.post(f"/runs/{running['id']}/cancel", headers={"Content-Type": "application/json"})  # empty body
     assert r.status_code == 202 and r.json()["status"] == "running" and r.json()["cancel_requested"] is True
     with api.sessions() as s:
         assert store.cancel_requested(s, running["id"])
@@ -295,7 +340,7 @@ def test_unknown_ids_are_404(make_api):
                                 ("get", "/runs/999/export", "run_id"), ("post", "/runs/999/cancel", "run_id"),
                                 ("get", "/runs/999/report", "run_id"),
                                 ("get", "/trials/999", "trial_id")]:
-        r = api.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"})
+        r = api.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"}, json={} if method == "post" else None)
         assert r.status_code == 404, path
         [err] = r.json()["detail"]
         assert err["loc"] == ["path", param] and err["msg"].endswith("999 not found")

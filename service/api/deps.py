@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from service.config import Settings
+from service.origins import canonical_origin
 from service.tables import MAX_ID
 from workers.spec import ExperimentSpec, parse_spec
 
@@ -65,6 +66,30 @@ RowId = Annotated[int, Path(ge=1, le=MAX_ID, description=f"an id, 1 … {MAX_ID}
 RowIdFilter = Annotated[int | None, Query(ge=1, le=MAX_ID, description=f"an id, 1 … {MAX_ID}")]
 Offset = Annotated[int, Query(ge=0, le=MAX_ID, description="rows to skip")]
 
+# -- writes: same-origin JSON ------------------------------------------------------------------
+async def same_origin_json(request: Request, settings: SettingsDep) -> None:
+    """Writes come from this service's own pages or from clients that are not browsers, as JSON.
+
+    A browser names the sending page in ``Origin``; an origin that is neither the request's own
+    (its scheme, ``Host`` and port) nor in ``BITBENCH_ALLOWED_ORIGINS`` is refused (403). A request
+    without ``Origin`` (curl, the CLI) passes. The body must be ``application/json`` (415
+    otherwise): the forms and ``text/plain`` posts that another site may send without a CORS
+    preflight cannot be. Both hold with a token configured or not.
+    """
+    origin = request.headers.get("origin")
+    if origin is not None:
+        own = canonical_origin(f"{request.url.scheme}://{request.url.netloc}")
+        if canonical_origin(origin) not in (own, *settings.allowed_origins):
+            raise http_error(status.HTTP_403_FORBIDDEN, ("header", "Origin"),
+                             f"a write from {origin[:200]!r} is refused: only this service's own pages ({own}) "
+                             "and the origins in BITBENCH_ALLOWED_ORIGINS may write", "cross_origin")
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        got = f"not {media_type[:100]!r}" if media_type else "and this request has no Content-Type"
+        raise http_error(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, ("header", "Content-Type"),
+                         f"writes take Content-Type: application/json, {got}", "unsupported_media_type")
+
+
 # -- auth -------------------------------------------------------------------------------------
 _bearer = HTTPBearer(auto_error=False, description="BITBENCH_API_TOKEN; writes need it when it is set")
 
@@ -83,6 +108,8 @@ async def require_token(settings: SettingsDep,
         raise http_error(status.HTTP_401_UNAUTHORIZED, ("header", "Authorization"), "the bearer token is wrong",
                          "invalid_token", {"WWW-Authenticate": 'Bearer realm="bitbench", error="invalid_token"'})
 
+
+WRITE_GUARDS = [Depends(same_origin_json), Depends(require_token)]  # every write route's dependencies
 
 # -- the spec body ----------------------------------------------------------------------------
 def _field_names(model: type[BaseModel], seen: set[type] | None = None) -> set[str]:

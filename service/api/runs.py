@@ -7,12 +7,13 @@ import json
 import tempfile
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 
 from service import report, store
 
-from .deps import Offset, RowId, SessionDep, SpecBody, http_error, not_found, require_token
+from .deps import WRITE_GUARDS, Offset, RowId, SessionDep, SpecBody, http_error, not_found
 from .schemas import ErrorOut, RunCreated, RunDetail, RunOut, RunPage, RunStatus, TrialOut
 
 router = APIRouter(prefix="/runs", tags=["runs"])
@@ -24,7 +25,13 @@ _SPEC_BODY = {  # the body is parsed by deps.spec_body; this documents it in /do
     "requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/ExperimentSpec"}}}},
 }
-_WRITE_ERRORS = {401: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}}
+_WRITE_ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 413, 415, 422)}
+
+
+class CancelRequest(BaseModel):
+    """A cancel takes no parameters: its body is ``{}`` (or empty), sent as application/json."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def _run_or_404(session, run_id: int) -> dict:
@@ -35,7 +42,7 @@ def _run_or_404(session, run_id: int) -> dict:
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=RunCreated, openapi_extra=_SPEC_BODY,
-             dependencies=[Depends(require_token)], responses={200: {"model": RunCreated}, **_WRITE_ERRORS})
+             dependencies=WRITE_GUARDS, responses={200: {"model": RunCreated}, **_WRITE_ERRORS})
 def create_run(
     spec: SpecBody, session: SessionDep, request: Request, response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
@@ -86,9 +93,10 @@ def list_run_trials(run_id: RowId, session: SessionDep):
 
 
 @router.post("/{run_id}/cancel", response_model=RunOut, status_code=status.HTTP_202_ACCEPTED,
-             dependencies=[Depends(require_token)],
-             responses={200: {"model": RunOut}, 401: {"model": ErrorOut}, 404: {"model": ErrorOut}})
-def cancel_run(run_id: RowId, session: SessionDep, response: Response):
+             dependencies=WRITE_GUARDS, openapi_extra={"requestBody": {"required": True}},
+             responses={200: {"model": RunOut}, 404: {"model": ErrorOut}, **_WRITE_ERRORS})
+def cancel_run(run_id: RowId, session: SessionDep, response: Response,
+               body: Annotated[CancelRequest | None, Body(description="{} or nothing")] = None):
     """Cancel: a queued run stops at once (200); a running one is asked to stop (202)."""
     run = store.request_cancel(session, run_id)
     if run is None:
