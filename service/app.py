@@ -2,7 +2,7 @@
 
 On startup the database is brought to the current schema (:func:`service.db.migrate`). The
 routes live in :mod:`service.api`; the dashboard is mounted at ``/dashboard``; ``/`` redirects
-there; OpenAPI docs are at ``/docs``.
+there; OpenAPI docs are at ``/docs`` and ``/redoc``, served without a CDN (:mod:`service.api_docs`).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import db
 from service.api import api_router
 from service.api.dashboard_source import StoreSource
+from service.api_docs import add_docs
 from service.config import Settings, get_settings
 from workers.spec import ExperimentSpec
 
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Queue sweeps of estimators × bits × seeds; read runs, trials, metrics and leaderboards. "
                     "Writes need `Authorization: Bearer <token>` when BITBENCH_API_TOKEN is set.",
         lifespan=_lifespan,
+        docs_url=None, redoc_url=None,  # add_docs serves them, without a CDN
     )
     app.state.settings = settings
     app.state.engine = db.make_engine(settings.database_url)
@@ -114,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def root() -> RedirectResponse:
         return RedirectResponse("/dashboard")
 
+    add_docs(app)
     _document_spec(app)
     return app
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import zipfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -340,7 +341,8 @@ def test_unknown_ids_are_404(make_api):
                                 ("get", "/runs/999/export", "run_id"), ("post", "/runs/999/cancel", "run_id"),
                                 ("get", "/runs/999/report", "run_id"),
                                 ("get", "/trials/999", "trial_id")]:
-        r = api.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"}, json={} if method == "post" else None)
+        body = {} if method == "post" else None
+        r = api.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"}, json=body)
         assert r.status_code == 404, path
         [err] = r.json()["detail"]
         assert err["loc"] == ["path", param] and err["msg"].endswith("999 not found")
@@ -354,6 +356,24 @@ def test_dashboard_answers_ids_past_the_tables_with_its_404_page(api):
             assert r.status_code == 404 and f"There is no {what} {n}." in r.text, path
         page = api.get(f"/dashboard/?offset={n}")
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+
+
+def test_docs_and_redoc_load_nothing_from_other_hosts(api):
+    """Every script, stylesheet and icon of /docs and /redoc is served by the app itself."""
+    for page, needed in [("/docs", {"swagger-ui-bundle.js", "swagger-ui.css"}), ("/redoc", {"redoc.standalone.js"})]:
+        r = api.get(page)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert not re.findall(r"(?:https?:)?//[\w.-]+", r.text), page  # no host named anywhere in the page
+        assets = re.findall(r'(?:src|href)\s*=\s*["\']([^"\']+)', r.text)
+        assert needed <= {a.rsplit("/", 1)[-1] for a in assets}, assets
+        for url in assets:
+            got = api.get(url)
+            assert got.status_code == 200 and len(got.content) > 1000, url
+            kind = {"js": "javascript", "css": "text/css", "png": "image/png"}[url.rsplit(".", 1)[-1]]
+            assert kind in got.headers["content-type"], (url, got.headers["content-type"])
+            if kind == "javascript":  # what the scripts fetch when they run: ReDoc's logo was a CDN's
+                assert "cdn.redoc.ly" not in got.text and "cdn.jsdelivr.net" not in got.text, url
+        assert "'/openapi.json'" in r.text or '"/openapi.json"' in r.text
 
 
 def test_docs_openapi_and_root(api):

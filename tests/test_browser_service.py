@@ -65,3 +65,20 @@ def test_leaderboard_page_matches_the_api(page, served, problems):
     expected = [[r["estimator_label"], "float" if r["w_bits"] == 32 else f"W{r['w_bits']}A{r['a_bits']}"] for r in api]
     assert shown == expected and len(shown) == 5
     assert not problems
+
+
+def test_api_docs_draw_the_api_without_internet(page, served, problems):
+    """Swagger UI and ReDoc draw every operation from the app's own assets; the ``page`` fixture
+    aborts, and reports, any request that leaves loopback (a CDN)."""
+    url, _ = served
+    operations = {(method.upper(), path) for path, ops in httpx.get(f"{url}/openapi.json").json()["paths"].items()
+                  for method in ops}
+    page.goto(f"{url}/docs")
+    page.wait_for_selector(".opblock-summary-path[data-path='/runs/{run_id}/cancel']")
+    shown = page.eval_on_selector_all(".opblock", """els => els.map(e => [
+        e.querySelector('.opblock-summary-method').innerText, e.querySelector('.opblock-summary-path').dataset.path])""")
+    assert {tuple(s) for s in shown} == operations
+    page.goto(f"{url}/redoc")
+    page.wait_for_selector("text=Queue a sweep: one trial per grid cell.")
+    assert page.locator("h2", has_text="Create Run").count() == 1
+    assert not problems
