@@ -10,8 +10,11 @@ import json
 from contextlib import asynccontextmanager
 
 from dashboard import create_router as create_dashboard_router
-from fastapi import FastAPI
-from fastapi.responses import RedirectResponse
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import db
@@ -70,6 +73,22 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+async def method_not_allowed(request: Request, exc: StarletteHTTPException) -> Response:
+    """A 405 whose ``Allow`` names every method of the path (RFC 9110, 15.5.6), not only those of the
+    first route that matched it, as Starlette's does: GET and POST /runs are two routes."""
+
+    def matched(method: str) -> bool:
+        scope = {**request.scope, "method": method}
+        return any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes)
+
+    allowed = [m for m in HTTP_METHODS if matched(m)]
+    headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
+    return await http_exception_handler(request, StarletteHTTPException(exc.status_code, exc.detail, headers))
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     db.migrate(app.state.engine)
@@ -109,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = db.make_engine(settings.database_url)
     app.state.session_factory = db.session_factory(app.state.engine)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_exception_handler(405, method_not_allowed)
     app.include_router(api_router)
     app.include_router(create_dashboard_router(StoreSource(app.state.session_factory)), prefix="/dashboard")
 

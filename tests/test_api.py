@@ -184,6 +184,14 @@ def test_cross_site_writes_are_refused_token_or_not(make_api, token):
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
 
 
+def test_method_not_allowed_names_every_method_of_the_path(api):
+    for method, path, allow in [("options", "/runs", "GET, POST"), ("delete", "/runs", "GET, POST"),
+                                ("put", "/runs/1", "GET"), ("get", "/runs/1/cancel", "POST")]:
+        r = api.request(method, path)
+        assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.headers.get("allow"))
+        assert r.json() == {"detail": "Method Not Allowed"}
+
+
 def test_allowed_origins_setting():
     settings = Settings(allowed_origins="https://lab.example.org, http://10.0.0.5:8000")
     assert settings.allowed_origins == ["https://lab.example.org:443", "http://10.0.0.5:8000"]

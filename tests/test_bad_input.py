@@ -136,9 +136,10 @@ CASES = [
          headers={"Authorization": "Bearer not-it"}, settings={"api_token": TOKEN}),
     case("bad-token-on-cancel", ["header", "Authorization"], "token is wrong", status=401, url="/runs/1/cancel",
          json_={}, headers={"Authorization": "Bearer not-it"}, settings={"api_token": TOKEN}),
-    case("cancel-with-parameters", ["body", "now"], "extra inputs are not permitted", url="/runs/1/cancel",
-         json_={"now": True}),
-    case("cancel-body-a-list", ["body"], "valid dictionary", url="/runs/1/cancel", json_=[]),
+    case("cancel-with-parameters", ["body"], "takes no parameters", url="/runs/1/cancel", json_={"now": True}),
+    case("cancel-body-a-list", ["body"], "takes no parameters", url="/runs/1/cancel", json_=[]),
+    case("cancel-body-not-json", ["body"], "not json", url="/runs/1/cancel", content=b"}\xff\x16"),
+    case("cancel-body-deeply-nested", ["body"], "not json", url="/runs/1/cancel", content=b"[" * 100_000),
     # writes are JSON from this service's own pages (or from clients that send no Origin)
     case("form-body", ["header", "Content-Type"], "not 'application/x-www-form-urlencoded'", status=415,
          content=b"name=bad&estimators=aqe", headers={"Content-Type": "application/x-www-form-urlencoded"}),

@@ -2,6 +2,7 @@
 of writes (same-origin JSON, bearer token), the spec body."""
 from __future__ import annotations
 
+import json
 import secrets
 import typing
 from collections.abc import Iterator, Sequence
@@ -172,3 +173,23 @@ async def spec_body(request: Request, settings: SettingsDep) -> ExperimentSpec:
 
 
 SpecBody = Annotated[ExperimentSpec, Depends(spec_body)]
+
+NO_PARAMETERS_BODY = {  # how no_parameters' body shows in /docs
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "maxProperties": 0, "description": "{} (or an empty body): no parameters"}}}},
+}
+
+
+async def no_parameters(request: Request) -> None:
+    """The body of a write that takes no parameters: ``{}``, or nothing at all (422 otherwise)."""
+    raw = await request.body()
+    if not raw.strip():
+        return
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested past the parser's limit
+        raise RequestValidationError([{"loc": ["body"], "msg": f"the body is not JSON: {e}"[:300],
+                                       "type": "json_invalid"}]) from None
+    if value != {}:
+        raise RequestValidationError([{"loc": ["body"], "msg": "this request takes no parameters: send {} or nothing",
+                                       "type": "no_parameters"}])

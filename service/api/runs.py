@@ -7,13 +7,13 @@ import json
 import tempfile
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
 
 from service import report, store
 
-from .deps import WRITE_GUARDS, Offset, RowId, SessionDep, SpecBody, http_error, not_found
+from .deps import (NO_PARAMETERS_BODY, WRITE_GUARDS, Offset, RowId, SessionDep, SpecBody, http_error, no_parameters,
+                   not_found)
 from .schemas import ErrorOut, RunCreated, RunDetail, RunOut, RunPage, RunStatus, TrialOut
 
 router = APIRouter(prefix="/runs", tags=["runs"])
@@ -21,18 +21,13 @@ router = APIRouter(prefix="/runs", tags=["runs"])
 _EXPORT_COLUMNS = ("run_id", "trial_key", "estimator", "estimator_label", "w_bits", "a_bits", "seed",
                    *(f for f in store.METRIC_FIELDS if f != "schedule"))
 
+_SPEC_EXAMPLE = {"name": "digits: aqe vs ste", "dataset": "digits", "model": "digits_net", "estimators": ["aqe", "ste"],
+                 "bits": {"w": [1, 2], "a": 1}, "seeds": [0, 1], "epochs": 5}  # 10 trials, a minute on a CPU
 _SPEC_BODY = {  # the body is parsed by deps.spec_body; this documents it in /docs
     "requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/ExperimentSpec"}}}},
+        "schema": {"$ref": "#/components/schemas/ExperimentSpec"}, "example": _SPEC_EXAMPLE}}},
 }
 _WRITE_ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 413, 415, 422)}
-
-
-class CancelRequest(BaseModel):
-    """A cancel takes no parameters: its body is ``{}`` (or empty), sent as application/json."""
-
-    model_config = ConfigDict(extra="forbid")
-
 
 def _run_or_404(session, run_id: int) -> dict:
     run = store.get_run(session, run_id)
@@ -93,10 +88,9 @@ def list_run_trials(run_id: RowId, session: SessionDep):
 
 
 @router.post("/{run_id}/cancel", response_model=RunOut, status_code=status.HTTP_202_ACCEPTED,
-             dependencies=WRITE_GUARDS, openapi_extra={"requestBody": {"required": True}},
+             dependencies=[*WRITE_GUARDS, Depends(no_parameters)], openapi_extra=NO_PARAMETERS_BODY,
              responses={200: {"model": RunOut}, 404: {"model": ErrorOut}, **_WRITE_ERRORS})
-def cancel_run(run_id: RowId, session: SessionDep, response: Response,
-               body: Annotated[CancelRequest | None, Body(description="{} or nothing")] = None):
+def cancel_run(run_id: RowId, session: SessionDep, response: Response):
     """Cancel: a queued run stops at once (200); a running one is asked to stop (202)."""
     run = store.request_cancel(session, run_id)
     if run is None:
