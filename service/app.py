@@ -120,7 +120,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Which gradient estimator trains the best N-bit network?",
         description="Queue sweeps of estimators × bits × seeds; read runs, trials, metrics and leaderboards. "
-                    "Writes need `Authorization: Bearer <token>` when BITBENCH_API_TOKEN is set.",
+                    "Writes take `Content-Type: application/json`, from this service's own pages or from clients "
+                    "that send no `Origin`, and need `Authorization: Bearer <token>` when BITBENCH_API_TOKEN is set.",
         lifespan=_lifespan,
         docs_url=None, redoc_url=None,  # add_docs serves them, without a CDN
     )
