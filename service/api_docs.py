@@ -49,7 +49,8 @@ def add_docs(app: FastAPI) -> None:
         return get_swagger_ui_html(openapi_url=openapi, title=f"{app.title} - API",
                                    swagger_js_url=f"{assets}/swagger-ui-bundle.js",
                                    swagger_css_url=f"{assets}/swagger-ui.css",
-                                   swagger_favicon_url=f"{assets}/favicon.png", swagger_ui_parameters=SWAGGER_PARAMETERS)
+                                   swagger_favicon_url=f"{assets}/favicon.png",
+                                   swagger_ui_parameters=SWAGGER_PARAMETERS)
 
     @app.get(REDOC_URL, include_in_schema=False)
     def redoc(request: Request) -> HTMLResponse:

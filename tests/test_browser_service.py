@@ -76,7 +76,8 @@ def test_api_docs_draw_the_api_without_internet(page, served, problems):
     page.goto(f"{url}/docs")
     page.wait_for_selector(".opblock-summary-path[data-path='/runs/{run_id}/cancel']")
     shown = page.eval_on_selector_all(".opblock", """els => els.map(e => [
-        e.querySelector('.opblock-summary-method').innerText, e.querySelector('.opblock-summary-path').dataset.path])""")
+        e.querySelector('.opblock-summary-method').innerText,
+        e.querySelector('.opblock-summary-path').dataset.path])""")
     assert {tuple(s) for s in shown} == operations
     page.goto(f"{url}/redoc")
     page.wait_for_selector("text=Queue a sweep: one trial per grid cell.")
