@@ -83,3 +83,22 @@ def test_api_docs_draw_the_api_without_internet(page, served, problems):
     page.wait_for_selector("text=Queue a sweep: one trial per grid cell.")
     assert page.locator("h2", has_text="Create Run").count() == 1
     assert not problems
+
+
+def test_try_it_out_on_docs_queues_a_run(page, served, problems):
+    """A write from the service's own page passes the same-origin check: Swagger UI's "Try it out"
+    posts the documented example spec (with the browser's Origin) and gets 202."""
+    url, _ = served
+    before = httpx.get(f"{url}/runs").json()["total"]
+    page.goto(f"{url}/docs")
+    op = page.locator("#operations-runs-create_run_runs_post")
+    op.locator(".opblock-summary").click()
+    op.get_by_role("button", name="Try it out").click()
+    with page.expect_request(lambda r: r.method == "POST" and r.url == f"{url}/runs") as sent:
+        op.get_by_role("button", name="Execute").click()
+    assert sent.value.all_headers().get("origin") == url  # checked, and it is the service's own
+    status = op.locator(".live-responses-table tbody .response-col_status").first
+    status.wait_for()
+    assert status.inner_text().strip() == "202"
+    assert httpx.get(f"{url}/runs").json()["total"] == before + 1
+    assert not problems
