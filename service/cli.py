@@ -111,7 +111,7 @@ class Client:
         code, errors = response.status_code, _errors(response)
         if code == 401 and not self.token:
             fail("the server needs a token: set BITBENCH_API_TOKEN or pass --token")
-        if code in (401, 403):
+        if code == 401:
             fail("the token was refused")
         if code == 404:
             # the API names what is missing ("run 5 not found"); an unknown route only says "Not Found"
@@ -329,7 +329,7 @@ def report(
 def cancel(ctx: typer.Context, run_id: Annotated[int, typer.Argument(metavar="RUN")]) -> None:
     """Cancel a run: a queued one at once, a running one at its trials' next epoch."""
     client = _client(ctx)
-    run = client.body(client.request("POST", f"/runs/{run_id}/cancel"))
+    run = client.body(client.request("POST", f"/runs/{run_id}/cancel", json={}))
     if run["status"] == "running":
         typer.echo(f"run {run_id}: cancel requested; running trials stop at their next epoch")
     else:

@@ -33,6 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from .errors import public_reason
 from .tables import FINISHED, METRIC_FIELDS, RUN_STATUSES, metrics, runs, trials, utcnow
 
 FLOAT_LABEL = "float"
@@ -286,11 +287,12 @@ def record_epoch(s: Session, trial_id: int, metric: dict) -> bool:
 
 def record_trial_end(s: Session, trial_id: int, status: str, final: dict | None = None,
                      error: str | None = None) -> None:
-    """A trial ends (``done``, ``failed`` or ``cancelled``): status, final metrics, error."""
+    """A trial ends (``done``, ``failed`` or ``cancelled``): status, final metrics, error (kept as
+    :func:`service.errors.public_reason`: type and message, relative paths, no traceback)."""
     if status not in FINISHED:
         raise ValueError(f"a trial ends as one of {FINISHED}, not {status!r}")
     final = _jsonable(final) if final else None
-    values = {"status": status, "finished_at": utcnow(), "error": error, "final": final}
+    values = {"status": status, "finished_at": utcnow(), "error": public_reason(error), "final": final}
     if final:
         values.update({c: _num(final.get(c)) for c in FINAL_COLUMNS})
         for c in INTEGER_FINAL_COLUMNS:
@@ -417,16 +419,17 @@ def cancel_requested(s: Session, run_id: int) -> bool:
 
 def finish_run(s: Session, run_id: int, status: str, error: str | None = None, *,
                worker_id: str | None = None) -> bool:
-    """End a queued or running run as ``done``, ``failed`` or ``cancelled`` (with ``error``);
-    trials still queued or running become ``cancelled``. With ``worker_id``, only while that
-    worker holds it. Returns whether the run was changed."""
+    """End a queued or running run as ``done``, ``failed`` or ``cancelled`` (with ``error``, kept as
+    :func:`service.errors.public_reason`); trials still queued or running become ``cancelled``.
+    With ``worker_id``, only while that worker holds it. Returns whether the run was changed."""
     if status not in FINISHED:
         raise ValueError(f"a run finishes as one of {FINISHED}, not {status!r}")
     now = utcnow()
     conds = [runs.c.id == run_id, runs.c.status.in_(("queued", "running"))]
     if worker_id is not None:
         conds.append(runs.c.worker_id == worker_id)
-    changed = s.execute(update(runs).where(*conds).values(status=status, error=error, finished_at=now)).rowcount == 1
+    changed = s.execute(update(runs).where(*conds).values(status=status, error=public_reason(error),
+                                                          finished_at=now)).rowcount == 1
     if changed:
         _close_open_trials(s, [run_id], "cancelled", now)
     s.commit()

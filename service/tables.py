@@ -31,6 +31,9 @@ from sqlalchemy.types import TypeDecorator
 RUN_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 TRIAL_STATUSES = RUN_STATUSES
 FINISHED = ("done", "failed", "cancelled")
+# Row ids are SQL INTEGER, a 4-byte int4 on PostgreSQL: no row has an id outside 1 … MAX_ID, and
+# binding a larger number fails in the driver (PostgreSQL: integer out of range; SQLite: over 2^63).
+MAX_ID = 2**31 - 1
 
 metadata = MetaData(naming_convention={
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",

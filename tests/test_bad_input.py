@@ -32,7 +32,10 @@ def nested(path: str, value) -> dict:
 
 def case(id_, loc, reason, *, json_=None, content=None, status=422, method="post", url="/runs", headers=None,
          settings=None):
-    request = {"method": method, "url": url, "headers": headers or {}}
+    headers = headers or {}
+    if content is not None and "Content-Type" not in headers:
+        headers = {**headers, "Content-Type": "application/json"}
+    request = {"method": method, "url": url, "headers": headers}
     if json_ is not None:
         request["json"] = json_
     if content is not None:
@@ -132,8 +135,7 @@ CASES = [
     case("unknown-field-in-estimator", ["body", "estimators", 0, "param"], "extra inputs are not permitted",
          json_=spec(estimators=[{"name": "aqe", "param": {}}])),
     # not a spec at all
-    case("not-json", ["body"], "invalid json", content=b"name=bad&estimators=aqe",
-         headers={"Content-Type": "application/x-www-form-urlencoded"}),
+    case("not-json", ["body"], "invalid json", content=b"name=bad&estimators=aqe"),
     case("truncated-json", ["body"], "invalid json", content=json.dumps(VALID)[:-3].encode()),
     case("empty-body", ["body"], "invalid json", content=b""),
     case("json-array", ["body"], "should be an object", json_=[VALID]),
@@ -151,7 +153,25 @@ CASES = [
     case("bad-token", ["header", "Authorization"], "token is wrong", status=401, json_=VALID,
          headers={"Authorization": "Bearer not-it"}, settings={"api_token": TOKEN}),
     case("bad-token-on-cancel", ["header", "Authorization"], "token is wrong", status=401, url="/runs/1/cancel",
-         headers={"Authorization": "Bearer not-it"}, settings={"api_token": TOKEN}),
+         json_={}, headers={"Authorization": "Bearer not-it"}, settings={"api_token": TOKEN}),
+    case("cancel-with-parameters", ["body"], "takes no parameters", url="/runs/1/cancel", json_={"now": True}),
+    case("cancel-body-a-list", ["body"], "takes no parameters", url="/runs/1/cancel", json_=[]),
+    case("cancel-body-not-json", ["body"], "not json", url="/runs/1/cancel", content=b"}\xff\x16"),
+    case("cancel-body-deeply-nested", ["body"], "not json", url="/runs/1/cancel", content=b"[" * 100_000),
+    # writes are JSON from this service's own pages (or from clients that send no Origin)
+    case("form-body", ["header", "Content-Type"], "not 'application/x-www-form-urlencoded'", status=415,
+         content=b"name=bad&estimators=aqe", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+    case("text-plain-body", ["header", "Content-Type"], "not 'text/plain'", status=415, content=json.dumps(VALID),
+         headers={"Content-Type": "text/plain"}),
+    case("no-content-type", ["header", "Content-Type"], "no content-type", status=415, content=json.dumps(VALID),
+         headers={"Content-Type": ""}),
+    case("cancel-without-json", ["header", "Content-Type"], "no content-type", status=415, url="/runs/1/cancel"),
+    case("foreign-origin", ["header", "Origin"], "is refused", status=403, json_=VALID,
+         headers={"Origin": "https://evil.example"}),
+    case("foreign-origin-with-token", ["header", "Origin"], "is refused", status=403, json_=VALID,
+         headers={"Origin": "https://evil.example", "Authorization": f"Bearer {TOKEN}"}, settings={"api_token": TOKEN}),
+    case("foreign-origin-on-cancel", ["header", "Origin"], "is refused", status=403, url="/runs/1/cancel", json_={},
+         headers={"Origin": "http://testserver.evil.example"}),
     case("idempotency-key-too-long", ["header", "Idempotency-Key"], "at most 200 characters", json_=VALID,
          headers={"Idempotency-Key": "k" * 201}),
     # query and path parameters
@@ -161,6 +181,22 @@ CASES = [
     case("run-id-not-int", ["path", "run_id"], "valid integer", method="get", url="/runs/abc"),
     case("export-format", ["query", "format"], "'csv' or 'json'", method="get", url="/runs/1/export?format=xml"),
     case("unknown-run", ["path", "run_id"], "run 424242 not found", status=404, method="get", url="/runs/424242"),
+    # ids are SQL INTEGER: one past PostgreSQL's int4 or SQLite's int64 is refused before the database
+    *(case(f"{name}-{n}", ["path", param], "less than or equal to 2147483647", method=method, url=url.format(n),
+           json_=json_)
+      for n in (2**31, 2**63) for name, method, url, param in [
+          ("run", "get", "/runs/{}", "run_id"), ("run-trials", "get", "/runs/{}/trials", "run_id"),
+          ("export", "get", "/runs/{}/export", "run_id"), ("report", "get", "/runs/{}/report", "run_id"),
+          ("cancel", "post", "/runs/{}/cancel", "run_id"), ("trial", "get", "/trials/{}", "trial_id")]
+      for json_ in [{} if method == "post" else None]),
+    case("run-id-0", ["path", "run_id"], "greater than or equal to 1", method="get", url="/runs/0"),
+    case("trial-id-negative", ["path", "trial_id"], "greater than or equal to 1", method="get", url="/trials/-1"),
+    case("offset-over-int4", ["query", "offset"], "less than or equal to 2147483647", method="get",
+         url=f"/runs?offset={2**31}"),
+    case("offset-over-int64", ["query", "offset"], "less than or equal to 2147483647", method="get",
+         url=f"/runs?offset={2**63}"),
+    case("leaderboard-run-id-over-int4", ["query", "run_id"], "less than or equal to 2147483647", method="get",
+         url=f"/leaderboard?run_id={2**31}"),
 ]
 
 
