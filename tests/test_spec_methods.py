@@ -47,6 +47,7 @@ def test_every_registered_method_makes_a_valid_spec():
     ({"methods": ["bogus"]}, "methods.0", "unknown method 'bogus'; known: binaryconnect, bnn"),
     ({"methods": [{"name": "bnn", "bits": [{"w": 2, "a": 2}]}]}, "methods.0", "method 'bnn' has no cell W2A2"),
     ({"methods": ["bnn", "bnn"]}, "methods", "duplicate methods: bnn"),
+    ({"methods": [{"name": "bnn", "bits": []}]}, "methods.0", "at least 1 item"),
     ({"estimators": [], "methods": []}, "", "list at least one estimator or method"),
     ({}, "", "list at least one estimator or method"),
     ({"estimators": ["dorefa"], "methods": ["dorefa"]}, "", "share the label 'dorefa'"),

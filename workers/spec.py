@@ -43,7 +43,10 @@ def max_trials() -> int:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown fields are refused, and values are not coerced: ``"3"``, ``3.0`` or ``true`` is no
+    integer, ``1`` no boolean (what the published JSON schema says is what the server takes)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 Bits = Annotated[int, Field(description="1–8, or 32 for float"), Keywords(enum=list(ALLOWED_BITS))]
@@ -123,7 +126,7 @@ class MethodChoice(_Strict):
     first/last-layer policy. ``bits`` keeps a subset of the method's cells (default: all of them)."""
 
     name: MethodName
-    bits: Annotated[list[BitsConfig], Keywords(minItems=1)] | None = None
+    bits: Annotated[list[BitsConfig], Field(min_length=1)] | None = None
 
     @model_validator(mode="after")
     def _registered(self):
@@ -240,7 +243,8 @@ class ExperimentSpec(_Strict):
             return DatasetOptions.model_construct()
         if isinstance(v, DatasetOptions):
             v = v.model_dump(exclude_unset=True)
-        return options_model(name).model_validate(v) if isinstance(v, dict) else v  # else: not an object
+        # strict, as the rest of the spec (Python callers of load_dataset may pass a tuple for a list)
+        return options_model(name).model_validate(v, strict=True) if isinstance(v, dict) else v  # else: not an object
 
     @field_serializer("dataset_options")
     def _given_options(self, v: DatasetOptions, info: FieldSerializationInfo) -> dict[str, Any]:
