@@ -63,3 +63,21 @@ def test_specs_without_methods_keep_their_hash():
     assert parse_spec({**BASE, "estimators": ["aqe"], "methods": []}).spec_hash() == spec.spec_hash()
     with_method = parse_spec({**BASE, "estimators": ["aqe"], "methods": ["bnn"]})
     assert parse_spec(with_method.canonical_json()) == with_method and with_method.spec_hash() != spec.spec_hash()
+
+
+@pytest.mark.parametrize("path, table", [
+    ("studies/paper_table3_cifar_resnet110_densenet100.json", "III"),
+    ("studies/paper_table4_imagenet_alexnet_bn.json", "IV"),
+    ("studies/paper_table5_imagenet_resnet18.json", "V"),
+])
+def test_the_paper_table_studies_run_every_cell_the_table_prints(path, table):
+    import json
+    from pathlib import Path
+
+    data = json.loads((Path(__file__).resolve().parents[1] / path).read_text())
+    specs = [parse_spec(d) for d in (data if isinstance(data, list) else [data])]
+    ran = {(t.method, t.w_bits, t.a_bits) for s in specs for t in s.trials() if t.method}
+    printed = {(name, c.w_bits, c.a_bits) for name in list_methods() for c in get_method(name).cells
+               if table in c.tables}
+    assert ran == printed
+    assert all(s.description and s.include_full_precision for s in specs)

@@ -200,6 +200,8 @@ class ExperimentSpec(_Strict):
     model (DESIGN.md §3)."""
 
     name: str = Field(..., min_length=1, max_length=200)
+    description: str = Field("", max_length=4000, description="free text: where the recipe comes from, what "
+                             "the paper left open and what was chosen")
     dataset: Annotated[str, Keywords(enum=list_datasets)] = "digits"
     model: Annotated[str, Keywords(enum=_model_names)] = "digits_net"
     estimators: Annotated[list[Union[EstimatorName, EstimatorChoice]], Keywords(uniqueItems=True)] = Field(
@@ -372,7 +374,7 @@ class ExperimentSpec(_Strict):
 
     #: fields added after specs were first stored: left out of the canonical JSON while they hold
     #: their default, so the hash (and the Tune experiment named by it) of an older spec never changes
-    ADDED_LATER: ClassVar[tuple[str, ...]] = ("bn_reestimate", "methods")
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("bn_reestimate", "methods", "description")
 
     def canonical_json(self) -> str:
         """The normalised spec as canonical JSON (sorted keys, defaults filled but those of
