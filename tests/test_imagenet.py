@@ -5,8 +5,6 @@ noise around its class's colour, so a crop's mean colour says which class it cam
 """
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
@@ -16,7 +14,8 @@ from estimators import UnknownNameError
 from workers.data.folder import IMAGENET_MEAN, IMAGENET_STD, FolderSplits, random_size_box
 from workers.datasets import DatasetMissingError, load_dataset
 from workers.spec import parse_spec
-from workers.train import METRIC_KEYS, run_trial
+from tests.test_train import train
+from workers.train import METRIC_KEYS
 
 CLASSES = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331"]
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40), (40, 200, 200), (120, 120, 120)]
@@ -216,16 +215,7 @@ def imagenet_spec(model, epochs=1, **over):
 
 
 def trained(spec, root, **kw):
-    seen = []
-
-    def on_epoch(metrics, state):
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        buf.seek(0)
-        seen.append((metrics, torch.load(buf, weights_only=False)))
-
-    trial = spec.trials()[0]
-    return run_trial(spec, trial, on_epoch=on_epoch, data_dir=root, threads=1, **kw), seen
+    return train(spec, spec.trials()[0].key, data_dir=root, **kw)
 
 
 def test_run_trial_trains_resnet18_on_the_folder_with_top5(root):

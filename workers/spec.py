@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
@@ -40,6 +41,11 @@ DEFAULT_MAX_TRIALS = 2000
 def max_trials() -> int:
     """The grid-size limit: ``BITBENCH_MAX_TRIALS`` or 2,000."""
     return int(os.environ.get("BITBENCH_MAX_TRIALS", DEFAULT_MAX_TRIALS))
+
+
+def _repeated(labels: list) -> list:
+    """The labels that occur more than once, sorted (linear: a long list in a POST costs no more)."""
+    return sorted(x for x, n in Counter(labels).items() if n > 1)
 
 
 class _Strict(BaseModel):
@@ -260,35 +266,25 @@ class ExperimentSpec(_Strict):
             raise ValueError(f"unknown model {v!r}; known: {', '.join(_model_names())}")
         return v
 
-    @field_validator("estimators", mode="before")
+    @field_validator("estimators", "methods", mode="before")
     @classmethod
-    def _normalise_estimators(cls, v):
+    def _names_as_choices(cls, v):
+        """A bare name stands for ``{"name": name}``."""
         if isinstance(v, list):
             return [{"name": e} if isinstance(e, str) else e for e in v]
-        return v
-
-    @field_validator("methods", mode="before")
-    @classmethod
-    def _normalise_methods(cls, v):
-        if isinstance(v, list):
-            return [{"name": m} if isinstance(m, str) else m for m in v]
         return v
 
     @field_validator("methods")
     @classmethod
     def _unique_methods(cls, v):
-        names = [m.name for m in v]
-        dupes = sorted({x for x in names if names.count(x) > 1})
-        if dupes:
+        if dupes := _repeated([m.name for m in v]):
             raise ValueError(f"duplicate methods: {', '.join(dupes)} (list each once; 'bits' chooses its cells)")
         return v
 
     @field_validator("estimators")
     @classmethod
     def _unique_estimators(cls, v):
-        labels = [e.label for e in v]
-        dupes = sorted({x for x in labels if labels.count(x) > 1})
-        if dupes:
+        if dupes := _repeated([e.label for e in v]):
             raise ValueError(f"duplicate estimators (same name and parameters): {', '.join(dupes)}")
         return v
 
@@ -298,8 +294,7 @@ class ExperimentSpec(_Strict):
         cells = [c for b in (v if isinstance(v, list) else [v]) for c in b.cells()]
         if not cells:
             raise ValueError("must not be empty")
-        dupes = sorted({c for c in cells if cells.count(c) > 1})
-        if dupes:
+        if dupes := _repeated(cells):
             raise ValueError(f"duplicate bit configurations: {', '.join(f'W{w}A{a}' for w, a in dupes)}")
         if (FLOAT, FLOAT) in cells:
             raise ValueError("W32A32 is the full-precision reference: use include_full_precision instead")
@@ -308,8 +303,8 @@ class ExperimentSpec(_Strict):
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, v):
-        if len(set(v)) != len(v):
-            raise ValueError(f"duplicate seeds: {sorted({s for s in v if v.count(s) > 1})}")
+        if dupes := _repeated(v):
+            raise ValueError(f"duplicate seeds: {dupes}")
         if any(s < 0 or s > MAX_SEED for s in v):
             raise ValueError("seeds must lie in [0, 2^32 − 1]")
         return v
