@@ -1,6 +1,7 @@
 """workers.train.run_trial without Ray: the metrics contract, schedules, seeding, bit-exact resume."""
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -8,7 +9,9 @@ import torch
 
 import estimators
 from workers.spec import parse_spec
-from workers.train import FINAL_KEYS, METRIC_KEYS, build_model, build_scheduler, run_trial
+import workers.train
+from estimators.layers import QUANTIZED_LAYERS
+from workers.train import FINAL_KEYS, METRIC_KEYS, build_model, build_scheduler, evaluate, run_trial
 from workers.datasets import load_dataset
 
 TIMING = ("epoch_seconds", "images_per_s")
@@ -129,6 +132,72 @@ def test_same_seed_same_run_other_seed_other_run():
     c = train(spec, "ste-w1a1-s1")[1][0][0]
     assert no_timing(a) == no_timing(b)
     assert no_timing(a) != no_timing(c)
+
+
+def test_data_order_follows_the_seed(monkeypatch):
+    """Two seeds of one trial shuffle differently (the split is fixed, so only the loader's order can differ);
+    the same seed repeats its order."""
+    orders = []
+    real_train_epoch = workers.train.train_epoch
+
+    def spy(model, opt, batches):
+        labels = []
+
+        def recorded():
+            for xb, yb in batches:
+                labels.append(yb.clone())
+                yield xb, yb
+        out = real_train_epoch(model, opt, recorded())
+        orders.append(torch.cat(labels))
+        return out
+
+    monkeypatch.setattr(workers.train, "train_epoch", spy)
+    spec = make_spec(epochs=1, seeds=[0, 1], estimators=["ste"], include_full_precision=False)
+    for key in ("ste-w1a1-s0", "ste-w1a1-s0", "ste-w1a1-s1"):
+        train(spec, key)
+    same, again, other = orders
+    assert torch.equal(same, again)
+    assert torch.equal(same.sort().values, other.sort().values)  # the same images ...
+    assert not torch.equal(same, other)  # ... in another order
+
+
+def test_latent_weights_stay_clipped_at_a_large_lr():
+    """Plain SGD at lr 5 pushes AQE's latent weights far beyond [−1, 1] (to 11.8 unclipped); the trainer
+    clips them after every step."""
+    spec = make_spec(epochs=1, estimators=["aqe"], include_full_precision=False, optimizer={"name": "sgd", "lr": 5.0})
+    trial = trial_of(spec, "aqe-w1a1-s0")
+    _, seen = train(spec, trial.key)
+    model = build_model(spec, trial, load_dataset("digits", seed=0))
+    model.load_state_dict(seen[-1][1]["model"])
+    latent = [m.weight for m in model.modules()
+              if isinstance(m, QUANTIZED_LAYERS) and m.weight_quantizer is not None
+              and m.weight_quantizer.clip_weights == (-1.0, 1.0)]
+    assert latent
+    assert max(w.abs().max().item() for w in latent) == 1.0  # reached the bound, never beyond it
+
+
+def test_evaluate_runs_in_eval_mode():
+    """evaluate() uses the running BatchNorm statistics and hard quantizers, and changes no buffer,
+    whatever mode the model was left in."""
+    spec = make_spec(estimators=["aqe"], include_full_precision=False)
+    data = load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    model = build_model(spec, trial_of(spec, "aqe-w1a1-s0"), data)
+    model.train()
+    for xb, _ in data.loader("train", 64):  # running statistics away from their initial 0 / 1
+        model(xb)
+    before = copy.deepcopy(model.state_dict())
+    model.train()
+    got = evaluate(model, data.loader("test", 64))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+    with torch.no_grad():
+        want = (model(data.test_x).argmax(1) == data.test_y).sum().item() / len(data.test_y)
+    assert got == want
+    model.train()
+    with torch.no_grad():
+        in_train_mode = [(model(xb).argmax(1) == yb).sum().item() for xb, yb in data.loader("test", 64)]
+    assert sum(in_train_mode) / len(data.test_y) != want  # the modes do differ here
 
 
 @pytest.mark.parametrize("schedule, expected", [
