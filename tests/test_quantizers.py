@@ -60,6 +60,9 @@ def test_pow2_thresholds_scale_with_max():
 def test_pow2_rejects_bad_thresholds():
     with pytest.raises(ValueError, match="3 increasing positive thresholds"):
         Qz.pow2(torch.ones(3), bits=3, thresholds=(0.1, 0.05, 0.2))
+    for bad in [(0.05, 0.05, 0.2), (0.0, 0.1, 0.2), (-0.1, 0.1, 0.2), (0.1, 0.2), (0.1, 0.2, 0.3, 0.4)]:
+        with pytest.raises(ValueError, match="3 increasing positive thresholds"):  # ties, zero, sign, count
+            Qz.pow2(torch.ones(3), bits=3, thresholds=bad)
     with pytest.raises(ValueError, match="bits >= 3"):
         Qz.pow2_thresholds(2)
 

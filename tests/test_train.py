@@ -134,9 +134,9 @@ def test_same_seed_same_run_other_seed_other_run():
     assert no_timing(a) != no_timing(c)
 
 
-def test_data_order_follows_the_seed(monkeypatch):
-    """Two seeds of one trial shuffle differently (the split is fixed, so only the loader's order can differ);
-    the same seed repeats its order."""
+@pytest.fixture
+def epoch_labels(monkeypatch):
+    """The training labels of every epoch, in the order the trainer's batches brought them."""
     orders = []
     real_train_epoch = workers.train.train_epoch
 
@@ -152,13 +152,37 @@ def test_data_order_follows_the_seed(monkeypatch):
         return out
 
     monkeypatch.setattr(workers.train, "train_epoch", spy)
+    return orders
+
+
+def test_data_order_follows_the_seed(epoch_labels):
+    """Two seeds of one trial shuffle differently (the split is fixed, so only the loader's order can differ);
+    the same seed repeats its order; every training image comes once per epoch."""
     spec = make_spec(epochs=1, seeds=[0, 1], estimators=["ste"], include_full_precision=False)
     for key in ("ste-w1a1-s0", "ste-w1a1-s0", "ste-w1a1-s1"):
         train(spec, key)
-    same, again, other = orders
+    same, again, other = epoch_labels
     assert torch.equal(same, again)
-    assert torch.equal(same.sort().values, other.sort().values)  # the same images ...
+    train_y = load_dataset("digits", seed=0).train_y
+    assert torch.equal(same.sort().values, train_y.sort().values)
+    assert torch.equal(other.sort().values, train_y.sort().values)  # the same images ...
     assert not torch.equal(same, other)  # ... in another order
+
+
+def test_a_last_batch_of_one_is_dropped(epoch_labels):
+    """BatchNorm cannot train on one sample: 1077 training images in batches of 269 leave one out."""
+    spec = make_spec(epochs=1, estimators=["ste"], include_full_precision=False, batch_size=269)
+    train(spec, "ste-w1a1-s0")
+    assert len(load_dataset("digits", seed=0).train_y) == 1077 and len(epoch_labels[0]) == 1076
+
+
+def test_best_epoch_is_the_first_of_equal_validation_accuracies(monkeypatch):
+    monkeypatch.setattr(workers.train, "evaluate", lambda model, batches: 0.5)
+    spec = make_spec(epochs=3, estimators=["ste"], include_full_precision=False)
+    final, seen = train(spec, "ste-w1a1-s0")
+    assert [m["val_acc"] for m, _ in seen] == [0.5, 0.5, 0.5]
+    assert final["best_epoch"] == 1 and final["best_val_acc"] == 0.5
+    assert [s["best"] for _, s in seen] == [{"val_acc": 0.5, "epoch": 1}] * 3
 
 
 def test_latent_weights_stay_clipped_at_a_large_lr():
