@@ -57,6 +57,12 @@ def test_pow2_thresholds_scale_with_max():
     assert Qz.pow2(x, bits=3, thresholds=(0.05, 0.2, 0.5)).tolist() == [0.25, 0.5, 1]
 
 
+def test_pow2_per_sample_statistics():
+    x = torch.tensor([[0.1, 0.05, 1.0], [10.0, 5.0, 100.0]])  # each row's M is its own max: the same levels
+    assert Qz.pow2(x, bits=3, dims="sample").tolist() == [[0.5, 0.25, 1], [0.5, 0.25, 1]]
+    assert Qz.pow2(x, bits=3).tolist() == [[0, 0, 0], [0.5, 0.25, 1]]  # one M = 100 for the whole tensor
+
+
 def test_pow2_rejects_bad_thresholds():
     with pytest.raises(ValueError, match="3 increasing positive thresholds"):
         Qz.pow2(torch.ones(3), bits=3, thresholds=(0.1, 0.05, 0.2))
