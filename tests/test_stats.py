@@ -61,12 +61,12 @@ def trial(label, w, a, seed, acc):
 
 
 def test_paired_comparisons_use_common_seeds_per_bit_configuration():
-    trials = [trial("aqe", 1, 1, s, 0.80 + 0.01 * s) for s in (0, 1, 2)] + [
-        trial("ste", 1, 1, s, 0.70 + 0.01 * s) for s in (1, 2, 3)] + [
-        trial("ste", 1, 1, 0, None),  # unfinished: not a pair
-        trial("aqe", 2, 2, 0, 0.9), trial("ste", 2, 2, 5, 0.9),  # no common seed: no row
-        trial("aqe", 32, 32, 0, 0.95), trial("ewgs", 1, 1, 1, 0.5)]  # no partner: no row
+    trials = [trial("aqe", 2, 2, s, 0.80 + 0.01 * s) for s in (0, 1, 2)] + [
+        trial("ste", 2, 2, s, 0.70 + 0.01 * s) for s in (1, 2, 3)] + [
+        trial("ste", 2, 2, 0, None),  # unfinished: not a pair
+        trial("aqe", 1, 1, 0, 0.9), trial("ste", 1, 1, 5, 0.9),  # no common seed at W1A1 (sorted first): no row
+        trial("aqe", 32, 32, 0, 0.95), trial("ewgs", 2, 2, 1, 0.5)]  # no partner: no row
     rows = paired_comparisons(trials, ["aqe"], ["ste", "ewgs"])
     assert [(r["candidate"], r["baseline"], r["bits"], r["seeds"]) for r in rows] == [
-        ("aqe", "ste", "W1A1", [1, 2]), ("aqe", "ewgs", "W1A1", [1])]
+        ("aqe", "ste", "W2A2", [1, 2]), ("aqe", "ewgs", "W2A2", [1])]
     assert rows[0]["n"] == 2 and rows[0]["diff"] == pytest.approx(0.10) and rows[1]["diff"] == pytest.approx(0.31)
