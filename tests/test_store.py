@@ -338,9 +338,12 @@ def test_sink_stores_non_finite_and_numpy_values(session, sessions):
     rid = store.create_run(session, make_spec())[0]["id"]
     sink = SqlSink(sessions, rid)
     sink.on_epoch("ste-w2a2-s1", {**epoch_metrics(1), "train_loss": float("nan"), "lr": np.float32(0.5),
-                                  "schedule": {"a": np.float64(0.25), "b": float("inf")}})
+                                  "schedule": {"a": np.float64(0.25), "b": float("inf"), "c": np.float32(0.125),
+                                               "d": np.int64(3), "e": np.float32("nan")}})
     (m,) = store.trial_metrics(session, store.trial_ids(session, rid)["ste-w2a2-s1"])
-    assert m["train_loss"] is None and m["lr"] == 0.5 and m["schedule"] == {"a": 0.25, "b": None}
+    assert m["train_loss"] is None and m["lr"] == 0.5
+    assert m["schedule"] == {"a": 0.25, "b": None, "c": 0.125, "d": 3, "e": None}
+    assert [type(m["schedule"][k]) for k in "acd"] == [float, float, int]
 
 
 def test_export_rows(session, sessions):
