@@ -373,6 +373,17 @@ def test_leaderboard_interval_is_clipped_to_accuracy_bounds(session, sessions):
     assert got["ste"]["ci_low"] == 0.0 and got["ste"]["ci_high"] == pytest.approx(0.04 + half, rel=1e-6)
 
 
+def test_leaderboard_orders_by_total_bits_with_the_float_reference_last(session, sessions):
+    """W1A32 (float activations) has 33 bits: after W2A2, before the full-precision reference."""
+    spec = make_spec(estimators=["ste"], bits=[{"w": 2, "a": 2}, {"w": 1, "a": 32}, {"w": 1, "a": 1}], seeds=[0])
+    rid = store.create_run(session, spec)[0]["id"]
+    sink = SqlSink(sessions, rid)
+    for key in ("ste-w1a32-s0", "float-w32a32-s0", "ste-w2a2-s0", "ste-w1a1-s0"):
+        sink.on_trial_end(key, "done", {"final_test_acc": 0.5}, None)
+    board = store.leaderboard(session, run_id=rid)
+    assert [(r["w_bits"], r["a_bits"]) for r in board] == [(1, 1), (2, 2), (1, 32), (32, 32)]
+
+
 def test_leaderboard_matches_a_hand_computation(session, sessions):
     spec = make_spec(seeds=[0, 1, 2])
     mnist = make_spec("m", dataset="mnist", estimators=["ste"], seeds=[0])
