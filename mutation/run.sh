@@ -11,11 +11,12 @@ names=("$@")
 [ ${#names[@]} -gt 0 ] || names=($(ls mutation/*.toml | xargs -n1 basename | sed 's/\.toml$//'))
 for name in "${names[@]}"; do
     cfg=mutation/$name.toml db=mutation/sessions/$name.sqlite
-    if [ ! -f "$db" ]; then
-        cosmic-ray init "$cfg" "$db"
-        cr-filter-operators "$db" "$cfg"
-        python mutation/thin.py "$db"
+    if [ ! -f "$db" ]; then  # a new session: built under a temporary name, so a stopped init starts over
         nice -n 15 cosmic-ray baseline "$cfg"  # the unmutated tree must pass its subset
+        cosmic-ray init "$cfg" "$db.new"
+        cr-filter-operators "$db.new" "$cfg"
+        python mutation/thin.py "$db.new"
+        mv "$db.new" "$db"
     fi
     echo "== $name: $(date -u +%FT%TZ)"
     nice -n 15 cosmic-ray exec "$cfg" "$db"
