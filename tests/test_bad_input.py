@@ -117,6 +117,7 @@ CASES = [
     case("seeds-empty", ["body", "seeds"], "at least 1 item", json_=spec(seeds=[])),
     case("seeds-duplicate", ["body", "seeds"], "duplicate seeds", json_=spec(seeds=[0, 1, 0])),
     case("seeds-negative", ["body", "seeds"], "[0, 2^32", json_=spec(seeds=[-1])),
+    case("seeds-2^32", ["body", "seeds"], "[0, 2^32", json_=spec(seeds=[0, 2**32])),
     case("epochs-0", ["body", "epochs"], "greater than or equal to 1", json_=spec(epochs=0)),
     case("epochs-1e6", ["body", "epochs"], "less than or equal to 10000", json_=spec(epochs=1_000_000)),
     case("batch-size-0", ["body", "batch_size"], "greater than or equal to 1", json_=spec(batch_size=0)),

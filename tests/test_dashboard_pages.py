@@ -171,13 +171,15 @@ def test_unknown_is_404(client, path):
 
 
 def test_hostile_text_is_escaped(client):
-    for path in ("/dashboard/", "/dashboard/runs/2", "/dashboard/runs/2/report.html", "/dashboard/trials/21"):
+    for path in ("/dashboard/", "/dashboard/runs/2", "/dashboard/runs/2/report.html", "/dashboard/trials/21",
+                 "/dashboard/leaderboard?dataset=cifar100&model=convnet_d"):
         body = client.get(path).text
         assert SCRIPT_NAME not in body, path
         assert "<img src=x" not in body, path
     runs_page = client.get("/dashboard/").text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in runs_page
-    assert "&lt;img src=x onerror=&quot;alert(2)&quot;&gt;" in client.get("/dashboard/runs/2").text
+    for path in ("/dashboard/runs/2", "/dashboard/leaderboard?dataset=cifar100&model=convnet_d"):
+        assert "&lt;img src=x onerror=&quot;alert(2)&quot;&gt;" in client.get(path).text, path
 
 
 def _script_srcs(body):

@@ -4,6 +4,7 @@ The reference formulas below are written independently of the implementation, fr
 papers (see each estimator's docstring). Inputs are random, several shapes, float32 and float64.
 """
 import functools
+import hashlib
 import math
 
 import pytest
@@ -14,6 +15,11 @@ import estimators as E
 SHAPES = [(7,), (16, 10), (4, 3, 5, 5)]
 DTYPES = [torch.float32, torch.float64]
 P = 0.3  # training progress e/E used for scheduled estimators
+
+
+def stable_seed(*parts) -> int:
+    """A seed from the test's parameters that is the same in every process (``hash()`` of a str is not)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") % 2**31
 
 
 def mask(c):
@@ -148,13 +154,18 @@ def test_backward_matches_formula(case, shape, dtype, role, bits):
     params, ref = REFERENCES[case]
     est = E.create_estimator(name, bits=bits, role=role, **params)
     est.set_progress(3, 10)
-    torch.manual_seed(hash((case, shape, role, bits)) % 2**31)
+    torch.manual_seed(stable_seed(case, shape, role, bits))
     x = torch.randn(shape, dtype=dtype) * 1.2
     g = torch.randn(shape, dtype=dtype)
     got = _grad(est, x, g)
     want = ref(x.double(), g.double(), est)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_input_seeds_are_the_same_in_every_process():
+    # pinned: a failure above is reproduced by rerunning it, whatever PYTHONHASHSEED the process drew
+    assert stable_seed("ste", (7,), "weight", 1) == 1939479238
 
 
 def test_every_registered_estimator_has_a_gradient_test():

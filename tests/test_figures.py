@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import count
 
 import pytest
 
@@ -10,8 +11,11 @@ from dashboard import figures
 from dashboard.paper_results import paper_points
 
 
+_IDS = count(1)
+
+
 def trial(estimator, w, a, seed, acc, label=None, status="done"):
-    return {"id": hash((estimator, label, w, a, seed)), "run_id": 1, "estimator": estimator,
+    return {"id": next(_IDS), "run_id": 1, "estimator": estimator,
             "estimator_label": label or estimator, "w_bits": w, "a_bits": a, "seed": seed, "status": status,
             "final_test_acc": acc if status == "done" else None}
 

@@ -71,6 +71,16 @@ def test_errors_name_the_field_and_the_reason(patch, field, reason):
     assert any(loc.startswith(field) and reason in msg for loc, msg in errs), errs
 
 
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])
+def test_seed_range_ends_are_accepted(seed):
+    assert {t.seed for t in parse_spec({**BASE, "seeds": [seed]}).trials()} == {seed}
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**63])
+def test_seed_outside_uint32_is_refused(seed):
+    assert errors({**BASE, "seeds": [seed]}) == [("seeds", "Value error, seeds must lie in [0, 2^32 − 1]")]
+
+
 def test_grid_limit_is_configurable(monkeypatch):
     big = {**BASE, "seeds": list(range(10))}  # 30 trials
     assert any("over the limit of 20" in msg for _, msg in errors(big, max_trials_limit=20))

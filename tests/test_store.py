@@ -339,9 +339,12 @@ def test_sink_stores_non_finite_and_numpy_values(session, sessions):
     rid = store.create_run(session, make_spec())[0]["id"]
     sink = SqlSink(sessions, rid)
     sink.on_epoch("ste-w2a2-s1", {**epoch_metrics(1), "train_loss": float("nan"), "lr": np.float32(0.5),
-                                  "schedule": {"a": np.float64(0.25), "b": float("inf")}})
+                                  "schedule": {"a": np.float64(0.25), "b": float("inf"), "c": np.float32(0.125),
+                                               "d": np.int64(3), "e": np.float32("nan")}})
     (m,) = store.trial_metrics(session, store.trial_ids(session, rid)["ste-w2a2-s1"])
-    assert m["train_loss"] is None and m["lr"] == 0.5 and m["schedule"] == {"a": 0.25, "b": None}
+    assert m["train_loss"] is None and m["lr"] == 0.5
+    assert m["schedule"] == {"a": 0.25, "b": None, "c": 0.125, "d": 3, "e": None}
+    assert [type(m["schedule"][k]) for k in "acd"] == [float, float, int]
 
 
 def test_export_rows(session, sessions):
@@ -369,6 +372,17 @@ def test_leaderboard_interval_is_clipped_to_accuracy_bounds(session, sessions):
     got = {r["estimator_label"]: r for r in store.leaderboard(session, run_id=rid)}
     assert got["aqe"]["ci_low"] == pytest.approx(0.98 - half, rel=1e-6) and got["aqe"]["ci_high"] == 1.0
     assert got["ste"]["ci_low"] == 0.0 and got["ste"]["ci_high"] == pytest.approx(0.04 + half, rel=1e-6)
+
+
+def test_leaderboard_orders_by_total_bits_with_the_float_reference_last(session, sessions):
+    """W1A32 (float activations) has 33 bits: after W2A2, before the full-precision reference."""
+    spec = make_spec(estimators=["ste"], bits=[{"w": 2, "a": 2}, {"w": 1, "a": 32}, {"w": 1, "a": 1}], seeds=[0])
+    rid = store.create_run(session, spec)[0]["id"]
+    sink = SqlSink(sessions, rid)
+    for key in ("ste-w1a32-s0", "float-w32a32-s0", "ste-w2a2-s0", "ste-w1a1-s0"):
+        sink.on_trial_end(key, "done", {"final_test_acc": 0.5}, None)
+    board = store.leaderboard(session, run_id=rid)
+    assert [(r["w_bits"], r["a_bits"]) for r in board] == [(1, 1), (2, 2), (1, 32), (32, 32)]
 
 
 def test_leaderboard_matches_a_hand_computation(session, sessions):

@@ -1,6 +1,7 @@
 """workers.train.run_trial without Ray: the metrics contract, schedules, seeding, bit-exact resume."""
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 
 import estimators
 from workers.spec import parse_spec
+import workers.train
+from estimators.layers import QUANTIZED_LAYERS
 from workers.train import FINAL_KEYS, METRIC_KEYS, accuracies, build_model, build_scheduler, evaluate, run_trial
 from workers.datasets import load_dataset
 
@@ -131,6 +134,98 @@ def test_same_seed_same_run_other_seed_other_run():
     c = train(spec, "ste-w1a1-s1")[1][0][0]
     assert no_timing(a) == no_timing(b)
     assert no_timing(a) != no_timing(c)
+
+
+@pytest.fixture
+def epoch_labels(monkeypatch):
+    """The training labels of every epoch, in the order the trainer's batches brought them."""
+    orders = []
+    real_train_epoch = workers.train.train_epoch
+
+    def spy(model, opt, batches):
+        labels = []
+
+        def recorded():
+            for xb, yb in batches:
+                labels.append(yb.clone())
+                yield xb, yb
+        out = real_train_epoch(model, opt, recorded())
+        orders.append(torch.cat(labels))
+        return out
+
+    monkeypatch.setattr(workers.train, "train_epoch", spy)
+    return orders
+
+
+def test_data_order_follows_the_seed(epoch_labels):
+    """Two seeds of one trial shuffle differently (the split is fixed, so only the loader's order can differ);
+    the same seed repeats its order; every training image comes once per epoch."""
+    spec = make_spec(epochs=1, seeds=[0, 1], estimators=["ste"], include_full_precision=False)
+    for key in ("ste-w1a1-s0", "ste-w1a1-s0", "ste-w1a1-s1"):
+        train(spec, key)
+    same, again, other = epoch_labels
+    assert torch.equal(same, again)
+    train_y = load_dataset("digits", seed=0).train_y
+    assert torch.equal(same.sort().values, train_y.sort().values)
+    assert torch.equal(other.sort().values, train_y.sort().values)  # the same images ...
+    assert not torch.equal(same, other)  # ... in another order
+
+
+def test_a_last_batch_of_one_is_dropped(epoch_labels):
+    """BatchNorm cannot train on one sample: 1077 training images in batches of 269 leave one out."""
+    spec = make_spec(epochs=1, estimators=["ste"], include_full_precision=False, batch_size=269)
+    train(spec, "ste-w1a1-s0")
+    assert len(load_dataset("digits", seed=0).train_y) == 1077 and len(epoch_labels[0]) == 1076
+
+
+def test_best_epoch_is_the_first_of_equal_validation_accuracies(monkeypatch):
+    monkeypatch.setattr(workers.train, "evaluate", lambda model, batches: 0.5)
+    spec = make_spec(epochs=3, estimators=["ste"], include_full_precision=False)
+    final, seen = train(spec, "ste-w1a1-s0")
+    assert [m["val_acc"] for m, _ in seen] == [0.5, 0.5, 0.5]
+    assert final["best_epoch"] == 1 and final["best_val_acc"] == 0.5
+    first = seen[0][0]["test_acc"]  # selected: the test accuracy of that first epoch
+    assert [s["best"] for _, s in seen] == [{"val_acc": 0.5, "epoch": 1, "test_acc": first}] * 3
+    assert (final["selected_epoch"], final["selected_test_acc"]) == (1, first)
+
+
+def test_latent_weights_stay_clipped_at_a_large_lr():
+    """Plain SGD at lr 5 pushes AQE's latent weights far beyond [−1, 1] (to 11.8 unclipped); the trainer
+    clips them after every step."""
+    spec = make_spec(epochs=1, estimators=["aqe"], include_full_precision=False, optimizer={"name": "sgd", "lr": 5.0})
+    trial = trial_of(spec, "aqe-w1a1-s0")
+    _, seen = train(spec, trial.key)
+    model = build_model(spec, trial, load_dataset("digits", seed=0))
+    model.load_state_dict(seen[-1][1]["model"])
+    latent = [m.weight for m in model.modules()
+              if isinstance(m, QUANTIZED_LAYERS) and m.weight_quantizer is not None
+              and m.weight_quantizer.clip_weights == (-1.0, 1.0)]
+    assert latent
+    assert max(w.abs().max().item() for w in latent) == 1.0  # reached the bound, never beyond it
+
+
+def test_evaluate_runs_in_eval_mode():
+    """evaluate() uses the running BatchNorm statistics and hard quantizers, and changes no buffer,
+    whatever mode the model was left in."""
+    spec = make_spec(estimators=["aqe"], include_full_precision=False)
+    data = load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    model = build_model(spec, trial_of(spec, "aqe-w1a1-s0"), data)
+    model.train()
+    for xb, _ in data.loader("train", 64):  # running statistics away from their initial 0 / 1
+        model(xb)
+    before = copy.deepcopy(model.state_dict())
+    model.train()
+    got = evaluate(model, data.loader("test", 64))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+    with torch.no_grad():
+        want = (model(data.test_x).argmax(1) == data.test_y).sum().item() / len(data.test_y)
+    assert got == want
+    model.train()
+    with torch.no_grad():
+        in_train_mode = [(model(xb).argmax(1) == yb).sum().item() for xb, yb in data.loader("test", 64)]
+    assert sum(in_train_mode) / len(data.test_y) != want  # the modes do differ here
 
 
 @pytest.mark.parametrize("schedule, expected", [
