@@ -1,12 +1,14 @@
 # bitbench: two commands do all the set-up on a fresh machine.
 #   make run   - venv (if missing), API + dispatcher + local Ray on SQLite, the demo sweep, dashboard URL
 #   make test  - venv (if missing), the whole test suite
+#   make mutate - mutation testing with cosmic-ray, module by module (mutation/*.toml; MUTATE="estimators train" for
+#                 some); an hour or more on 2 cores; results summarised by mutation/report.py, see docs/mutation.md
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv system-deps clean bench
+.PHONY: run test venv system-deps clean bench mutate
 
 venv: $(STAMP)
 
@@ -24,6 +26,13 @@ test: $(STAMP) system-deps
 
 run: $(STAMP)
 	$(PY) -m service.run
+
+$(VENV)/.installed-mutate: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,mutate]'
+	touch $@
+
+mutate: $(VENV)/.installed-mutate
+	bash mutation/run.sh $(MUTATE)
 
 bench: $(STAMP)
 	$(PY) bench/estimators.py

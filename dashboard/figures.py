@@ -17,9 +17,28 @@ from plotly.subplots import make_subplots
 FLOAT_BITS = 32
 FLOAT_LABEL = "float"
 TEMPLATE = "plotly_white"
-PAPER_SYMBOLS = {"aqe": "x-thin-open", "ste": "diamond-open", "float": "star-open"}
+PAPER_SYMBOLS = {"aqe": "x-thin-open", "minw_aqe": "x-thin-open", "ste": "diamond-open", "float": "star-open"}
 
 BitConfig = tuple[int, int]
+#: what a figure or table shows per trial: metric name → (trial field, words for axes and captions)
+METRICS = {
+    "final": ("final_test_acc", "final test accuracy"),
+    "selected": ("selected_test_acc", "test accuracy at the best validation epoch"),
+}
+DEFAULT_METRIC = "final"
+
+
+def metric_field(metric: str) -> str:
+    """The Trial record's field for ``metric`` (``final`` or ``selected``)."""
+    try:
+        return METRICS[metric][0]
+    except KeyError:
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}") from None
+
+
+def metric_title(metric: str) -> str:
+    metric_field(metric)
+    return METRICS[metric][1]
 
 
 # ---------------------------------------------------------------- helpers (also used by pages)
@@ -70,16 +89,18 @@ def text(value: object) -> str:
     return html.escape(str(value), quote=False)
 
 
-def finished(trials: Iterable[dict]) -> list[dict]:
-    """Trials that have a final test accuracy."""
-    return [t for t in trials if t.get("final_test_acc") is not None]
+def finished(trials: Iterable[dict], metric: str = DEFAULT_METRIC) -> list[dict]:
+    """Trials that have a value of ``metric``."""
+    field = metric_field(metric)
+    return [t for t in trials if t.get(field) is not None]
 
 
-def accuracies_by_config(trials: Iterable[dict]) -> dict[BitConfig, list[float]]:
-    """Final test accuracies grouped by bit configuration."""
+def accuracies_by_config(trials: Iterable[dict], metric: str = DEFAULT_METRIC) -> dict[BitConfig, list[float]]:
+    """The trials' ``metric`` accuracies grouped by bit configuration."""
+    field = metric_field(metric)
     groups: dict[BitConfig, list[float]] = defaultdict(list)
-    for t in finished(trials):
-        groups[bit_config(t.get("w_bits"), t.get("a_bits"))].append(float(t["final_test_acc"]))
+    for t in finished(trials, metric):
+        groups[bit_config(t.get("w_bits"), t.get("a_bits"))].append(float(t[field]))
     return groups
 
 
@@ -96,8 +117,9 @@ def _base_layout(fig: go.Figure, title: str | None, height: int) -> go.Figure:
 # ---------------------------------------------------------------- figures
 
 def accuracy_vs_bits(trials: Iterable[dict], paper_points: Sequence[dict] | None = None,
-                     title: str | None = None) -> go.Figure:
-    """Final test accuracy against bit configuration, one trace per estimator (mean ± std over seeds).
+                     title: str | None = None, metric: str = DEFAULT_METRIC) -> go.Figure:
+    """Test accuracy (``metric``: final or validation-selected) against bit configuration, one
+    trace per estimator (mean ± std over seeds).
 
     Float-reference trials (estimator "float") become a "full precision" marker at x = "float" and
     a dashed horizontal line (a layout shape). Paper points are drawn only at configurations that
@@ -105,10 +127,10 @@ def accuracy_vs_bits(trials: Iterable[dict], paper_points: Sequence[dict] | None
     """
     per_estimator: dict[str, list[dict]] = defaultdict(list)
     float_trials: list[dict] = []
-    for t in finished(trials):
+    for t in finished(trials, metric):
         (float_trials if is_float_trial(t) else per_estimator[estimator_label(t)]).append(t)
 
-    configs = {c for ts in per_estimator.values() for c in accuracies_by_config(ts)}
+    configs = {c for ts in per_estimator.values() for c in accuracies_by_config(ts, metric)}
     if float_trials:
         configs.add((FLOAT_BITS, FLOAT_BITS))
     order = sorted(configs, key=config_sort_key)
@@ -116,9 +138,9 @@ def accuracy_vs_bits(trials: Iterable[dict], paper_points: Sequence[dict] | None
 
     fig = go.Figure()
     for label in sorted(per_estimator):
-        _add_mean_trace(fig, per_estimator[label], text(label), {"kind": "estimator", "estimator": label})
+        _add_mean_trace(fig, per_estimator[label], metric, text(label), {"kind": "estimator", "estimator": label})
     if float_trials:
-        mean, _ = _add_mean_trace(fig, float_trials, "full precision", {"kind": "float"},
+        mean, _ = _add_mean_trace(fig, float_trials, metric, "full precision", {"kind": "float"},
                                   marker=dict(color="#222", symbol="square"))
         fig.add_hline(y=mean, line=dict(dash="dash", color="#555", width=1.5),
                       annotation_text=f"full precision {mean:.1%}", annotation_position="top left")
@@ -134,13 +156,14 @@ def accuracy_vs_bits(trials: Iterable[dict], paper_points: Sequence[dict] | None
     _base_layout(fig, title, 460)
     fig.update_xaxes(title="bit configuration (W = weight bits, A = activation bits)",
                      type="category", categoryorder="array", categoryarray=categories)
-    fig.update_yaxes(title="final test accuracy", tickformat=".0%")
+    fig.update_yaxes(title=metric_title(metric), tickformat=".0%")
     return fig
 
 
-def _add_mean_trace(fig: go.Figure, trials: list[dict], name: str, meta: dict, **style) -> tuple[float, float]:
-    """Add a mean ± std scatter over ``trials``; return the overall mean and std."""
-    groups = accuracies_by_config(trials)
+def _add_mean_trace(fig: go.Figure, trials: list[dict], metric: str, name: str, meta: dict,
+                    **style) -> tuple[float, float]:
+    """Add a mean ± std scatter of ``metric`` over ``trials``; return the overall mean and std."""
+    groups = accuracies_by_config(trials, metric)
     order = sorted(groups, key=config_sort_key)
     stats = [mean_std(groups[c]) for c in order]
     fig.add_trace(go.Scatter(
@@ -163,9 +186,10 @@ def _paper_by_estimator(points: Iterable[dict], configs: set[BitConfig]) -> dict
     return grouped
 
 
-def heatmap_matrix(trials: Iterable[dict], label: str) -> tuple[list[int], list[int], list[list[float | None]]]:
+def heatmap_matrix(trials: Iterable[dict], label: str,
+                   metric: str = DEFAULT_METRIC) -> tuple[list[int], list[int], list[list[float | None]]]:
     """(weight bits, activation bits, z) with z[i][j] the mean accuracy at (w[i], a[j]) or None."""
-    groups = accuracies_by_config(t for t in trials if estimator_label(t) == label)
+    groups = accuracies_by_config((t for t in trials if estimator_label(t) == label), metric)
     w_bits = sorted({w for w, _ in groups})
     a_bits = sorted({a for _, a in groups})
     z = [[mean_std(groups[(w, a)])[0] if (w, a) in groups else None for a in a_bits] for w in w_bits]
@@ -182,12 +206,12 @@ def color_range(values: Iterable[float | None], pad: float = 0.005) -> tuple[flo
 
 
 def bits_heatmap(trials: Iterable[dict], estimator_label: str, title: str | None = None,
-                 zrange: tuple[float, float] | None = None) -> go.Figure:
-    """Weight bits × activation bits heat map of one estimator's mean final test accuracy.
+                 zrange: tuple[float, float] | None = None, metric: str = DEFAULT_METRIC) -> go.Figure:
+    """Weight bits × activation bits heat map of one estimator's mean test accuracy (``metric``).
 
     ``zrange`` fixes the colour scale (pass one range to compare estimators side by side).
     """
-    w_bits, a_bits, z = heatmap_matrix(trials, estimator_label)
+    w_bits, a_bits, z = heatmap_matrix(trials, estimator_label, metric)
     zmin, zmax = zrange or color_range(v for row in z for v in row)
     fig = go.Figure(go.Heatmap(
         x=[f"A{a}" for a in a_bits], y=[f"W{w}" for w in w_bits], z=z,
@@ -207,9 +231,9 @@ def training_curves(trial: dict) -> go.Figure:
     """Per-epoch loss, accuracies, learning rate and schedule values (AQE's α etc.) of one trial."""
     metrics = sorted(trial.get("metrics") or [], key=lambda m: m["epoch"])
     epochs = [m["epoch"] for m in metrics]
-    fig = make_subplots(rows=2, cols=2, subplot_titles=("Training loss", "Accuracy", "Learning rate",
-                                                        "Schedule"),
-                        horizontal_spacing=0.1, vertical_spacing=0.15)
+    fig = make_subplots(rows=3, cols=2, subplot_titles=("Training loss", "Accuracy", "Learning rate",
+                                                        "Schedule", "Weight flips (level changes per epoch)"),
+                        horizontal_spacing=0.1, vertical_spacing=0.12)
 
     def series(key: str, name: str, row: int, col: int, getter=None) -> None:
         values = [getter(m) if getter else m.get(key) for m in metrics]
@@ -224,10 +248,13 @@ def training_curves(trial: dict) -> go.Figure:
     schedule_keys = sorted({k for m in metrics for k in (m.get("schedule") or {})})
     for key in schedule_keys:
         series(f"schedule.{key}", key, 2, 2, getter=lambda m, k=key: (m.get("schedule") or {}).get(k))
-    _base_layout(fig, None, 600)
+    series("weight_flips", "weight flips", 3, 1)
+    _base_layout(fig, None, 820)
     fig.update_layout(margin=dict(t=80), legend=dict(y=1.1))
     fig.update_xaxes(dtick=max(1, math.ceil(len(epochs) / 10)))
-    fig.update_xaxes(title="epoch", row=2)
+    fig.update_xaxes(title="epoch", row=3)
+    fig.update_xaxes(title="epoch", row=2, col=2)
     fig.update_yaxes(tickformat=".0%", row=1, col=2)
+    fig.update_yaxes(tickformat=".1%", row=3, col=1)
     fig.update_yaxes(exponentformat="e", row=2, col=1)
     return fig

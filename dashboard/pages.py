@@ -69,8 +69,8 @@ class Urls:
     def runs(self, **query: object) -> str:
         return with_query(f"{self.base}/", **query)
 
-    def run(self, run_id: object) -> str:
-        return f"{self.base}/runs/{esc(str(run_id))}"
+    def run(self, run_id: object, **query: object) -> str:
+        return with_query(f"{self.base}/runs/{esc(str(run_id))}", **query)
 
     def report(self, run_id: object) -> str:
         return f"{self.run(run_id)}/report.html"
@@ -275,20 +275,34 @@ def run_header(run: dict, urls: Urls | None) -> str:
             f'{progress_bar(run)}<dl class="facts">{facts_html}</dl>{error}</section>')
 
 
-def run_figures(run: dict, results: list[dict]) -> str:
-    """Accuracy-vs-bits figure and one heat map per estimator, or a placeholder."""
-    if not figures.finished(results):
+def metric_links(href, metric: str) -> str:
+    """Links that switch a page between the final and the validation-selected accuracy;
+    ``href(metric)`` gives each link's address."""
+    links = "".join(
+        f'<a class="metric-link{" active" if m == metric else ""}" data-metric="{m}" href="{href(m)}">'
+        f'{esc(figures.metric_title(m))}</a>' for m in figures.METRICS)
+    return f'<span class="metric-links" id="metric-links">{links}</span>'
+
+
+def run_figures(run: dict, results: list[dict], metric: str = figures.DEFAULT_METRIC,
+                urls: Urls | None = None) -> str:
+    """Accuracy-vs-bits figure and one heat map per estimator of ``metric``, or a placeholder;
+    with ``urls``, links to switch the metric."""
+    if not figures.finished(results, metric):
         return section("Accuracy vs bits", '<p class="empty" id="acc-vs-bits-empty">No finished trials yet.</p>')
     paper = paper_points(run.get("dataset"), run.get("model"))
     note = (f'<span class="muted">open markers: paper, {esc(paper[0]["source"])}</span>' if paper else "")
-    main = section("Accuracy vs bits", figure_block(figures.accuracy_vs_bits(results, paper), "acc-vs-bits"),
-                   extra=note)
-    labels = sorted({figures.estimator_label(t) for t in figures.finished(results)
+    switch = metric_links(lambda m: urls.run(run["id"], metric=m), metric) if urls else ""
+    main = section("Accuracy vs bits", figure_block(figures.accuracy_vs_bits(results, paper, metric=metric),
+                                                    "acc-vs-bits", metric=metric), extra=switch + note)
+    labels = sorted({figures.estimator_label(t) for t in figures.finished(results, metric)
                      if not figures.is_float_trial(t)})
-    shared = figures.color_range(v for label in labels for row in figures.heatmap_matrix(results, label)[2]
+    shared = figures.color_range(v for label in labels for row in figures.heatmap_matrix(results, label, metric)[2]
                                  for v in row)
     maps = "".join(
-        f'<div class="heatmap">{figure_block(figures.bits_heatmap(results, label, zrange=shared), f"heatmap-{i}", estimator=label)}</div>'
+        f'<div class="heatmap">'
+        f'{figure_block(figures.bits_heatmap(results, label, zrange=shared, metric=metric), f"heatmap-{i}", estimator=label)}'
+        f'</div>'
         for i, label in enumerate(labels))
     grid = section("Mean accuracy by weight × activation bits", f'<div class="grid">{maps}</div>') if maps else ""
     return main + grid
@@ -307,13 +321,14 @@ def trials_table(trials: list[dict], urls: Urls | None) -> str:
         f'<td class="num">{_num(t.get("w_bits"))}</td><td class="num">{_num(t.get("a_bits"))}</td>'
         f'<td class="num">{_num(t.get("seed"))}</td><td>{status_badge(t.get("status"))}</td>'
         f'<td class="num">{_num(t.get("epochs_done"))}</td><td class="num">{pct(t.get("final_test_acc"))}</td>'
+        f'<td class="num">{pct(t.get("selected_test_acc"))}</td>'
         f'<td class="num">{pct(t.get("best_val_acc"))}</td><td class="num">{kib(t.get("packed_bytes"))}</td>'
         f'<td class="num">{pct(t.get("packed_agreement"), 2)}</td><td>{_num(t.get("device"))}</td>'
         f'<td class="num">{_num(t.get("attempts"))}</td></tr>'
         for t in trials
     ]
     return table(["Trial", "Estimator", "#W bits", "#A bits", "#Seed", "Status", "#Epochs", "#Test acc",
-                  "#Best val", "#Packed", "#Packed agrees", "Device", "#Attempts"], rows, element_id="trials",
+                  "#Selected test", "#Best val", "#Packed", "#Packed agrees", "Device", "#Attempts"], rows, element_id="trials",
                  empty="No trials.")
 
 
@@ -323,9 +338,10 @@ def spec_block(run: dict) -> str:
     return f'<details class="card"><summary>Experiment spec</summary><pre>{esc(spec)}</pre></details>'
 
 
-def run_page(run: dict, trials: list[dict], results: list[dict], urls: Urls) -> Page:
-    """One run: figures, heat maps, trials; live while the run is queued or running."""
-    body = (run_header(run, urls) + run_figures(run, results)
+def run_page(run: dict, trials: list[dict], results: list[dict], urls: Urls,
+             metric: str = figures.DEFAULT_METRIC) -> Page:
+    """One run: figures and heat maps of ``metric``, trials; live while the run is queued or running."""
+    body = (run_header(run, urls) + run_figures(run, results, metric, urls)
             + section(f'Trials <span class="muted">({len(trials)})</span>', trials_table(trials, urls))
             + spec_block(run))
     return Page(f"Run {run.get('name') or run['id']}", body, nav="runs",
@@ -355,8 +371,8 @@ def choose_dataset_model(pairs: list[tuple[str, str]], dataset: str | None,
 
 
 def leaderboard_page(rows: list[dict], pairs: list[tuple[str, str]], dataset: str | None,
-                     model: str | None, urls: Urls) -> Page:
-    """Ranked estimators per bit configuration, in the order the source returns them."""
+                     model: str | None, urls: Urls, metric: str = figures.DEFAULT_METRIC) -> Page:
+    """Estimators ranked by ``metric`` per bit configuration, in the order the source returns them."""
     def options(values: list[str], selected: str | None) -> str:
         return "".join(f'<option value="{esc(v)}"{" selected" if v == selected else ""}>{esc(v)}</option>'
                        for v in values)
@@ -366,6 +382,10 @@ def leaderboard_page(rows: list[dict], pairs: list[tuple[str, str]], dataset: st
     form = (f'<form class="selectors" method="get" action="{urls.leaderboard()}">'
             f'<label>Dataset <select name="dataset" id="dataset-select" data-autosubmit>{options(datasets, dataset)}</select></label>'
             f'<label>Model <select name="model" id="model-select" data-autosubmit>{options(models, model)}</select></label>'
+            f'<label>Rank by <select name="metric" id="metric-select" data-autosubmit>'
+            + "".join(f'<option value="{m}"{" selected" if m == metric else ""}>{esc(figures.metric_title(m))}</option>'
+                      for m in figures.METRICS)
+            + '</select></label>'
             f'<noscript><button type="submit">Show</button></noscript></form>')
     body_rows, previous = [], None
     for r in rows:
@@ -390,7 +410,8 @@ def leaderboard_page(rows: list[dict], pairs: list[tuple[str, str]], dataset: st
     body = section(title, table(["#Rank", "Estimator", "#Mean test acc", "#Std", "#95% CI", "#Seeds", "#Packed size",
                                  "#Packed agrees (min)"], body_rows,
                                 element_id="leaderboard", empty=empty)
-                   + '<p class="muted">Mean final test accuracy over seeds; rank 1 is the best estimator '
+                   + f'<p class="muted" id="leaderboard-metric" data-metric="{metric}">Mean '
+                     f'{esc(figures.metric_title(metric))} over seeds; rank 1 is the best estimator '
                      'within its bit configuration. Packed: size of the bit-packed XNOR/SHIFT export and the '
                      'lowest agreement of its predictions with the trained model\'s.</p>', extra=form)
     return Page("Leaderboard", body, nav="leaderboard")
@@ -410,6 +431,9 @@ def trial_page(trial: dict, run: dict | None, urls: Urls) -> Page:
              ("Device", _num(trial.get("device"))), ("Attempts", _num(trial.get("attempts"))),
              ("Final test acc", pct(trial.get("final_test_acc"), 2)),
              ("Final val acc", pct(trial.get("final_val_acc"), 2)), ("Best val acc", pct(trial.get("best_val_acc"), 2)),
+             ("Selected test acc", pct(trial.get("selected_test_acc"), 2)
+              + (f' <span class="muted">(epoch {_num(trial["selected_epoch"])})</span>'
+                 if trial.get("selected_epoch") is not None else "")),
              ("Packed export", kib(trial.get("packed_bytes"))),
              ("Packed engine agrees", pct(trial.get("packed_agreement"), 2)),
              ("Started", when(trial.get("started_at"))), ("Finished", when(trial.get("finished_at")))]
@@ -425,12 +449,12 @@ def trial_page(trial: dict, run: dict | None, urls: Urls) -> Page:
         f'<tr data-epoch="{esc(str(m["epoch"]))}"><td class="num">{esc(str(m["epoch"]))}</td>'
         f'<td class="num">{_fmt(m.get("train_loss"))}</td><td class="num">{pct(m.get("train_acc"), 2)}</td>'
         f'<td class="num">{pct(m.get("val_acc"), 2)}</td><td class="num">{pct(m.get("test_acc"), 2)}</td>'
-        f'<td class="num">{_fmt(m.get("lr"))}</td>'
+        f'<td class="num">{_fmt(m.get("lr"))}</td><td class="num">{pct(m.get("weight_flips"), 2)}</td>'
         + "".join(f'<td class="num">{_fmt((m.get("schedule") or {}).get(k))}</td>' for k in schedule_keys)
         + f'<td class="num">{_fmt(m.get("epoch_seconds"), 3)}</td></tr>'
         for m in metrics
     ]
-    metric_table = table(["#Epoch", "#Train loss", "#Train acc", "#Val acc", "#Test acc", "#LR",
+    metric_table = table(["#Epoch", "#Train loss", "#Train acc", "#Val acc", "#Test acc", "#LR", "#Weight flips",
                           *("#" + esc(k) for k in schedule_keys), "#Seconds"], rows,
                          element_id="metrics", empty="No epochs recorded yet.")
     body = head + section("Training curves", curves) + section("Per-epoch metrics", metric_table)

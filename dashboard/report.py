@@ -12,11 +12,13 @@ from pathlib import Path
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from .figures import accuracy_vs_bits, config_label, config_sort_key, bit_config, mean_std
+from .figures import accuracy_vs_bits, bit_config, config_label, config_sort_key, estimator_label, mean_std
 from .paper_results import paper_points
-from .stats import paired_comparisons
+from .stats import paired_comparisons, paired_difference
 
 BASELINES = ("ste", "clipped_ste")
+#: a trial "fell" when its last epoch is this far below its validation-selected epoch
+LATE_DROP = 0.01
 
 
 def mean_curves(epoch_rows: list[dict], metric: str = "test_acc") -> go.Figure:
@@ -58,32 +60,98 @@ def _pct(x: float | None, digits: int = 2) -> str:
     return "–" if x is None else f"{100 * x:.{digits}f}"
 
 
-def leaderboard_markdown(rows: list[dict]) -> str:
-    """One table per bit configuration: rank, estimator, mean ± std, n, 95% interval (in %)."""
+def leaderboard_markdown(rows: list[dict], selected: list[dict] | None = None) -> str:
+    """One table per bit configuration: rank, estimator, mean ± std, n, 95% interval (in %) of the
+    final accuracy, and beside them the validation-selected accuracy's mean ± std and rank when
+    ``selected`` (the same leaderboard by ``metric=selected``) is given."""
     out = []
     by_config: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         by_config[bit_config(r["w_bits"], r["a_bits"])].append(r)
+    chosen = {(r["w_bits"], r["a_bits"], r["estimator_label"]): r for r in selected or []}
+    extra_head, extra_rule = (" selected mean ± std (%) | selected rank |", "---:|---:|") if selected else ("", "")
     for config in sorted(by_config, key=config_sort_key):
-        out += [f"### {config_label(config)}", "", "| rank | estimator | mean ± std (%) | n | 95% interval (%) |",
-                "|---:|---|---:|---:|---|"]
+        out += [f"### {config_label(config)}", "",
+                f"| rank | estimator | mean ± std (%) | n | 95% interval (%) |{extra_head}",
+                f"|---:|---|---:|---:|---|{extra_rule}"]
         for r in sorted(by_config[config], key=lambda r: r["rank"]):
             ci = "–" if r["ci_low"] is None else f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]"
             best = " **(best)**" if r.get("best") and len(by_config[config]) > 1 else ""
-            out.append(f"| {r['rank']} | `{r['estimator_label']}`{best} | {_pct(r['mean'])} ± {_pct(r['std'])} "
-                       f"| {r['n']} | {ci} |")
+            line = (f"| {r['rank']} | `{r['estimator_label']}`{best} | {_pct(r['mean'])} ± {_pct(r['std'])} "
+                    f"| {r['n']} | {ci} |")
+            if selected:
+                other = chosen.get((r["w_bits"], r["a_bits"], r["estimator_label"]))
+                line += (" – | – |" if other is None else
+                         f" {_pct(other['mean'])} ± {_pct(other['std'])} | {other['rank']} |")
+            out.append(line)
         out.append("")
     return "\n".join(out)
 
 
+def _last_epoch(t: dict) -> float | None:
+    """The trial's test accuracy after its last epoch (before any BatchNorm re-estimation)."""
+    return (t.get("final") or {}).get("last_epoch_test_acc", t.get("final_test_acc"))
+
+
+def late_drops(trials: list[dict], points: float = LATE_DROP) -> list[dict]:
+    """Trials whose last epoch's test accuracy is more than ``points`` below their selected epoch's."""
+    return [t for t in trials if _last_epoch(t) is not None and t.get("selected_test_acc") is not None
+            and _last_epoch(t) < t["selected_test_acc"] - points]
+
+
+def late_drop_markdown(trials: list[dict]) -> str:
+    """How many trials lost more than a point after their best validation epoch, and which."""
+    scored = [t for t in trials if _last_epoch(t) is not None and t.get("selected_test_acc") is not None]
+    if not scored:
+        return "_No trial has a validation-selected accuracy (no validation split, or trained before it existed)._\n"
+    drops = late_drops(scored)
+    text = (f"**{len(drops)} of {len(scored)} trials** ended their last epoch more than {100 * LATE_DROP:.0f} point "
+            f"below the test accuracy of their best validation epoch.\n")
+    if drops:
+        text += "\n| trial | last epoch (%) | selected (%) | selected epoch |\n|---|---:|---:|---:|\n" + "".join(
+            f"| `{t['key']}` | {_pct(_last_epoch(t))} | {_pct(t['selected_test_acc'])} | {t.get('selected_epoch')} |\n"
+            for t in drops)
+    return text
+
+
+def reestimation_markdown(trials: list[dict]) -> str:
+    """Last-epoch test accuracy without and with BatchNorm re-estimation, per estimator and bits:
+    means, spreads and the paired difference over the same trials (same weights, two statistics)."""
+    pairs: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+    for t in trials:
+        final = t.get("final") or {}
+        if final.get("bn_reestimated") and final.get("last_epoch_test_acc") is not None \
+                and t.get("final_test_acc") is not None:
+            key = (bit_config(t["w_bits"], t["a_bits"]), estimator_label(t))
+            pairs[key].append((final["last_epoch_test_acc"], t["final_test_acc"]))
+    if not pairs:
+        return ""
+    lines = ["| bits | estimator | n | last epoch, running statistics (%) | re-estimated (%) | "
+             "Δ (points) | 95% interval |", "|---|---|---:|---:|---:|---:|---|"]
+    for (config, label) in sorted(pairs, key=lambda k: (config_sort_key(k[0]), k[1])):
+        before, after = zip(*pairs[(config, label)])
+        d = paired_difference(list(after), list(before))
+        ci = "–" if d["ci_low"] is None else f"[{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]"
+        (mb, sb), (ma, sa) = mean_std(before), mean_std(after)
+        lines.append(f"| {config_label(config)} | `{label}` | {len(before)} | {_pct(mb)} ± {_pct(sb)} "
+                     f"| {_pct(ma)} ± {_pct(sa)} | {100 * d['diff']:+.2f} | {ci} |")
+    return ("## BatchNorm re-estimation\n\nThe same trained weights evaluated twice: with the BatchNorm "
+            "statistics that training left (running averages that lag behind the last steps) and with "
+            "statistics recomputed over the training set after the last epoch. The final accuracy above "
+            "is the re-estimated one.\n\n" + "\n".join(lines) + "\n")
+
+
 def paired_markdown(rows: list[dict]) -> str:
-    lines = ["| candidate | baseline | bits | seeds | Δ accuracy (points) | 95% interval | p | significant (p < 0.05) |",
-             "|---|---|---|---|---:|---|---:|---|"]
+    """One row per comparison: Δ = candidate − baseline with its paired interval and test, and the
+    accuracy it compares (``metric``: final or selected)."""
+    lines = ["| candidate | baseline | bits | seeds | Δ accuracy (points) | 95% interval | p | significant (p < 0.05) "
+             "| accuracy |", "|---|---|---|---|---:|---|---:|---|---|"]
     for r in rows:
         ci = "–" if r["ci_low"] is None else f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]"
         p = "–" if r["p_value"] is None else f"{r['p_value']:.3f}"
         lines.append(f"| `{r['candidate']}` | `{r['baseline']}` | {r['bits']} | {','.join(map(str, r['seeds']))} "
-                     f"| {100 * r['diff']:+.2f} | {ci} | {p} | {'yes' if r['significant'] else 'no'} |")
+                     f"| {100 * r['diff']:+.2f} | {ci} | {p} | {'yes' if r['significant'] else 'no'} "
+                     f"| {r.get('metric', 'final')} |")
     return "\n".join(lines)
 
 
@@ -115,14 +183,19 @@ def latex_table(rows: list[dict]) -> str:
 
 def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], trials: list[dict],
                  epoch_rows: list[dict], environment: dict, candidates: list[str] | None = None,
-                 png: bool = True) -> dict[str, Path]:
-    """Write the report folder; return {name: path}. PNGs need kaleido + Chromium (skipped with a note if absent)."""
+                 png: bool = True, selected_leaderboard: list[dict] | None = None) -> dict[str, Path]:
+    """Write the report folder; return {name: path}. ``leaderboard`` ranks by the final accuracy,
+    ``selected_leaderboard`` (optional) by the validation-selected one. PNGs need kaleido +
+    Chromium (skipped with a note if absent)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     labels = sorted({r["estimator_label"] for r in leaderboard})
     candidates = candidates or [lab for lab in labels if lab.split("[")[0] == "aqe"]
-    pairs = paired_comparisons(trials, candidates, [b for b in BASELINES if b in labels])
+    baselines = [b for b in BASELINES if b in labels]
+    pairs = [{**p, "metric": "final"} for p in paired_comparisons(trials, candidates, baselines)]
+    if selected_leaderboard:
+        pairs += [{**p, "metric": "selected"} for p in paired_comparisons(trials, candidates, baselines, "selected")]
 
     figures = {
         "accuracy_vs_bits": accuracy_vs_bits(trials, paper_points(run["dataset"], run["model"]),
@@ -160,13 +233,19 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
 Run {run['id']} · `{run['dataset']}` / `{run['model']}` · status **{run['status']}** ·
 {len(trials)} finished trials of {run.get('trial_count', '?')} · created {run.get('created_at', '')}
 
-Final test accuracy after the last epoch (not the best epoch), measured with hard quantizers,
-mean over seeds. Every number below is read from the bitbench database for this run.
+Ranked by the final test accuracy: after the last epoch (and after BatchNorm re-estimation when
+the recipe asks for it), measured with hard quantizers, mean over seeds. Beside it, the
+*selected* accuracy: the test accuracy of the epoch with the best validation accuracy, chosen on
+validation, never on test. Every number below is read from the bitbench database for this run.
 
 {fp_line}
-## Leaderboard per bit configuration
+## Leaderboard per bit configuration: final and validation-selected
 
-{leaderboard_markdown(leaderboard)}
+{leaderboard_markdown(leaderboard, selected_leaderboard)}
+### Late drops
+
+{late_drop_markdown(trials)}
+{reestimation_markdown(trials)}
 ## Paired comparison over the same seeds
 
 Δ = candidate − baseline in accuracy points; paired t-interval and paired t-test per bit configuration.

@@ -6,7 +6,7 @@
     get_run(run_id) -> Run | None
     list_trials(run_id) -> list[Trial]
     get_trial(trial_id) -> Trial + {"metrics": [Metric]} | None
-    leaderboard(dataset, model) -> list[LeaderboardRow]
+    leaderboard(dataset, model, metric) -> list[LeaderboardRow]   # metric: "final" | "selected"
     run_results(run_id) -> list[Trial]              # finished trials with final metrics
     datasets_models() -> list[(dataset, model)]
 """
@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
-from . import pages
+from . import figures, pages
 
 PAGE_HEADERS = {"Cache-Control": "no-store"}
 STATIC_HEADERS = {"Cache-Control": "public, max-age=31536000, immutable"}
@@ -46,12 +46,16 @@ def create_router(source: Any) -> APIRouter:
         items, total = source.list_runs(**filters, limit=pages.RUNS_PER_PAGE, offset=offset)
         return respond(request, pages.runs_page(items, total, urls(request), status=status, offset=offset))
 
+    def known_metric(metric: str | None) -> str:
+        return metric if metric in figures.METRICS else figures.DEFAULT_METRIC
+
     @router.get("/runs/{run_id}", name="dashboard.run")
-    def run(request: Request, run_id: int) -> HTMLResponse:
+    def run(request: Request, run_id: int, metric: str | None = None) -> HTMLResponse:
         record = source.get_run(run_id)
         if record is None:
             return respond(request, pages.not_found(f"There is no run {run_id}."))
-        page = pages.run_page(record, source.list_trials(run_id), source.run_results(run_id), urls(request))
+        page = pages.run_page(record, source.list_trials(run_id), source.run_results(run_id), urls(request),
+                              known_metric(metric))
         return respond(request, page)
 
     @router.get("/runs/{run_id}/report.html", name="dashboard.report")
@@ -73,11 +77,13 @@ def create_router(source: Any) -> APIRouter:
         return respond(request, pages.trial_page(record, run_record, urls(request)))
 
     @router.get("/leaderboard", name="dashboard.leaderboard")
-    def leaderboard(request: Request, dataset: str | None = None, model: str | None = None) -> HTMLResponse:
+    def leaderboard(request: Request, dataset: str | None = None, model: str | None = None,
+                    metric: str | None = None) -> HTMLResponse:
         pairs = [tuple(p) for p in source.datasets_models()]
         dataset, model = pages.choose_dataset_model(pairs, dataset, model)
-        rows = source.leaderboard(dataset=dataset, model=model) if dataset is not None else []
-        return respond(request, pages.leaderboard_page(rows, pairs, dataset, model, urls(request)))
+        metric = known_metric(metric)
+        rows = source.leaderboard(dataset=dataset, model=model, metric=metric) if dataset is not None else []
+        return respond(request, pages.leaderboard_page(rows, pairs, dataset, model, urls(request), metric))
 
     @router.get("/static/{name}", name="dashboard.static")
     def static(name: str) -> Response:

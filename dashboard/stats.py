@@ -6,14 +6,15 @@ from collections.abc import Iterable
 
 from scipy import stats
 
-from .figures import bit_config, config_label, config_sort_key, estimator_label
+from .figures import DEFAULT_METRIC, bit_config, config_label, config_sort_key, estimator_label, metric_field
 
 
-def _by_seed(trials: Iterable[dict], label: str) -> dict[tuple, dict[int, float]]:
+def _by_seed(trials: Iterable[dict], label: str, metric: str) -> dict[tuple, dict[int, float]]:
+    field = metric_field(metric)
     out: dict[tuple, dict[int, float]] = {}
     for t in trials:
-        if estimator_label(t) == label and t.get("final_test_acc") is not None:
-            out.setdefault(bit_config(t["w_bits"], t["a_bits"]), {})[t["seed"]] = t["final_test_acc"]
+        if estimator_label(t) == label and t.get(field) is not None:
+            out.setdefault(bit_config(t["w_bits"], t["a_bits"]), {})[t["seed"]] = t[field]
     return out
 
 
@@ -34,14 +35,16 @@ def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) 
     return out
 
 
-def paired_comparisons(trials: list[dict], candidates: Iterable[str], baselines: Iterable[str]) -> list[dict]:
-    """Every candidate against every baseline, per bit configuration, over their common seeds."""
+def paired_comparisons(trials: list[dict], candidates: Iterable[str], baselines: Iterable[str],
+                       metric: str = DEFAULT_METRIC) -> list[dict]:
+    """Every candidate against every baseline, per bit configuration, over their common seeds
+    (``metric``: final or validation-selected test accuracy)."""
     rows = []
     baselines = list(baselines)
     for cand in candidates:
-        cand_runs = _by_seed(trials, cand)
+        cand_runs = _by_seed(trials, cand, metric)
         for base in baselines:
-            base_runs = _by_seed(trials, base)
+            base_runs = _by_seed(trials, base, metric)
             for config in sorted(set(cand_runs) & set(base_runs), key=config_sort_key):
                 seeds = sorted(set(cand_runs[config]) & set(base_runs[config]))
                 if not seeds:

@@ -5,7 +5,7 @@
     ['approx_sign', 'aqe', 'clipped_ste']
     >>> q = estimators.create_estimator("aqe", bits=1, role="activation", backward="alg1")
 """
-from . import aqe, dorefa, dsq, ede, ewgs, lsq, pact, ste, xnor  # noqa: F401  (registration)
+from . import aqe, dorefa, dsq, ede, ewgs, hwgq, lq_nets, lsq, pact, ste, xnor  # noqa: F401  (registration)
 from .base import (
     FLOAT_BITS,
     SUPPORTED_BITS,
@@ -19,13 +19,22 @@ from .base import (
     validate_estimator_params,
 )
 from .layers import QConv2d, QLinear, QuantAct, make_quantizer
-from .model_tools import WeightStorage, clip_latent_weights, schedule_values, set_progress, weight_storage
+from .model_tools import (
+    WeightStorage,
+    clip_latent_weights,
+    level_change_fraction,
+    schedule_values,
+    set_progress,
+    weight_levels,
+    weight_storage,
+)
 from .quantizers import QUANTIZERS, get_quantizer, levels
 from .registry import UnknownNameError
 
 __all__ = [
     "FLOAT_BITS", "SUPPORTED_BITS", "Estimator", "Param", "QConv2d", "QLinear", "QuantAct", "QUANTIZERS",
     "UnknownNameError", "WeightStorage", "clip_latent_weights", "create_estimator", "estimator_catalog",
-    "get_estimator_class", "get_quantizer", "levels", "list_estimators", "make_quantizer",
-    "register_estimator", "schedule_values", "set_progress", "validate_estimator_params", "weight_storage",
+    "get_estimator_class", "get_quantizer", "level_change_fraction", "levels", "list_estimators", "make_quantizer",
+    "register_estimator", "schedule_values", "set_progress", "validate_estimator_params", "weight_levels",
+    "weight_storage",
 ]

@@ -32,6 +32,7 @@ class Param:
     choices: tuple | None = None
     low: float | None = None  # inclusive bounds for numbers
     high: float | None = None
+    validate: Callable[[Any], Any] | None = None  # other values: returns the checked value or raises ValueError
 
     def check(self, estimator: str, name: str, value: Any) -> Any:
         if self.choices is not None:
@@ -46,6 +47,13 @@ class Param:
             if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
                 raise ValueError(f"{estimator}: {name}={value} is outside [{self.low}, {self.high}]")
             return float(value) if isinstance(self.default, float) else value
+        if isinstance(self.default, bool) and not isinstance(value, bool):
+            raise ValueError(f"{estimator}: {name} must be true or false, got {value!r}")
+        if self.validate is not None and value is not None:
+            try:
+                return self.validate(value)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{estimator}: {name}={value!r} is not allowed: {e}") from None
         return value
 
 

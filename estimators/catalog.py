@@ -36,12 +36,12 @@ def catalog_markdown() -> str:
     return "\n".join(out).strip() + "\n"
 
 
-def replace_block(text: str, block: str) -> str:
-    """``text`` with the part between the markers replaced by ``block``."""
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+def replace_block(text: str, block: str, start: str = START, end: str = END) -> str:
+    """``text`` with the part between the markers ``start`` and ``end`` replaced by ``block``."""
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise ValueError(f"markers {START} … {END} not found")
-    return pattern.sub(lambda _: f"{START}\n{block}{END}", text)
+        raise ValueError(f"markers {start} … {end} not found")
+    return pattern.sub(lambda _: f"{start}\n{block}{end}", text)
 
 
 def main() -> None:

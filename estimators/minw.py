@@ -12,10 +12,22 @@ import torch
 from . import quantizers as Qz
 from .base import Estimator, Param, surrogate
 
+def increasing_fractions(value) -> list[float]:
+    """A list of strictly increasing numbers in (0, 1] (how many the bit width needs is checked
+    when the quantizer is built)."""
+    if not isinstance(value, (list, tuple)) or not value or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+        raise ValueError("expected a non-empty list of numbers")
+    if value[0] <= 0 or value[-1] > 1 or any(b <= a for a, b in zip(value, value[1:])):
+        raise ValueError("expected strictly increasing fractions in (0, 1]")
+    return [float(v) for v in value]
+
+
 MINW_PARAMS = {
     "delta_ratio": Param(0.7, "ternary threshold Δ = delta_ratio·mean|x| (TWN's rule)", low=0.0, high=1.0),
     "pow2_thresholds": Param(
-        None, "≥3-bit powers-of-two thresholds as increasing fractions of max|x| (default 0.02, 0.07, 0.14 at 3 bits)"
+        None, "≥3-bit powers-of-two thresholds as increasing fractions of max|x| (default 0.02, 0.07, 0.14 at 3 bits)",
+        validate=increasing_fractions,
     ),
 }
 

@@ -1,4 +1,4 @@
-"""Helpers that act on a whole model: training progress, latent-weight clipping, storage."""
+"""Helpers that act on a whole model: training progress, latent-weight clipping, weight levels, storage."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,6 +50,38 @@ def clip_latent_weights(model: nn.Module) -> int:
                 m.weight.clamp_(*rng)
                 n += 1
     return n
+
+
+@torch.no_grad()
+def weight_levels(model: nn.Module) -> list[torch.Tensor]:
+    """The level index of every quantized weight, one uint8 tensor per quantized layer (w_bits < 32).
+
+    The eval-mode quantizer gives ``hard(w) = scale(w)·level``; the index is the position of
+    ``level`` in ``level_set()`` (nearest level, so a changing scale such as XNOR's or LSQ's does
+    not count as a change). For 1-bit weights the index is the sign.
+    """
+    out = []
+    for m in model.modules():
+        if isinstance(m, QUANTIZED_LAYERS) and m.weight_quantizer is not None:
+            q, w = m.weight_quantizer, m.weight
+            level = q.hard(w)
+            scale = q.scale(w)
+            if scale is not None:
+                scale = torch.as_tensor(scale, dtype=level.dtype, device=level.device).expand_as(level)
+                level = torch.where(scale != 0, level / torch.where(scale != 0, scale, 1), 0)
+            levels = q.level_set().to(level.device, level.dtype)
+            out.append(torch.bucketize(level, (levels[1:] + levels[:-1]) / 2).to(torch.uint8))
+    return out
+
+
+def level_change_fraction(before: list[torch.Tensor], after: list[torch.Tensor]) -> float | None:
+    """Fraction of quantized weights whose level differs between two :func:`weight_levels`
+    snapshots (sign flips at 1 bit); None for a model without quantized weights."""
+    total = sum(b.numel() for b in before)
+    if total == 0:
+        return None
+    changed = sum(int((b != a).sum()) for b, a in zip(before, after, strict=True))
+    return changed / total
 
 
 @dataclass(frozen=True)

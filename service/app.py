@@ -2,7 +2,7 @@
 
 On startup the database is brought to the current schema (:func:`service.db.migrate`). The
 routes live in :mod:`service.api`; the dashboard is mounted at ``/dashboard``; ``/`` redirects
-there; OpenAPI docs are at ``/docs``.
+there; OpenAPI docs are at ``/docs`` and ``/redoc``, served without a CDN (:mod:`service.api_docs`).
 """
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ import json
 from contextlib import asynccontextmanager
 
 from dashboard import create_router as create_dashboard_router
-from fastapi import FastAPI
-from fastapi.responses import RedirectResponse
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import db
 from service.api import api_router
 from service.api.dashboard_source import StoreSource
+from service.api_docs import add_docs
 from service.config import Settings, get_settings
 from workers.spec import ExperimentSpec
 
@@ -69,6 +73,22 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+async def method_not_allowed(request: Request, exc: StarletteHTTPException) -> Response:
+    """A 405 whose ``Allow`` names every method of the path (RFC 9110, 15.5.6), not only those of the
+    first route that matched it, as Starlette's does: GET and POST /runs are two routes."""
+
+    def matched(method: str) -> bool:
+        scope = {**request.scope, "method": method}
+        return any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes)
+
+    allowed = [m for m in HTTP_METHODS if matched(m)]
+    headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
+    return await http_exception_handler(request, StarletteHTTPException(exc.status_code, exc.detail, headers))
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     db.migrate(app.state.engine)
@@ -100,13 +120,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Which gradient estimator trains the best N-bit network?",
         description="Queue sweeps of estimators × bits × seeds; read runs, trials, metrics and leaderboards. "
-                    "Writes need `Authorization: Bearer <token>` when BITBENCH_API_TOKEN is set.",
+                    "Writes take `Content-Type: application/json`, from this service's own pages or from clients "
+                    "that send no `Origin`, and need `Authorization: Bearer <token>` when BITBENCH_API_TOKEN is set.",
         lifespan=_lifespan,
+        docs_url=None, redoc_url=None,  # add_docs serves them, without a CDN
     )
     app.state.settings = settings
     app.state.engine = db.make_engine(settings.database_url)
     app.state.session_factory = db.session_factory(app.state.engine)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_exception_handler(405, method_not_allowed)
     app.include_router(api_router)
     app.include_router(create_dashboard_router(StoreSource(app.state.session_factory)), prefix="/dashboard")
 
@@ -114,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def root() -> RedirectResponse:
         return RedirectResponse("/dashboard")
 
+    add_docs(app)
     _document_spec(app)
     return app
 

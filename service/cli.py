@@ -42,6 +42,14 @@ class Format(str, Enum):
     json = "json"
 
 
+class RankMetric(str, Enum):
+    final = "final"
+    selected = "selected"
+
+
+METRIC_TITLES = {"final": "final test accuracy (%)", "selected": "test accuracy at the best validation epoch (%)"}
+
+
 def fail(message: str) -> NoReturn:
     """Report ``message`` on stderr (plain text: no markup) and exit with EXIT_PROBLEM."""
     typer.echo(f"bitbench: {message}", err=True)
@@ -103,7 +111,7 @@ class Client:
         code, errors = response.status_code, _errors(response)
         if code == 401 and not self.token:
             fail("the server needs a token: set BITBENCH_API_TOKEN or pass --token")
-        if code in (401, 403):
+        if code == 401:
             fail("the token was refused")
         if code == 404:
             # the API names what is missing ("run 5 not found"); an unknown route only says "Not Found"
@@ -249,9 +257,11 @@ def leaderboard(
     ctx: typer.Context,
     dataset: Annotated[str | None, typer.Option(help="only this data set")] = None,
     model: Annotated[str | None, typer.Option(help="only this model")] = None,
+    metric: Annotated[RankMetric, typer.Option(
+        help="final: the trained network's test accuracy; selected: at the best validation epoch")] = RankMetric.final,
 ) -> None:
-    """Estimators ranked by mean final test accuracy, per bit configuration."""
-    rows = _client(ctx).get("/leaderboard", dataset=dataset, model=model)
+    """Estimators ranked by mean test accuracy (final or validation-selected), per bit configuration."""
+    rows = _client(ctx).get("/leaderboard", dataset=dataset, model=model, metric=metric.value)
     out = Console()
     if not rows:
         scope = " / ".join(x for x in (dataset, model) if x) or "any data set"
@@ -259,7 +269,7 @@ def leaderboard(
         return
     rows = sorted(rows, key=lambda r: (*_cell(r), r["rank"]))
     for (ds, mdl), group in groupby(rows, key=lambda r: _cell(r)[:2]):
-        table = Table(title=escape(f"{ds} / {mdl} — test accuracy (%)"), title_justify="left")
+        table = Table(title=escape(f"{ds} / {mdl} — {METRIC_TITLES[metric.value]}"), title_justify="left")
         for name, justify in (("bits", "left"), ("rank", "right"), ("estimator", "left"), ("mean", "right"),
                               ("± std", "right"), ("95% CI", "right"), ("n", "right")):
             table.add_column(name, justify=justify, overflow="fold")
@@ -319,7 +329,7 @@ def report(
 def cancel(ctx: typer.Context, run_id: Annotated[int, typer.Argument(metavar="RUN")]) -> None:
     """Cancel a run: a queued one at once, a running one at its trials' next epoch."""
     client = _client(ctx)
-    run = client.body(client.request("POST", f"/runs/{run_id}/cancel"))
+    run = client.body(client.request("POST", f"/runs/{run_id}/cancel", json={}))
     if run["status"] == "running":
         typer.echo(f"run {run_id}: cancel requested; running trials stop at their next epoch")
     else:

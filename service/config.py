@@ -14,6 +14,8 @@ code and tests. ``get_settings()`` reads the environment once per process.
 ``BITBENCH_HEARTBEAT_S``     dispatcher heartbeat period (5 s)
 ``BITBENCH_STALE_S``         a running run whose heartbeat is older is requeued (30 s)
 ``BITBENCH_MAX_BODY_BYTES``  largest request body (1 MiB)
+``BITBENCH_ALLOWED_ORIGINS`` browser origins besides the service's own that may write, comma- or
+                             space-separated (``https://bitbench.example.org``); default none
 ``BITBENCH_REPORT_RENDERS``  reports an API process renders at once (2); more get 503
 ===========================  ====================================================================
 
@@ -24,10 +26,12 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.origins import canonical_origin
 from workers.storage import normalise
 
 DEFAULT_HOME = Path("~/.cache/bitbench")
@@ -50,6 +54,22 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0, validation_alias=_env("heartbeat_s", "BITBENCH_HEARTBEAT_S"))
     stale_s: float = Field(30.0, gt=0, validation_alias=_env("stale_s", "BITBENCH_STALE_S"))
     max_body_bytes: int = Field(1 << 20, ge=1, validation_alias=_env("max_body_bytes", "BITBENCH_MAX_BODY_BYTES"))
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("allowed_origins", "BITBENCH_ALLOWED_ORIGINS"))
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _origin_list(cls, value):
+        return value.replace(",", " ").split() if isinstance(value, str) else value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _canonical_origins(cls, value: list[str]) -> list[str]:
+        """Each as :func:`service.origins.canonical_origin` spells it; one that is no origin is an error."""
+        bad = [v for v in value if canonical_origin(v) is None]
+        if bad:
+            raise ValueError(f"not an origin (scheme://host[:port], no path): {', '.join(bad)}")
+        return [canonical_origin(v) for v in value]
     report_renders: int = Field(2, ge=1, validation_alias=_env("report_renders", "BITBENCH_REPORT_RENDERS"))
 
     @field_validator("tune_dir", mode="before")

@@ -88,8 +88,9 @@ def load_records(s: Session, run_id: int) -> dict | None:
     run = store.get_run(s, run_id)
     if run is None:
         return None
-    return {"run": run, "leaderboard": store.leaderboard(s, run_id=run_id), "trials": store.run_results(s, run_id),
-            "epoch_rows": store.export_rows(s, run_id)}
+    return {"run": run, "leaderboard": store.leaderboard(s, run_id=run_id),
+            "selected_leaderboard": store.leaderboard(s, run_id=run_id, metric="selected"),
+            "trials": store.run_results(s, run_id), "epoch_rows": store.export_rows(s, run_id)}
 
 
 def write_records(records: dict, out_dir: str | Path, *, png: bool = True) -> dict[str, Path]:

@@ -8,12 +8,15 @@ experiment.
 """
 from __future__ import annotations
 
+import logging
 import threading
 
 from sqlalchemy.orm import sessionmaker
 
 from . import store
 from .db import make_engine, session_factory
+
+log = logging.getLogger(__name__)
 
 
 class SqlSink:
@@ -70,7 +73,11 @@ class SqlSink:
             store.record_epoch(s, tid, metrics)
 
     def on_trial_end(self, trial_key: str, status: str, final: dict | None, error: str | None) -> None:
-        """Final status (done | failed | cancelled), final metrics and error."""
+        """Final status (done | failed | cancelled), final metrics and error. The error's full text
+        (a traceback) goes to the log; the database keeps its reason (``store.record_trial_end``)."""
         tid = self._trial_id(trial_key)
+        if error:
+            log.log(logging.WARNING if status == "failed" else logging.INFO, "run %s: trial %s %s:\n%s",
+                    self.run_id, trial_key, status, error)
         with self._session() as s:
             store.record_trial_end(s, tid, status, final, error)

@@ -9,12 +9,12 @@ Records
   finished_at, error, trial_count, cancel_requested, progress: {done, running, queued, failed,
   cancelled}}``
 - Trial: ``{id, run_id, key, estimator, estimator_label, estimator_params, w_bits, a_bits, seed,
-  status, attempts, epochs_done, final_test_acc, final_val_acc, best_val_acc, device,
-  started_at, finished_at, error}``
-- Metric: ``{epoch, train_loss, train_acc, val_acc, test_acc, lr, epoch_seconds, images_per_s,
-  device, schedule}``
-- Leaderboard row: ``{dataset, model, w_bits, a_bits, estimator_label, n, mean, std, ci_low,
-  ci_high, rank, best}``
+  status, attempts, epochs_done, final_test_acc, final_val_acc, best_val_acc, selected_test_acc,
+  selected_epoch, packed_bytes, packed_agreement, device, started_at, finished_at, error}``
+- Metric: ``{epoch, train_loss, train_acc, val_acc, test_acc, test_top5, lr, epoch_seconds,
+  images_per_s, weight_flips, device, schedule}``
+- Leaderboard row: ``{dataset, model, w_bits, a_bits, estimator_label, metric, n, mean, std, ci_low,
+  ci_high, rank, best, packed_bytes, packed_agreement}``
 
 A finished run's report is rendered once and kept in ``report_archives`` under the run's
 ``results_fingerprint`` (service.report).
@@ -38,6 +38,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from .errors import public_reason
 from .tables import FINISHED, METRIC_FIELDS, RUN_STATUSES, metrics, report_archives, runs, trials, utcnow
 
 FLOAT_LABEL = "float"
@@ -46,8 +47,15 @@ RUN_FIELDS = ("id", "name", "status", "dataset", "model", "spec", "spec_hash", "
               "finished_at", "error", "trial_count", "cancel_requested")
 TRIAL_FIELDS = ("id", "run_id", "key", "estimator", "estimator_label", "estimator_params", "w_bits", "a_bits",
                 "seed", "status", "attempts", "epochs_done", "final_test_acc", "final_val_acc", "best_val_acc",
-                "packed_bytes", "packed_agreement", "device", "started_at", "finished_at", "error")
-FINAL_COLUMNS = ("final_test_acc", "final_val_acc", "best_val_acc", "packed_bytes", "packed_agreement")
+                "selected_test_acc", "selected_epoch", "packed_bytes", "packed_agreement", "device", "started_at",
+                "finished_at", "error")
+FINAL_COLUMNS = ("final_test_acc", "final_val_acc", "best_val_acc", "selected_test_acc", "selected_epoch",
+                 "packed_bytes", "packed_agreement")
+INTEGER_FINAL_COLUMNS = ("selected_epoch", "packed_bytes")
+#: what a leaderboard ranks by: the trained network's test accuracy (after the last epoch and the
+#: recipe's end steps) or the test accuracy at the epoch with the best validation accuracy
+RANK_METRICS = {"final": trials.c.final_test_acc, "selected": trials.c.selected_test_acc}
+DEFAULT_RANK_METRIC = "final"
 
 
 class IdempotencyConflict(Exception):
@@ -284,15 +292,17 @@ def record_epoch(s: Session, trial_id: int, metric: dict) -> bool:
 
 def record_trial_end(s: Session, trial_id: int, status: str, final: dict | None = None,
                      error: str | None = None) -> None:
-    """A trial ends (``done``, ``failed`` or ``cancelled``): status, final metrics, error."""
+    """A trial ends (``done``, ``failed`` or ``cancelled``): status, final metrics, error (kept as
+    :func:`service.errors.public_reason`: type and message, relative paths, no traceback)."""
     if status not in FINISHED:
         raise ValueError(f"a trial ends as one of {FINISHED}, not {status!r}")
     final = _jsonable(final) if final else None
-    values = {"status": status, "finished_at": utcnow(), "error": error, "final": final}
+    values = {"status": status, "finished_at": utcnow(), "error": public_reason(error), "final": final}
     if final:
         values.update({c: _num(final.get(c)) for c in FINAL_COLUMNS})
-        if values["packed_bytes"] is not None:
-            values["packed_bytes"] = int(values["packed_bytes"])
+        for c in INTEGER_FINAL_COLUMNS:
+            if values[c] is not None:
+                values[c] = int(values[c])
     s.execute(update(trials).where(trials.c.id == trial_id).values(**values))
     s.commit()
 
@@ -350,8 +360,12 @@ def _t975(dof: int) -> float:
 
 
 def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = None,
-                run_id: int | None = None) -> list[dict]:
-    """Estimators ranked by mean final test accuracy over seeds, per dataset × model × bits.
+                run_id: int | None = None, metric: str = DEFAULT_RANK_METRIC) -> list[dict]:
+    """Estimators ranked by mean test accuracy over seeds, per dataset × model × bits.
+
+    ``metric`` (:data:`RANK_METRICS`): ``final``, the trained network's test accuracy, or
+    ``selected``, the test accuracy at the epoch with the best validation accuracy; each row
+    says which.
 
     Count, mean and spread are aggregated in SQL over ``done`` trials (with the mean packed
     export size and the lowest packed-engine agreement, where trials have them); the 95% interval is
@@ -359,7 +373,9 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
     mean within its (dataset, model, w_bits, a_bits) (ties share a rank; ``best`` marks rank 1).
     Rows come ordered by dataset, model, then w_bits + a_bits (the float reference last),
     w_bits, a_bits, rank. ``run_id`` restricts it to one run (a study's report)."""
-    x = trials.c.final_test_acc
+    if metric not in RANK_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(RANK_METRICS)}")
+    x = RANK_METRICS[metric]
     keys = (runs.c.dataset, runs.c.model, trials.c.w_bits, trials.c.a_bits, trials.c.estimator_label)
     spread = (func.stddev_samp(x) if _dialect(s) == "postgresql" else func.avg(x * x)).label("spread")
     packed = (func.avg(trials.c.packed_bytes).label("packed_bytes"),
@@ -383,7 +399,7 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
             half = _t975(n - 1) * std / math.sqrt(n)
             ci_low, ci_high = max(mean - half, 0.0), min(mean + half, 1.0)  # an accuracy stays in [0, 1]
         rows.append({"dataset": r.dataset, "model": r.model, "w_bits": r.w_bits, "a_bits": r.a_bits,
-                     "estimator_label": r.estimator_label, "n": n, "mean": mean, "std": std,
+                     "estimator_label": r.estimator_label, "metric": metric, "n": n, "mean": mean, "std": std,
                      "ci_low": ci_low, "ci_high": ci_high,
                      "packed_bytes": None if r.packed_bytes is None else int(round(float(r.packed_bytes))),
                      "packed_agreement": None if r.packed_agreement is None else float(r.packed_agreement)})
@@ -446,16 +462,17 @@ def cancel_requested(s: Session, run_id: int) -> bool:
 
 def finish_run(s: Session, run_id: int, status: str, error: str | None = None, *,
                worker_id: str | None = None) -> bool:
-    """End a queued or running run as ``done``, ``failed`` or ``cancelled`` (with ``error``);
-    trials still queued or running become ``cancelled``. With ``worker_id``, only while that
-    worker holds it. Returns whether the run was changed."""
+    """End a queued or running run as ``done``, ``failed`` or ``cancelled`` (with ``error``, kept as
+    :func:`service.errors.public_reason`); trials still queued or running become ``cancelled``.
+    With ``worker_id``, only while that worker holds it. Returns whether the run was changed."""
     if status not in FINISHED:
         raise ValueError(f"a run finishes as one of {FINISHED}, not {status!r}")
     now = utcnow()
     conds = [runs.c.id == run_id, runs.c.status.in_(("queued", "running"))]
     if worker_id is not None:
         conds.append(runs.c.worker_id == worker_id)
-    changed = s.execute(update(runs).where(*conds).values(status=status, error=error, finished_at=now)).rowcount == 1
+    changed = s.execute(update(runs).where(*conds).values(status=status, error=public_reason(error),
+                                                          finished_at=now)).rowcount == 1
     if changed:
         _close_open_trials(s, [run_id], "cancelled", now)
     s.commit()

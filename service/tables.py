@@ -33,6 +33,9 @@ from sqlalchemy.types import TypeDecorator
 RUN_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 TRIAL_STATUSES = RUN_STATUSES
 FINISHED = ("done", "failed", "cancelled")
+# Row ids are SQL INTEGER, a 4-byte int4 on PostgreSQL: no row has an id outside 1 … MAX_ID, and
+# binding a larger number fails in the driver (PostgreSQL: integer out of range; SQLite: over 2^63).
+MAX_ID = 2**31 - 1
 
 metadata = MetaData(naming_convention={
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -114,6 +117,8 @@ trials = Table(
     Column("final_test_acc", Float, nullable=True),
     Column("final_val_acc", Float, nullable=True),
     Column("best_val_acc", Float, nullable=True),
+    Column("selected_test_acc", Float, nullable=True),  # test accuracy at the best validation epoch
+    Column("selected_epoch", Integer, nullable=True),
     Column("packed_bytes", BigInteger, nullable=True),  # size of the bit-packed XNOR/SHIFT export
     Column("packed_agreement", Float, nullable=True),  # its predictions = torch eval's, fraction
     Column("final", Json, nullable=True),
@@ -136,9 +141,11 @@ metrics = Table(
     Column("train_acc", Float, nullable=True),
     Column("val_acc", Float, nullable=True),
     Column("test_acc", Float, nullable=True),
+    Column("test_top5", Float, nullable=True),  # label among the 5 largest logits (None with < 6 classes)
     Column("lr", Float, nullable=True),
     Column("epoch_seconds", Float, nullable=True),
     Column("images_per_s", Float, nullable=True),
+    Column("weight_flips", Float, nullable=True),  # fraction of quantized weights whose level changed
     Column("device", String(64), nullable=True),
     Column("schedule", Json, nullable=True),
     UniqueConstraint("trial_id", "epoch"),  # exactly once per (trial, epoch); also the trial's index
@@ -155,5 +162,5 @@ report_archives = Table(
     Column("created_at", UTCDateTime, nullable=False),
 )
 
-METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_acc", "test_acc", "lr", "epoch_seconds",
-                 "images_per_s", "device", "schedule")
+METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_acc", "test_acc", "test_top5", "lr", "epoch_seconds",
+                 "images_per_s", "weight_flips", "device", "schedule")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import zipfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -138,17 +139,70 @@ def test_writes_need_the_token_when_one_is_set(make_api):
 
     auth = {"Authorization": f"Bearer {TOKEN}"}
     run = api.post_run(headers=auth)
-    assert api.post(f"/runs/{run['id']}/cancel").status_code == 401
-    assert api.post(f"/runs/{run['id']}/cancel", headers=auth).json()["status"] == "cancelled"
+    assert api.post(f"/runs/{run['id']}/cancel", json={}).status_code == 401
+    assert api.post(f"/runs/{run['id']}/cancel", json={}, headers=auth).json()["status"] == "cancelled"
     for path in ("/runs", f"/runs/{run['id']}", f"/runs/{run['id']}/trials", "/leaderboard", "/catalog",
                  f"/runs/{run['id']}/export", "/healthz", "/dashboard/"):
         assert api.get(path).status_code == 200, path  # reads stay open
 
 
+@pytest.mark.parametrize("token", [None, TOKEN])
+def test_cross_site_writes_are_refused_token_or_not(make_api, token):
+    """A browser on another site can POST a form or text/plain without a CORS preflight, and can't
+    leave out ``Origin``: writes take only application/json and only from this service's own pages
+    (or a configured origin)."""
+    api = make_api(api_token=token, allowed_origins=["https://lab.example.org"])
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    run = api.post_run(headers=auth)
+    body = json.dumps(small_spec("cross-site"))
+    before = api.counts()
+
+    def refused(code, loc, url="/runs", **kwargs):
+        r = api.post(url, **{**kwargs, "headers": {**auth, **kwargs.get("headers", {})}})
+        assert r.status_code == code, r.text
+        assert r.json()["detail"][0]["loc"] == loc
+        return r.json()["detail"][0]["msg"]
+
+    evil = {"Origin": "https://evil.example"}
+    assert "'https://evil.example' is refused" in refused(403, ["header", "Origin"], content=body,
+                                                             headers={**evil, "Content-Type": "text/plain"})
+    refused(403, ["header", "Origin"], json=small_spec(), headers=evil)
+    refused(403, ["header", "Origin"], json=small_spec(), headers={"Origin": "null"})  # a sandboxed page
+    refused(403, ["header", "Origin"], json=small_spec(), headers={"Origin": "http://testserver:8080"})
+    refused(403, ["header", "Origin"], url=f"/runs/{run['id']}/cancel", json={}, headers=evil)
+    assert "not 'text/plain'" in refused(415, ["header", "Content-Type"], content=body,
+                                         headers={"Content-Type": "text/plain;charset=UTF-8"})
+    refused(415, ["header", "Content-Type"], data={"name": "form"})
+    refused(415, ["header", "Content-Type"], content=body, headers={"Content-Type": "multipart/form-data"})
+    assert "no Content-Type" in refused(415, ["header", "Content-Type"], url=f"/runs/{run['id']}/cancel")
+    assert api.counts() == before and api.get(f"/runs/{run['id']}").json()["status"] == "queued"
+
+    for origin in ("http://testserver", "HTTP://TESTSERVER:80", "https://lab.example.org"):  # its own; allowed
+        assert api.post("/runs", json=small_spec(origin), headers={**auth, "Origin": origin}).status_code == 202
+    r = api.post(f"/runs/{run['id']}/cancel", content=b"{}", headers={**auth, "Origin": "http://testserver",
+                                                                       "Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+
+
+def test_method_not_allowed_names_every_method_of_the_path(api):
+    for method, path, allow in [("options", "/runs", "GET, POST"), ("delete", "/runs", "GET, POST"),
+                                ("put", "/runs/1", "GET"), ("get", "/runs/1/cancel", "POST")]:
+        r = api.request(method, path)
+        assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.headers.get("allow"))
+        assert r.json() == {"detail": "Method Not Allowed"}
+
+
+def test_allowed_origins_setting():
+    settings = Settings(allowed_origins="https://lab.example.org, http://10.0.0.5:8000")
+    assert settings.allowed_origins == ["https://lab.example.org:443", "http://10.0.0.5:8000"]
+    with pytest.raises(ValueError, match="not an origin"):
+        Settings(allowed_origins="https://lab.example.org/dashboard")
+
+
 def test_list_runs_filters_and_pages(api):
     ids = [api.post_run(small_spec(f"r{i}"))["id"] for i in range(5)]
     synthetic = api.post_run(small_spec("syn", dataset="synthetic"))["id"]
-    api.post(f"/runs/{ids[0]}/cancel")
+    api.post(f"/runs/{ids[0]}/cancel", json={})
 
     page = api.get("/runs", params={"limit": 2}).json()
     assert page["total"] == 6 and page["limit"] == 2 and page["offset"] == 0
@@ -194,14 +248,14 @@ def test_run_progress_trials_and_metrics(api):
 
 def test_cancel(api):
     queued = api.post_run()
-    r = api.post(f"/runs/{queued['id']}/cancel")
+    r = api.post(f"/runs/{queued['id']}/cancel", json={})
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     assert r.json()["progress"]["cancelled"] == 10
 
     running = api.post_run(small_spec("running"))
     with api.sessions() as s:
         assert store.claim_run(s, "test-worker")["id"] == running["id"]
-    r = api.post(f"/runs/{running['id']}/cancel")
+    r = api.post(f"/runs/{running['id']}/cancel", headers={"Content-Type": "application/json"})  # empty body
     assert r.status_code == 202 and r.json()["status"] == "running" and r.json()["cancel_requested"] is True
     with api.sessions() as s:
         assert store.cancel_requested(s, running["id"])
@@ -295,10 +349,39 @@ def test_unknown_ids_are_404(make_api):
                                 ("get", "/runs/999/export", "run_id"), ("post", "/runs/999/cancel", "run_id"),
                                 ("get", "/runs/999/report", "run_id"),
                                 ("get", "/trials/999", "trial_id")]:
-        r = api.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"})
+        body = {} if method == "post" else None
+        r = api.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"}, json=body)
         assert r.status_code == 404, path
         [err] = r.json()["detail"]
         assert err["loc"] == ["path", param] and err["msg"].endswith("999 not found")
+
+
+def test_dashboard_answers_ids_past_the_tables_with_its_404_page(api):
+    for n in (2**31, 2**63):
+        for path, what in [(f"/dashboard/runs/{n}", "run"), (f"/dashboard/runs/{n}/report.html", "run"),
+                           (f"/dashboard/trials/{n}", "trial")]:
+            r = api.get(path)
+            assert r.status_code == 404 and f"There is no {what} {n}." in r.text, path
+        page = api.get(f"/dashboard/?offset={n}")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+
+
+def test_docs_and_redoc_load_nothing_from_other_hosts(api):
+    """Every script, stylesheet and icon of /docs and /redoc is served by the app itself."""
+    for page, needed in [("/docs", {"swagger-ui-bundle.js", "swagger-ui.css"}), ("/redoc", {"redoc.standalone.js"})]:
+        r = api.get(page)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert not re.findall(r"(?:https?:)?//[\w.-]+", r.text), page  # no host named anywhere in the page
+        assets = re.findall(r'(?:src|href)\s*=\s*["\']([^"\']+)', r.text)
+        assert needed <= {a.rsplit("/", 1)[-1] for a in assets}, assets
+        for url in assets:
+            got = api.get(url)
+            assert got.status_code == 200 and len(got.content) > 1000, url
+            kind = {"js": "javascript", "css": "text/css", "png": "image/png"}[url.rsplit(".", 1)[-1]]
+            assert kind in got.headers["content-type"], (url, got.headers["content-type"])
+            if kind == "javascript":  # what the scripts fetch when they run: ReDoc's logo was a CDN's
+                assert "cdn.redoc.ly" not in got.text and "cdn.jsdelivr.net" not in got.text, url
+        assert "'/openapi.json'" in r.text or '"/openapi.json"' in r.text
 
 
 def test_docs_openapi_and_root(api):

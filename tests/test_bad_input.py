@@ -32,7 +32,10 @@ def nested(path: str, value) -> dict:
 
 def case(id_, loc, reason, *, json_=None, content=None, status=422, method="post", url="/runs", headers=None,
          settings=None):
-    request = {"method": method, "url": url, "headers": headers or {}}
+    headers = headers or {}
+    if content is not None and "Content-Type" not in headers:
+        headers = {**headers, "Content-Type": "application/json"}
+    request = {"method": method, "url": url, "headers": headers}
     if json_ is not None:
         request["json"] = json_
     if content is not None:
@@ -45,16 +48,43 @@ CASES = [
     case("name-not-a-string", ["body", "name"], "valid string", json_=spec(name=5)),
     case("name-empty", ["body", "name"], "at least 1 character", json_=spec(name="")),
     case("name-missing", ["body", "name"], "field required", json_=spec(name=...)),
-    case("estimators-missing", ["body", "estimators"], "field required", json_=spec(estimators=...)),
+    case("estimators-missing", ["body"], "list at least one estimator or method", json_=spec(estimators=...)),
     case("estimators-a-string", ["body", "estimators"], "valid array", json_=spec(estimators="aqe")),
     case("estimator-a-number", ["body", "estimators", 0], "valid string", json_=spec(estimators=[5])),
     case("epochs-a-word", ["body", "epochs"], "valid integer", json_=spec(epochs="ten")),
-    case("epochs-fractional", ["body", "epochs"], "fractional part", json_=spec(epochs=1.5)),
+    case("epochs-fractional", ["body", "epochs"], "valid integer", json_=spec(epochs=1.5)),
+    # no coercion: what the JSON schema calls an integer, a number or a boolean is one
+    case("epochs-a-string", ["body", "epochs"], "valid integer", json_=spec(epochs="3")),
+    case("epochs-a-whole-float", ["body", "epochs"], "valid integer", json_=spec(epochs=3.0)),
+    case("epochs-a-boolean", ["body", "epochs"], "valid integer", json_=spec(epochs=True)),
+    case("lr-a-string", ["body", "optimizer", "lr"], "valid number", json_=spec(optimizer={"lr": "0.1"})),
+    case("include-fp-a-number", ["body", "include_full_precision"], "valid boolean",
+         json_=spec(include_full_precision=0)),
+    case("seed-a-string", ["body", "seeds", 0], "valid integer", json_=spec(seeds=["1"])),
+    case("train-size-a-string", ["body", "dataset_options", "train_size"], "valid integer",
+         json_=spec(dataset_options={"train_size": "100"})),
     case("seeds-a-string", ["body", "seeds"], "valid array", json_=spec(seeds="0,1")),
     case("full-precision-not-bool", ["body", "include_full_precision"], "valid boolean",
          json_=spec(include_full_precision="maybe")),
     case("bits-w-a-word", ["body", "bits", 0, "w"], "valid integer", json_=spec(bits=[{"w": "one", "a": 1}])),
     case("dataset-options-a-list", ["body", "dataset_options"], "should be an object", json_=spec(dataset_options=[1])),
+    # dataset options: the data set's own, checked at POST (never where data live or whether to download)
+    case("dataset-option-unknown", ["body", "dataset_options", "bogus"], "extra inputs are not permitted",
+         json_=spec(dataset_options={"bogus": 1})),
+    case("dataset-option-data-dir", ["body", "dataset_options", "data_dir"], "extra inputs are not permitted",
+         json_=spec(dataset_options={"data_dir": "/etc"})),
+    case("dataset-option-download", ["body", "dataset_options", "download"], "extra inputs are not permitted",
+         json_=spec(dataset_options={"download": True})),
+    case("dataset-option-train-size-negative", ["body", "dataset_options", "train_size"],
+         "greater than or equal to 1", json_=spec(dataset_options={"train_size": -5})),
+    case("dataset-option-val-size-fraction-1", ["body", "dataset_options", "val_size"], "less than 1",
+         json_=spec(dataset_options={"val_size": 1.0})),
+    case("dataset-option-of-another-data-set", ["body", "dataset_options", "n_train"], "extra inputs",
+         json_=spec(dataset_options={"n_train": 10})),
+    case("synthetic-shape-2d", ["body", "dataset_options", "shape"], "at least 3 items",
+         json_=spec(dataset="synthetic", model="convnet_a", dataset_options={"shape": [3, 32]})),
+    case("synthetic-too-large", ["body", "dataset_options"], "over the limit",
+         json_=spec(dataset="synthetic", model="convnet_a", dataset_options={"n_train": 10**7})),
     case("params-a-list", ["body", "estimators", 0, "params"], "should be an object",
          json_=spec(estimators=[{"name": "aqe", "params": [1]}])),
     # registry names and parameters
@@ -66,7 +96,8 @@ CASES = [
          json_=spec(estimators=[{"name": "aqe", "params": {"bogus": 1}}])),
     case("aqe-bad-backward", ["body", "estimators", 0], "eq18, alg1, autodiff",
          json_=spec(estimators=[{"name": "aqe", "params": {"backward": "eq99"}}])),
-    case("unknown-dataset", ["body", "dataset"], "unknown dataset 'imagenet'; known:", json_=spec(dataset="imagenet")),
+    case("unknown-dataset", ["body", "dataset"], "unknown dataset 'imagenet21k'; known:",
+         json_=spec(dataset="imagenet21k")),
     case("unknown-model", ["body", "model"], "unknown model 'resnet50'; known:", json_=spec(model="resnet50")),
     # bits
     case("bits-0", ["body", "bits", 0, "w"], "bit width 0 is not supported", json_=spec(bits=[{"w": 0, "a": 1}])),
@@ -81,11 +112,12 @@ CASES = [
     case("bits-w32a32", ["body", "bits"], "W32A32 is the full-precision reference",
          json_=spec(bits=[{"w": 1, "a": 1}, {"w": 32, "a": 32}])),
     # grid cells and sizes
-    case("estimators-empty", ["body", "estimators"], "at least 1 item", json_=spec(estimators=[])),
+    case("estimators-empty", ["body"], "list at least one estimator or method", json_=spec(estimators=[])),
     case("estimators-duplicate", ["body", "estimators"], "duplicate estimators", json_=spec(estimators=["aqe", "aqe"])),
     case("seeds-empty", ["body", "seeds"], "at least 1 item", json_=spec(seeds=[])),
     case("seeds-duplicate", ["body", "seeds"], "duplicate seeds", json_=spec(seeds=[0, 1, 0])),
     case("seeds-negative", ["body", "seeds"], "[0, 2^32", json_=spec(seeds=[-1])),
+    case("seeds-2^32", ["body", "seeds"], "[0, 2^32", json_=spec(seeds=[0, 2**32])),
     case("epochs-0", ["body", "epochs"], "greater than or equal to 1", json_=spec(epochs=0)),
     case("epochs-1e6", ["body", "epochs"], "less than or equal to 10000", json_=spec(epochs=1_000_000)),
     case("batch-size-0", ["body", "batch_size"], "greater than or equal to 1", json_=spec(batch_size=0)),
@@ -114,8 +146,7 @@ CASES = [
     case("unknown-field-in-estimator", ["body", "estimators", 0, "param"], "extra inputs are not permitted",
          json_=spec(estimators=[{"name": "aqe", "param": {}}])),
     # not a spec at all
-    case("not-json", ["body"], "invalid json", content=b"name=bad&estimators=aqe",
-         headers={"Content-Type": "application/x-www-form-urlencoded"}),
+    case("not-json", ["body"], "invalid json", content=b"name=bad&estimators=aqe"),
     case("truncated-json", ["body"], "invalid json", content=json.dumps(VALID)[:-3].encode()),
     case("empty-body", ["body"], "invalid json", content=b""),
     case("json-array", ["body"], "should be an object", json_=[VALID]),
@@ -133,7 +164,25 @@ CASES = [
     case("bad-token", ["header", "Authorization"], "token is wrong", status=401, json_=VALID,
          headers={"Authorization": "Bearer not-it"}, settings={"api_token": TOKEN}),
     case("bad-token-on-cancel", ["header", "Authorization"], "token is wrong", status=401, url="/runs/1/cancel",
-         headers={"Authorization": "Bearer not-it"}, settings={"api_token": TOKEN}),
+         json_={}, headers={"Authorization": "Bearer not-it"}, settings={"api_token": TOKEN}),
+    case("cancel-with-parameters", ["body"], "takes no parameters", url="/runs/1/cancel", json_={"now": True}),
+    case("cancel-body-a-list", ["body"], "takes no parameters", url="/runs/1/cancel", json_=[]),
+    case("cancel-body-not-json", ["body"], "not json", url="/runs/1/cancel", content=b"}\xff\x16"),
+    case("cancel-body-deeply-nested", ["body"], "not json", url="/runs/1/cancel", content=b"[" * 100_000),
+    # writes are JSON from this service's own pages (or from clients that send no Origin)
+    case("form-body", ["header", "Content-Type"], "not 'application/x-www-form-urlencoded'", status=415,
+         content=b"name=bad&estimators=aqe", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+    case("text-plain-body", ["header", "Content-Type"], "not 'text/plain'", status=415, content=json.dumps(VALID),
+         headers={"Content-Type": "text/plain"}),
+    case("no-content-type", ["header", "Content-Type"], "no content-type", status=415, content=json.dumps(VALID),
+         headers={"Content-Type": ""}),
+    case("cancel-without-json", ["header", "Content-Type"], "no content-type", status=415, url="/runs/1/cancel"),
+    case("foreign-origin", ["header", "Origin"], "is refused", status=403, json_=VALID,
+         headers={"Origin": "https://evil.example"}),
+    case("foreign-origin-with-token", ["header", "Origin"], "is refused", status=403, json_=VALID,
+         headers={"Origin": "https://evil.example", "Authorization": f"Bearer {TOKEN}"}, settings={"api_token": TOKEN}),
+    case("foreign-origin-on-cancel", ["header", "Origin"], "is refused", status=403, url="/runs/1/cancel", json_={},
+         headers={"Origin": "http://testserver.evil.example"}),
     case("idempotency-key-too-long", ["header", "Idempotency-Key"], "at most 200 characters", json_=VALID,
          headers={"Idempotency-Key": "k" * 201}),
     # query and path parameters
@@ -143,6 +192,22 @@ CASES = [
     case("run-id-not-int", ["path", "run_id"], "valid integer", method="get", url="/runs/abc"),
     case("export-format", ["query", "format"], "'csv' or 'json'", method="get", url="/runs/1/export?format=xml"),
     case("unknown-run", ["path", "run_id"], "run 424242 not found", status=404, method="get", url="/runs/424242"),
+    # ids are SQL INTEGER: one past PostgreSQL's int4 or SQLite's int64 is refused before the database
+    *(case(f"{name}-{n}", ["path", param], "less than or equal to 2147483647", method=method, url=url.format(n),
+           json_=json_)
+      for n in (2**31, 2**63) for name, method, url, param in [
+          ("run", "get", "/runs/{}", "run_id"), ("run-trials", "get", "/runs/{}/trials", "run_id"),
+          ("export", "get", "/runs/{}/export", "run_id"), ("report", "get", "/runs/{}/report", "run_id"),
+          ("cancel", "post", "/runs/{}/cancel", "run_id"), ("trial", "get", "/trials/{}", "trial_id")]
+      for json_ in [{} if method == "post" else None]),
+    case("run-id-0", ["path", "run_id"], "greater than or equal to 1", method="get", url="/runs/0"),
+    case("trial-id-negative", ["path", "trial_id"], "greater than or equal to 1", method="get", url="/trials/-1"),
+    case("offset-over-int4", ["query", "offset"], "less than or equal to 2147483647", method="get",
+         url=f"/runs?offset={2**31}"),
+    case("offset-over-int64", ["query", "offset"], "less than or equal to 2147483647", method="get",
+         url=f"/runs?offset={2**63}"),
+    case("leaderboard-run-id-over-int4", ["query", "run_id"], "less than or equal to 2147483647", method="get",
+         url=f"/leaderboard?run_id={2**31}"),
 ]
 
 

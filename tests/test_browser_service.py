@@ -65,3 +65,40 @@ def test_leaderboard_page_matches_the_api(page, served, problems):
     expected = [[r["estimator_label"], "float" if r["w_bits"] == 32 else f"W{r['w_bits']}A{r['a_bits']}"] for r in api]
     assert shown == expected and len(shown) == 5
     assert not problems
+
+
+def test_api_docs_draw_the_api_without_internet(page, served, problems):
+    """Swagger UI and ReDoc draw every operation from the app's own assets; the ``page`` fixture
+    aborts, and reports, any request that leaves loopback (a CDN)."""
+    url, _ = served
+    operations = {(method.upper(), path) for path, ops in httpx.get(f"{url}/openapi.json").json()["paths"].items()
+                  for method in ops}
+    page.goto(f"{url}/docs")
+    page.wait_for_selector(".opblock-summary-path[data-path='/runs/{run_id}/cancel']")
+    shown = page.eval_on_selector_all(".opblock", """els => els.map(e => [
+        e.querySelector('.opblock-summary-method').innerText,
+        e.querySelector('.opblock-summary-path').dataset.path])""")
+    assert {tuple(s) for s in shown} == operations
+    page.goto(f"{url}/redoc")
+    page.wait_for_selector("text=Queue a sweep: one trial per grid cell.")
+    assert page.locator("h2", has_text="Create Run").count() == 1
+    assert not problems
+
+
+def test_try_it_out_on_docs_queues_a_run(page, served, problems):
+    """A write from the service's own page passes the same-origin check: Swagger UI's "Try it out"
+    posts the documented example spec (with the browser's Origin) and gets 202."""
+    url, _ = served
+    before = httpx.get(f"{url}/runs").json()["total"]
+    page.goto(f"{url}/docs")
+    op = page.locator("#operations-runs-create_run_runs_post")
+    op.locator(".opblock-summary").click()
+    op.get_by_role("button", name="Try it out").click()
+    with page.expect_request(lambda r: r.method == "POST" and r.url == f"{url}/runs") as sent:
+        op.get_by_role("button", name="Execute").click()
+    assert sent.value.all_headers().get("origin") == url  # checked, and it is the service's own
+    status = op.locator(".live-responses-table tbody .response-col_status").first
+    status.wait_for()
+    assert status.inner_text().strip() == "202"
+    assert httpx.get(f"{url}/runs").json()["total"] == before + 1
+    assert not problems

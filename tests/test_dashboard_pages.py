@@ -50,18 +50,20 @@ class FakeSource:
         return sorted({(r["dataset"], r["model"]) for r in self.runs.values()
                        if any(t["status"] == "done" for t in self.run_results(r["id"]))})
 
-    def leaderboard(self, dataset, model):
+    def leaderboard(self, dataset, model, metric="final"):
+        field = {"final": "final_test_acc", "selected": "selected_test_acc"}[metric]
         groups = defaultdict(list)
         for run in self.runs.values():
             if (run["dataset"], run["model"]) == (dataset, model):
                 for t in self.run_results(run["id"]):
-                    groups[(t["w_bits"], t["a_bits"], t["estimator_label"])].append(t["final_test_acc"])
+                    if t.get(field) is not None:
+                        groups[(t["w_bits"], t["a_bits"], t["estimator_label"])].append(t[field])
         rows = []
         for (w, a, label), accs in groups.items():
             mean = statistics.fmean(accs)
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
             rows.append({"dataset": dataset, "model": model, "w_bits": w, "a_bits": a, "estimator_label": label,
-                         "n": len(accs), "mean": mean, "std": std, "ci_low": mean - 2 * std,
+                         "metric": metric, "n": len(accs), "mean": mean, "std": std, "ci_low": mean - 2 * std,
                          "ci_high": mean + 2 * std, "packed_bytes": 3584 * w if w < 32 else None,
                          "packed_agreement": 0.999 if w < 32 else None})
         rows.sort(key=lambda r: (r["w_bits"] + r["a_bits"], r["w_bits"], -r["mean"]))
@@ -169,13 +171,15 @@ def test_unknown_is_404(client, path):
 
 
 def test_hostile_text_is_escaped(client):
-    for path in ("/dashboard/", "/dashboard/runs/2", "/dashboard/runs/2/report.html", "/dashboard/trials/21"):
+    for path in ("/dashboard/", "/dashboard/runs/2", "/dashboard/runs/2/report.html", "/dashboard/trials/21",
+                 "/dashboard/leaderboard?dataset=cifar100&model=convnet_d"):
         body = client.get(path).text
         assert SCRIPT_NAME not in body, path
         assert "<img src=x" not in body, path
     runs_page = client.get("/dashboard/").text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in runs_page
-    assert "&lt;img src=x onerror=&quot;alert(2)&quot;&gt;" in client.get("/dashboard/runs/2").text
+    for path in ("/dashboard/runs/2", "/dashboard/leaderboard?dataset=cifar100&model=convnet_d"):
+        assert "&lt;img src=x onerror=&quot;alert(2)&quot;&gt;" in client.get(path).text, path
 
 
 def _script_srcs(body):

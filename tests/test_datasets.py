@@ -16,15 +16,17 @@ from workers.data import vision
 from workers.data.idx import read_idx
 from workers.datasets import (
     DatasetMissingError,
+    DatasetOptions,
     DataSplits,
     DeviceLoader,
     list_datasets,
     load_dataset,
+    options_model,
     random_crop,
     random_flip,
 )
 
-KNOWN = ["cifar10", "cifar100", "digits", "fashion_mnist", "mnist", "synthetic"]
+KNOWN = ["cifar10", "cifar100", "digits", "fashion_mnist", "imagenet", "mnist", "synthetic"]
 
 
 @pytest.fixture(autouse=True)
@@ -118,9 +120,9 @@ def test_list_datasets():
 
 def test_unknown_name_lists_known_names():
     with pytest.raises(UnknownNameError) as err:
-        load_dataset("imagenet")
+        load_dataset("imagenet21k")
     assert isinstance(err.value, ValueError)
-    assert "imagenet" in str(err.value)
+    assert "imagenet21k" in str(err.value)
     assert all(name in str(err.value) for name in KNOWN)
 
 
@@ -129,6 +131,28 @@ def test_unknown_option_is_rejected():
         load_dataset("digits", colour=True)
     with pytest.raises(UnknownNameError, match="n_train"):
         load_dataset("synthetic", n_trains=5)
+
+
+def test_each_data_set_declares_its_options_and_none_is_the_servers():
+    """dataset_options reach load_dataset as keywords: none may name where data live, downloading, or
+    what the trainer passes itself (seed, device)."""
+    for name in list_datasets():
+        model = options_model(name)
+        assert issubclass(model, DatasetOptions) and model.model_config["extra"] == "forbid"
+        assert {"val_size", "train_size", "split_seed"} <= set(model.model_fields)
+        assert not {"data_dir", "download", "seed", "device", "name"} & set(model.model_fields), name
+    assert set(options_model("synthetic").model_fields) - set(DatasetOptions.model_fields) == {
+        "shape", "num_classes", "n_train", "n_val", "n_test", "separation"}
+
+
+def test_options_of_another_data_set_are_rejected_with_the_known_ones():
+    with pytest.raises(UnknownNameError, match="'shape'.*'digits'; known: split_seed, train_size, val_size"):
+        load_dataset("digits", shape=[1, 8, 8])
+
+
+def test_synthetic_size_is_bounded_before_anything_is_drawn():
+    with pytest.raises(ValueError, match="over the limit of 1073741824"):
+        load_dataset("synthetic", n_train=10**7)
 
 
 @pytest.mark.parametrize("val_size", [-1, 1797, 1.0, "10", True])

@@ -119,6 +119,34 @@ def test_estimator_uses_the_fused_function_and_matches(bits, dtype):
     assert torch.equal(est(x.detach()), y.detach())  # eval's hard quantizer gives the same values
 
 
+@pytest.mark.parametrize("low, high", [(0.0, 1.0), (-0.5, 2.0)])
+@pytest.mark.parametrize("bits", BITS)
+def test_other_clip_ranges_match_the_composition(bits, low, high):
+    """dsq_quantize on an asymmetric [l, u] (its general path): values, and ∂/∂x zero at l, u and outside."""
+    dtype = torch.float64
+    edges = torch.tensor([low, high], dtype=dtype)
+    x = torch.cat([edges, torch.nextafter(edges, edges.flip(0)), torch.tensor([low - 1, high + 1], dtype=dtype),
+                   low + (high - low) * torch.rand(50, dtype=dtype, generator=torch.Generator().manual_seed(bits))])
+    g = torch.linspace(1, 2, x.numel(), dtype=dtype)
+    a = torch.tensor(0.2, dtype=dtype)
+
+    def grads(fn):
+        xg = x.clone().requires_grad_(True)
+        y = fn(xg)
+        y.backward(g)
+        return y.detach(), xg.grad
+
+    def composed(xg):
+        soft, hard = dsq_soft(xg, a, bits, low, high)
+        return soft + (hard - soft).detach()
+
+    y0, gx0 = grads(composed)
+    y1, gx1 = grads(lambda xg: dsq_quantize(xg, a, bits, low, high))
+    assert torch.equal(y1, y0)
+    assert (gx1[:2] == 0).all() and (gx1[4:6] == 0).all() and (gx1[2:4] != 0).all() and (gx1[6:] != 0).all()
+    torch.testing.assert_close(gx1, gx0, **close_tol(dtype))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", BITS)
 def test_clip_edges_and_outside_get_no_x_gradient_like_clamp(bits, dtype):

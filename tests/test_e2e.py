@@ -179,6 +179,22 @@ def test_run_over_http(stack):
     assert stack.client.get(f"/dashboard/runs/{run_id}").status_code == 200
 
 
+def test_named_methods_over_http(stack):
+    """Two published methods at their own cells, one restricted to one cell, labelled by their names."""
+    methods = {m["name"]: m for m in stack.client.get("/catalog").json()["methods"]}
+    assert methods["bnn"]["estimator"] == "clipped_ste" and methods["twn"]["params"] == {"scale": "twn"}
+    spec = {"name": "e2e-methods", "methods": ["bnn", {"name": "dorefa", "bits": [{"w": 1, "a": 2}]}],
+            "seeds": [0], "epochs": 1, "include_full_precision": False}
+    run_id = stack.post(spec)
+    run = stack.wait_finished(run_id)
+    assert run["status"] == "done", (run, stack.dispatcher.log_tail())
+    trials = check_epochs(stack, run_id, 1)
+    assert {(t["key"], t["estimator"], t["estimator_label"]) for t in trials} == {
+        ("bnn-w1a1-s0", "clipped_ste", "bnn"), ("dorefa-w1a2-s0", "dorefa", "dorefa")}
+    board = stack.client.get("/leaderboard", params={"run_id": run_id}).json()
+    assert {(r["w_bits"], r["a_bits"], r["estimator_label"]) for r in board} == {(1, 1, "bnn"), (1, 2, "dorefa")}
+
+
 def test_killed_dispatcher_is_replaced_and_nothing_is_stored_twice(stack):
     epochs = 12  # a wide window (2 … 23 epochs stored) to kill the dispatcher in, even on a loaded machine
     spec = {"name": "e2e-resume", "estimators": ["aqe", "ste"], "bits": [{"w": 1, "a": 1}], "seeds": [0],

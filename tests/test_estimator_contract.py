@@ -63,8 +63,10 @@ def test_unknown_things_raise_errors_that_list_what_exists():
         E.create_estimator("ste", bits=9)
     with pytest.raises(E.UnknownNameError, match="unknown role 'bias'"):
         E.create_estimator("ste", role="bias")
-    with pytest.raises(ValueError, match="needs 3 increasing positive thresholds"):
+    with pytest.raises(ValueError, match=r"pow2_thresholds=\[0.5, 0.1, 0.2\] is not allowed: expected strictly incr"):
         E.create_estimator("aqe", bits=3, pow2_thresholds=[0.5, 0.1, 0.2])
+    with pytest.raises(ValueError, match="needs 3 increasing positive thresholds"):  # the count depends on bits
+        E.create_estimator("aqe", bits=3, pow2_thresholds=[0.1, 0.2])
 
 
 def test_catalog_lists_parameters_and_formulas():

@@ -3,6 +3,8 @@
 The reference formulas below are written independently of the implementation, from the
 papers (see each estimator's docstring). Inputs are random, several shapes, float32 and float64.
 """
+import functools
+import hashlib
 import math
 
 import pytest
@@ -13,6 +15,11 @@ import estimators as E
 SHAPES = [(7,), (16, 10), (4, 3, 5, 5)]
 DTYPES = [torch.float32, torch.float64]
 P = 0.3  # training progress e/E used for scheduled estimators
+
+
+def stable_seed(*parts) -> int:
+    """A seed from the test's parameters that is the same in every process (``hash()`` of a str is not)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") % 2**31
 
 
 def mask(c):
@@ -79,6 +86,34 @@ def ref_dorefa(x, g, est):
     return g * (1 - torch.tanh(x) ** 2) / m
 
 
+def ref_xnor_twn(x, g, est):
+    """TWN: the ternary weights' gradient goes to the latent weights (α constant); clipped STE."""
+    return ref_clipped(x, g, est)
+
+
+@functools.lru_cache(maxsize=None)
+def half_normal_uniform_step(n):
+    """argmin_Δ E[(Q(x) − x)²] for x ~ half-normal, Q = nearest of Δ, 2Δ, …, nΔ (0 < x ≤ 1.5Δ → Δ),
+    by numerical integration and a bounded scalar minimiser (independent of the Lloyd iteration)."""
+    from scipy import integrate, optimize, stats
+
+    def distortion(d):
+        edges = [0.0] + [(i + 0.5) * d for i in range(1, n)] + [math.inf]
+        return sum(integrate.quad(lambda x, c=(i + 1) * d: (x - c) ** 2 * 2 * stats.norm.pdf(x), a, b)[0]
+                   for i, (a, b) in enumerate(zip(edges, edges[1:])))
+
+    return optimize.minimize_scalar(distortion, bounds=(0.01, 2.0), method="bounded",
+                                    options={"xatol": 1e-10}).x
+
+
+def ref_hwgq(x, g, est):
+    if est.role == "weight":
+        return ref_xnor(x, g, est)
+    n = 2**est.bits - 1
+    q_max = n * half_normal_uniform_step(n)
+    return g * mask((x > 0) & (x <= q_max))
+
+
 def ref_ewgs(x, g, est):
     n = 2**est.bits - 1
     xn = ((x + 1) / 2).clamp(0, 1)
@@ -96,6 +131,8 @@ REFERENCES = {
     "aqe:alg1": ({"backward": "alg1"}, ref_aqe_alg1),
     "aqe:autodiff": ({"backward": "autodiff"}, ref_aqe_autodiff),
     "xnor": ({}, ref_xnor),
+    "xnor:twn": ({"scale": "twn"}, ref_xnor_twn),
+    "hwgq": ({}, ref_hwgq),
     "dorefa": ({}, ref_dorefa),
     "ewgs": ({}, ref_ewgs),
 }
@@ -117,7 +154,7 @@ def test_backward_matches_formula(case, shape, dtype, role, bits):
     params, ref = REFERENCES[case]
     est = E.create_estimator(name, bits=bits, role=role, **params)
     est.set_progress(3, 10)
-    torch.manual_seed(hash((case, shape, role, bits)) % 2**31)
+    torch.manual_seed(stable_seed(case, shape, role, bits))
     x = torch.randn(shape, dtype=dtype) * 1.2
     g = torch.randn(shape, dtype=dtype)
     got = _grad(est, x, g)
@@ -126,8 +163,13 @@ def test_backward_matches_formula(case, shape, dtype, role, bits):
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
+def test_input_seeds_are_the_same_in_every_process():
+    # pinned: a failure above is reproduced by rerunning it, whatever PYTHONHASHSEED the process drew
+    assert stable_seed("ste", (7,), "weight", 1) == 1939479238
+
+
 def test_every_registered_estimator_has_a_gradient_test():
-    covered = {c.split(":")[0] for c in REFERENCES} | {"pact", "lsq", "dsq"}  # learnable ones: below
+    covered = {c.split(":")[0] for c in REFERENCES} | {"pact", "lsq", "dsq", "lq_nets"}  # learned ones: below
     assert set(E.list_estimators()) <= covered
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import count
 
 import pytest
 
@@ -10,8 +11,11 @@ from dashboard import figures
 from dashboard.paper_results import paper_points
 
 
+_IDS = count(1)
+
+
 def trial(estimator, w, a, seed, acc, label=None, status="done"):
-    return {"id": hash((estimator, label, w, a, seed)), "run_id": 1, "estimator": estimator,
+    return {"id": next(_IDS), "run_id": 1, "estimator": estimator,
             "estimator_label": label or estimator, "w_bits": w, "a_bits": a, "seed": seed, "status": status,
             "final_test_acc": acc if status == "done" else None}
 
@@ -119,6 +123,53 @@ def test_paper_table_sizes():
     assert len(paper_points("cifar10", "convnet_a")) == 16
     points = paper_points("cifar100", "convnet_a")
     assert len(points) == 17 and sum(p["estimator"] == "ste" for p in points) == 1
+
+
+# Tables III–V as printed (reference/aqe_paper.md §4): (dataset, model, method, W, A, top-1, top-5 accuracy)
+@pytest.mark.parametrize("dataset, model, method, w, a, acc, top5", [
+    ("cifar10", "resnet110", "minw_aqe", 3, 32, 1 - 0.0705, None),      # Table III error 7.05
+    ("cifar100", "resnet110", "float", 32, 32, 1 - 0.3587, None),       # 35.87
+    ("cifar10", "densenet100", "float", 32, 32, 1 - 0.0451, None),      # 4.51
+    ("CIFAR100", "densenet100", "minw_aqe", 3, 32, 1 - 0.2370, None),   # 23.70
+    ("imagenet", "alexnet_bn", "binaryconnect", 1, 32, 0.566 - 0.198, 0.802 - 0.182),  # Table IV loss 19.8 / 18.2
+    ("imagenet", "alexnet_bn", "bnn", 1, 1, 0.566 - 0.287, 0.802 - 0.298),
+    ("imagenet", "alexnet_bn", "tnn", 2, 8, 0.566 - 0.076, 0.802 - 0.074),
+    ("imagenet", "alexnet_bn", "dorefa", 8, 8, 0.566 - 0.036, 0.802 - 0.034),
+    ("imagenet", "alexnet_bn", "minw_aqe", 3, 8, 0.566 - 0.006, 0.802 - 0.007),
+    ("imagenet", "alexnet_bn", "float", 32, 32, 0.566, 0.802),           # the baseline, cited from XNOR-Net
+    ("imagenet", "resnet18", "float", 32, 32, 1 - 0.3046, 1 - 0.1081),  # Table V error 30.46 / 10.81
+    ("imagenet", "resnet18", "hwgq", 1, 2, 1 - 0.4040, 1 - 0.1780),
+    ("imagenet", "resnet18", "twn", 2, 32, 1 - 0.3820, 1 - 0.1580),
+    ("imagenet", "resnet18", "xnor_net", 1, 1, 1 - 0.4880, 1 - 0.2680),
+    ("imagenet", "resnet18", "rounding", 4, 4, 1 - 0.7879, 1 - 0.5710),
+    ("imagenet", "resnet18", "minw_aqe", 1, 1, 1 - 0.4787, 1 - 0.2604),
+])
+def test_comparison_tables_match_the_paper(dataset, model, method, w, a, acc, top5):
+    found = [(p["acc"], p["top5_acc"]) for p in paper_points(dataset, model)
+             if (p["w_bits"], p["a_bits"], p["estimator"]) == (w, a, method)]
+    assert len(found) == 1
+    assert found[0][0] == pytest.approx(acc, abs=1e-9)
+    assert found[0][1] == (None if top5 is None else pytest.approx(top5, abs=1e-9))
+
+
+def test_comparison_table_sizes_and_footnotes():
+    assert [len(paper_points(d, m)) for d, m in [("cifar10", "resnet110"), ("cifar100", "resnet110"),
+                                                  ("cifar10", "densenet100"), ("cifar100", "densenet100")]] == [2] * 4
+    assert len(paper_points("imagenet", "alexnet_bn")) == 13 + 1  # + the float baseline
+    table5 = paper_points("imagenet", "resnet18")
+    assert len(table5) == 27 and {p["source"] for p in table5} == {"Table V"}
+    (hwgq,) = [p for p in table5 if p["estimator"] == "hwgq"]
+    assert hwgq["note"] == "HWGQ, first layer float, last layer float, modified architecture"
+    assert paper_points("imagenet", "convnet_a") == [] and paper_points("cifar10", "alexnet_bn") == []
+
+
+def test_comparison_points_overlay_the_runs_configs():
+    runs = [trial("twn", 2, 32, 0, 0.6), trial("minw_aqe", 1, 1, 0, 0.5), trial("float", 32, 32, 0, 0.7)]
+    fig = figures.accuracy_vs_bits(runs, paper_points("imagenet", "resnet18"))
+    paper = {t.meta["estimator"]: dict(zip(t.x, t.y)) for t in traces(fig, "paper")}
+    assert paper == {  # every Table V system at the runs' configurations, none elsewhere (rounded to 1e-6)
+        "twn": {"W2A32": 0.618}, "minw_aqe": {"W1A1": 0.5213, "W2A32": 0.6364}, "xnor_net": {"W1A1": 0.512},
+        "lq_nets": {"W2A32": 0.68}, "lr_net": {"W2A32": 0.635}, "elq": {"W2A32": 0.6752}, "float": {"float": 0.6954}}
 
 
 def test_heatmap_matrix():

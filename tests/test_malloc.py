@@ -30,5 +30,7 @@ def test_training_reuses_freed_memory_instead_of_faulting_it_in_again():
     assert keep_freed_memory()  # glibc (Debian, the Docker image): the settings take
     default, kept = minor_faults("default"), minor_faults("keep")
     print(f"minor page faults in a 2-epoch trial: {default} with glibc's defaults, {kept} kept")
-    assert default > 3_000  # glibc's defaults unmap or trim each step's freed blocks
+    # glibc's defaults unmap or trim each step's freed blocks: ≈37,000 faults on an idle machine,
+    # as few as ≈1,900 seen while other processes kept the cores busy (less is trimmed between steps)
+    assert default > 1_000
     assert kept * 5 < default

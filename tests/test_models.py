@@ -11,11 +11,14 @@ import estimators
 from estimators import Estimator, QConv2d, QLinear, UnknownNameError, weight_storage
 from workers.models import create_model, list_models
 
-MODELS = ["convnet_a", "convnet_b", "convnet_c", "convnet_d", "digits_net", "fashion_net", "resnet20", "vgg_small"]
+MODELS = ["alexnet_bn", "convnet_a", "convnet_b", "convnet_c", "convnet_d", "densenet100", "digits_net", "fashion_net",
+          "resnet110", "resnet18", "resnet20", "vgg_small"]
 # Input shapes each model is exercised with (all of them also work with any shape large enough).
 SHAPES = {name: [(3, 32, 32), (1, 28, 28)] for name in MODELS}
 SHAPES["digits_net"] = [(1, 8, 8)]
 SHAPES["fashion_net"] = [(1, 28, 28)]
+SHAPES["alexnet_bn"] = [(3, 67, 67)]  # the smallest input its three overlapping max-pools leave a pixel of
+SHAPES["resnet110"] = SHAPES["densenet100"] = [(3, 32, 32)]
 CASES = [(n, s) for n in MODELS for s in SHAPES[n]]
 
 # (quantized weights at 1 bit, MiB, paper's printed "parameter capacity") — DESIGN.md §5.
@@ -182,3 +185,131 @@ def test_digits_net_learns_real_digits():
     with torch.no_grad():
         acc = (model(x[test]).argmax(1) == y[test]).float().mean().item()
     assert acc > 0.85, acc
+
+
+# -- the paper's larger networks (Tables III–V) ----------------------------------------------------------
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def densenet_bc_params(depth: int, k: int, num_classes: int) -> int:
+    """Huang et al.'s DenseNet-BC by arithmetic: stem 3×3 2k; per bottleneck on c channels BN(c), 1×1 c→4k,
+    BN(4k), 3×3 4k→k; per transition BN(c), 1×1 c→c/2; head BN(c), FC c→classes with bias."""
+    c = 2 * k
+    total = 9 * 3 * c
+    for block in range(3):
+        for _ in range((depth - 4) // 6):
+            total += 2 * c + c * 4 * k + 2 * 4 * k + 9 * 4 * k * k
+            c += k
+        if block < 2:
+            total += 2 * c + c * (c // 2)
+            c //= 2
+    return total + 2 * c + c * num_classes + num_classes
+
+
+def resnet110_params(num_classes: int) -> int:
+    """He et al.'s CIFAR ResNet, n = 18, option-A shortcuts: 3×3 convs (stem, 36 per stage), 2 BN per
+    block + the stem's, FC with bias."""
+    convs = 3 * 16 + 36 * 16 * 16 + 16 * 32 + 35 * 32 * 32 + 32 * 64 + 35 * 64 * 64
+    return 9 * convs + 2 * (16 + 36 * (16 + 32 + 64)) + 64 * num_classes + num_classes
+
+
+def alexnet_bn_params(num_classes: int) -> int:
+    """The authors' AlexNet-BN: 5 convs (k²·cin·cout), fc6 on 256·5·5, fc7, fc8, BN (2 per channel) everywhere."""
+    convs = 121 * 3 * 64 + 25 * 64 * 192 + 9 * (192 * 384 + 384 * 384 + 384 * 256)
+    fcs = 256 * 25 * 4096 + 4096 * 4096 + 4096 * num_classes
+    return convs + fcs + 2 * (64 + 192 + 384 + 384 + 256 + 4096 + 4096 + num_classes)
+
+
+# name: (classes, input shape, exact parameter count, the published count in millions as printed)
+PUBLISHED = {
+    "resnet110": (10, (3, 32, 32), 1_727_962, 1.7),  # He et al. 2016, Table 6 ("1.7M")
+    "densenet100": (10, (3, 32, 32), 769_162, 0.8),  # Huang et al. 2017, Table 2, DenseNet-BC L=100 k=12 ("0.8M")
+    "resnet18": (1000, (3, 224, 224), 11_689_512, 11.7),  # He et al. Table 1 / torchvision ("11.69M")
+    "alexnet_bn": (1000, (3, 224, 224), 50_314_384, 50.3),  # the authors' alexnet_v2 layout (module docstring)
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_parameter_counts_match_published(name):
+    classes, shape, exact, published = PUBLISHED[name]
+    model = create_model(name, num_classes=classes, input_shape=shape, w_bits=32, a_bits=32)
+    assert n_params(model) == exact
+    assert round(exact / 1e6, 1) == published
+    # Quantizing changes no parameter count for estimators without learned parameters.
+    assert n_params(create_model(name, num_classes=classes, input_shape=shape, w_bits=1, a_bits=1)) == exact
+
+
+def test_counts_by_arithmetic_and_against_torchvision():
+    import torchvision
+
+    assert PUBLISHED["resnet110"][2] == resnet110_params(10)
+    assert PUBLISHED["densenet100"][2] == densenet_bc_params(100, 12, 10)
+    assert PUBLISHED["alexnet_bn"][2] == alexnet_bn_params(1000)
+    assert PUBLISHED["resnet18"][2] == n_params(torchvision.models.resnet18())
+    # CIFAR-100 changes only the classifier.
+    assert n_params(create_model("densenet100", num_classes=100, w_bits=32, a_bits=32)) == \
+        densenet_bc_params(100, 12, 100) == 800_032
+    assert n_params(create_model("resnet110", num_classes=100, w_bits=32, a_bits=32)) == resnet110_params(100)
+
+
+def test_resnet18_quantizes_its_projection_shortcuts_and_stem_like_the_first_layer():
+    model = create_model("resnet18", num_classes=1000, input_shape=(3, 224, 224), w_bits=2, a_bits=1)
+    layers = qlayers(model)
+    # stem + 16 block convs + 3 projections + FC
+    assert len(layers) == 21
+    kernels = [tuple(m.weight.shape[2:]) for m in layers if isinstance(m, QConv2d)]
+    assert kernels[0] == (7, 7) and kernels.count((1, 1)) == 3
+    assert (layers[0].w_bits, layers[0].a_bits) == (2, 32)
+    assert all((m.w_bits, m.a_bits) == (2, 1) for m in layers[1:])
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+
+
+@pytest.mark.parametrize("name", ["alexnet_bn", "densenet100", "resnet110", "resnet18"])
+def test_first_last_float_on_the_larger_networks(name):
+    shape = SHAPES[name][0]
+    layers = qlayers(create_model(name, input_shape=shape, first_last_float=True))
+    assert (layers[0].w_bits, layers[0].a_bits) == (32, 32)
+    assert isinstance(layers[-1], QLinear) and (layers[-1].w_bits, layers[-1].a_bits) == (32, 32)
+    assert all((m.w_bits, m.a_bits) == (1, 1) for m in layers[1:-1])
+
+
+@pytest.mark.parametrize("name,shape", [("alexnet_bn", (3, 66, 66)), ("densenet100", (3, 3, 3))])
+def test_larger_networks_refuse_inputs_too_small(name, shape):
+    with pytest.raises(ValueError, match="too small"):
+        create_model(name, input_shape=shape)
+
+
+def test_depths_outside_the_families_are_refused():
+    from workers.models.blocks import QuantConfig
+    from workers.models.densenet import DenseNet
+    from workers.models.resnet import cifar_resnet
+
+    with pytest.raises(ValueError, match="6n \\+ 2"):
+        cifar_resnet(QuantConfig(), (3, 32, 32), 10, 100)
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        DenseNet(QuantConfig(), (3, 32, 32), 10, depth=99)
+    assert n_params(cifar_resnet(QuantConfig(32, 32), (3, 32, 32), 10, 20)) == \
+        n_params(create_model("resnet20", w_bits=32, a_bits=32)) == 269_722
+
+
+@pytest.mark.parametrize("name,shape", [("alexnet_bn", [3, 67, 67]), ("densenet100", [3, 8, 8]),
+                                        ("resnet110", [3, 8, 8]), ("resnet18", [3, 16, 16])])
+def test_larger_networks_train_one_epoch_through_run_trial(name, shape):
+    """Full width, small images (seconds on a busy CPU): one epoch of W1A1 AQE on synthetic data through the
+    real trainer."""
+    from workers.spec import parse_spec
+    from workers.train import run_trial
+
+    spec = parse_spec({"name": name, "dataset": "synthetic", "model": name, "estimators": ["aqe"],
+                       "bits": [{"w": 1, "a": 1}], "include_full_precision": False, "epochs": 1, "batch_size": 16,
+                       "dataset_options": {"shape": shape, "num_classes": 10, "n_train": 32, "n_val": 16,
+                                           "n_test": 16}})
+    seen = []
+    final = run_trial(spec, spec.trials()[0], on_epoch=lambda m, s: seen.append((m, s)), threads=1)
+    (m, state), = seen
+    assert math.isfinite(m["train_loss"]) and m["train_loss"] > 0
+    assert 0 <= m["test_acc"] <= m["test_top5"] <= 1 and 0 <= m["val_acc"] <= 1
+    assert m["weight_flips"] > 0  # the quantized weights moved
+    assert final["weight_bits_total"] == estimators.weight_storage(
+        create_model(name, input_shape=tuple(shape))).bits > 0

@@ -282,6 +282,9 @@ def test_file_roundtrip_and_magic(tmp_path):
     ("resnet20", {"estimator": "aqe"}, "own forward"),
     ("digits_net", {"estimator": "xnor"}, "xnor"),
     ("digits_net", {"estimator": "dorefa", "w_bits": 2, "a_bits": 2}, "dorefa"),
+    ("digits_net", {"estimator": ("xnor", {"scale": "twn"}), "w_bits": 2, "a_bits": 32}, "xnor"),
+    ("digits_net", {"estimator": "hwgq", "w_bits": 1, "a_bits": 2}, "hwgq"),
+    ("digits_net", {"estimator": "lq_nets", "w_bits": 2, "a_bits": 2}, "lq_nets"),
 ])
 def test_unsupported_models_are_refused(tmp_path, digits, name, kw, match):
     shape = (1, 8, 8) if name == "digits_net" else (3, 32, 32)

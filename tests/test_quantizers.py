@@ -17,6 +17,14 @@ def test_ternary_uses_twn_threshold():
     assert Qz.ternary(x, delta_ratio=0.4).tolist() == [-1, 0, 0, 1, 1, 1]  # Δ = 0.2667
 
 
+def test_ternary_tie_at_delta_is_zero():
+    # |x| = Δ exactly quantizes to 0 (TWN: 0 if |x| ≤ Δ); an all-zero tensor (Δ = 0) stays all zero
+    assert Qz.ternary(torch.zeros(5)).tolist() == [0, 0, 0, 0, 0]
+    assert Qz.ternary(torch.zeros(2, 3), dims="sample").tolist() == [[0, 0, 0], [0, 0, 0]]
+    x = torch.tensor([-1.0, 1.0, 0.0, 2.0])  # mean|x| = 1, so Δ = 1·1 = 1 exactly
+    assert Qz.ternary(x, delta_ratio=1.0).tolist() == [0, 0, 0, 1]  # the ±1 ties go to 0
+
+
 def test_ternary_per_sample_statistics():
     x = torch.tensor([[0.1, 0.2, 1.0], [10.0, 20.0, 100.0]])
     per_sample = Qz.ternary(x, dims="sample")
@@ -30,15 +38,37 @@ def test_pow2_three_bits_authors_thresholds():
     assert Qz.pow2(x, bits=3).tolist() == [0, 0, 0.25, 0.25, -0.5, 0.5, 1, -1, 1]
 
 
+def test_pow2_thresholds_above_three_bits():
+    # 4 bits: q = 7 levels 1, ½, …, 2^-6; edges 0.14·2^-i for levels 2^-i (i ≤ 5), the smallest level's
+    # edge a quarter of the one above it (the zero threshold)
+    assert Qz.pow2_thresholds(4) == pytest.approx(
+        (0.00109375, 0.004375, 0.00875, 0.0175, 0.035, 0.07, 0.14), rel=1e-12)
+    t5 = Qz.pow2_thresholds(5)
+    assert len(t5) == 15 and t5[-1] == pytest.approx(0.14) and t5[-2] == pytest.approx(0.07)
+    assert t5[1] == pytest.approx(0.14 * 2.0**-13) and t5[0] == pytest.approx(0.14 * 2.0**-15)
+    # on M = 1 the staircase at 4 bits: each value lands on the level whose edge it has passed
+    x = torch.tensor([0.001, 0.0011, 0.005, 0.01, 0.02, 0.05, 0.1, -0.2, 1.0])
+    assert Qz.pow2(x, bits=4).tolist() == [0, 2**-6, 2**-5, 2**-4, 2**-3, 2**-2, 2**-1, -1, 1]
+
+
 def test_pow2_thresholds_scale_with_max():
     x = torch.tensor([1.0, 3.0, 10.0])  # M = 10: .2 → ¼, .7 → ½, 1.4 → 1
     assert Qz.pow2(x, bits=3).tolist() == [0.5, 1, 1]
     assert Qz.pow2(x, bits=3, thresholds=(0.05, 0.2, 0.5)).tolist() == [0.25, 0.5, 1]
 
 
+def test_pow2_per_sample_statistics():
+    x = torch.tensor([[0.1, 0.05, 1.0], [10.0, 5.0, 100.0]])  # each row's M is its own max: the same levels
+    assert Qz.pow2(x, bits=3, dims="sample").tolist() == [[0.5, 0.25, 1], [0.5, 0.25, 1]]
+    assert Qz.pow2(x, bits=3).tolist() == [[0, 0, 0], [0.5, 0.25, 1]]  # one M = 100 for the whole tensor
+
+
 def test_pow2_rejects_bad_thresholds():
     with pytest.raises(ValueError, match="3 increasing positive thresholds"):
         Qz.pow2(torch.ones(3), bits=3, thresholds=(0.1, 0.05, 0.2))
+    for bad in [(0.05, 0.05, 0.2), (0.0, 0.1, 0.2), (-0.1, 0.1, 0.2), (0.1, 0.2), (0.1, 0.2, 0.3, 0.4)]:
+        with pytest.raises(ValueError, match="3 increasing positive thresholds"):  # ties, zero, sign, count
+            Qz.pow2(torch.ones(3), bits=3, thresholds=bad)
     with pytest.raises(ValueError, match="bits >= 3"):
         Qz.pow2_thresholds(2)
 

@@ -35,7 +35,8 @@ def table_rows(s, table, *where):
 
 def epoch_metrics(epoch, acc=0.5):
     return {"epoch": epoch, "train_loss": 1.0 / epoch, "train_acc": acc, "val_acc": acc, "test_acc": acc,
-            "lr": 0.01, "epoch_seconds": 0.1, "images_per_s": 1000.0, "device": "cpu",
+            "test_top5": min(1.0, acc + 0.25), "lr": 0.01, "epoch_seconds": 0.1, "images_per_s": 1000.0,
+            "weight_flips": 0.01, "device": "cpu",
             "schedule": {"aqe.alpha": 0.5 + epoch / 10}}
 
 
@@ -44,7 +45,7 @@ def test_migrated_schema_matches_tables(engine):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    assert current_revision(engine) == head_revision() == "0003"
+    assert current_revision(engine) == head_revision() == "0005"
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata) == []
         if engine.dialect.name == "sqlite":
@@ -52,7 +53,7 @@ def test_migrated_schema_matches_tables(engine):
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
     migrate(engine)  # again: a no-op
-    assert current_revision(engine) == head_revision() == "0003"
+    assert current_revision(engine) == head_revision() == "0005"
 
 
 def test_migrations_race_on_an_empty_database(db_url):
@@ -338,9 +339,12 @@ def test_sink_stores_non_finite_and_numpy_values(session, sessions):
     rid = store.create_run(session, make_spec())[0]["id"]
     sink = SqlSink(sessions, rid)
     sink.on_epoch("ste-w2a2-s1", {**epoch_metrics(1), "train_loss": float("nan"), "lr": np.float32(0.5),
-                                  "schedule": {"a": np.float64(0.25), "b": float("inf")}})
+                                  "schedule": {"a": np.float64(0.25), "b": float("inf"), "c": np.float32(0.125),
+                                               "d": np.int64(3), "e": np.float32("nan")}})
     (m,) = store.trial_metrics(session, store.trial_ids(session, rid)["ste-w2a2-s1"])
-    assert m["train_loss"] is None and m["lr"] == 0.5 and m["schedule"] == {"a": 0.25, "b": None}
+    assert m["train_loss"] is None and m["lr"] == 0.5
+    assert m["schedule"] == {"a": 0.25, "b": None, "c": 0.125, "d": 3, "e": None}
+    assert [type(m["schedule"][k]) for k in "acd"] == [float, float, int]
 
 
 def test_export_rows(session, sessions):
@@ -368,6 +372,17 @@ def test_leaderboard_interval_is_clipped_to_accuracy_bounds(session, sessions):
     got = {r["estimator_label"]: r for r in store.leaderboard(session, run_id=rid)}
     assert got["aqe"]["ci_low"] == pytest.approx(0.98 - half, rel=1e-6) and got["aqe"]["ci_high"] == 1.0
     assert got["ste"]["ci_low"] == 0.0 and got["ste"]["ci_high"] == pytest.approx(0.04 + half, rel=1e-6)
+
+
+def test_leaderboard_orders_by_total_bits_with_the_float_reference_last(session, sessions):
+    """W1A32 (float activations) has 33 bits: after W2A2, before the full-precision reference."""
+    spec = make_spec(estimators=["ste"], bits=[{"w": 2, "a": 2}, {"w": 1, "a": 32}, {"w": 1, "a": 1}], seeds=[0])
+    rid = store.create_run(session, spec)[0]["id"]
+    sink = SqlSink(sessions, rid)
+    for key in ("ste-w1a32-s0", "float-w32a32-s0", "ste-w2a2-s0", "ste-w1a1-s0"):
+        sink.on_trial_end(key, "done", {"final_test_acc": 0.5}, None)
+    board = store.leaderboard(session, run_id=rid)
+    assert [(r["w_bits"], r["a_bits"]) for r in board] == [(1, 1), (2, 2), (1, 32), (32, 32)]
 
 
 def test_leaderboard_matches_a_hand_computation(session, sessions):
@@ -415,8 +430,82 @@ def test_leaderboard_matches_a_hand_computation(session, sessions):
     everything = store.leaderboard(session)
     assert len(everything) == len(accs) + 1
     assert store.leaderboard(session, dataset="mnist") == [
-        {"dataset": "mnist", "model": "digits_net", "w_bits": 1, "a_bits": 1, "estimator_label": "ste", "n": 1,
+        {"dataset": "mnist", "model": "digits_net", "w_bits": 1, "a_bits": 1, "estimator_label": "ste",
+         "metric": "final", "n": 1,
          "mean": 0.5, "std": None, "ci_low": None, "ci_high": None, "rank": 1, "best": True,
          "packed_bytes": 1234, "packed_agreement": 0.999}]
     assert got[("aqe", 1, 1)]["packed_bytes"] is None
     assert store.leaderboard(session, dataset="digits", model="other") == []
+
+
+def test_leaderboard_ranks_by_the_selected_accuracy_when_asked(session, sessions):
+    """final and selected rank the same trials differently; each row names its metric."""
+    rid = store.create_run(session, make_spec(estimators=["aqe", "ste"], bits=[{"w": 1, "a": 1}],
+                                              include_full_precision=False))[0]["id"]
+    sink = SqlSink(sessions, rid)
+    # aqe ends high but its validation peaked where test was lower; ste lost points in its last epoch
+    values = {"aqe": [(0.90, 0.80, 3), (0.88, 0.82, 2)], "ste": [(0.85, 0.91, 2), (0.83, 0.89, 1)]}
+    for label, seeds in values.items():
+        for seed, (final, selected, epoch) in enumerate(seeds):
+            sink.on_trial_end(f"{label}-w1a1-s{seed}", "done",
+                              {"final_test_acc": final, "selected_test_acc": selected, "selected_epoch": epoch}, None)
+    by_final = store.leaderboard(session, run_id=rid)
+    by_selected = store.leaderboard(session, run_id=rid, metric="selected")
+    assert [(r["estimator_label"], r["rank"], r["metric"]) for r in by_final] == [("aqe", 1, "final"),
+                                                                                   ("ste", 2, "final")]
+    assert [(r["estimator_label"], r["rank"], r["metric"]) for r in by_selected] == [("ste", 1, "selected"),
+                                                                                      ("aqe", 2, "selected")]
+    assert by_selected[0]["mean"] == pytest.approx(0.90) and by_final[0]["mean"] == pytest.approx(0.89)
+    trial = store.list_trials(session, rid)[0]
+    assert (trial["selected_test_acc"], trial["selected_epoch"]) == (0.80, 3)
+    assert isinstance(trial["selected_epoch"], int)
+    with pytest.raises(ValueError, match="unknown metric 'best_test'"):
+        store.leaderboard(session, metric="best_test")
+
+
+def test_migration_0003_selects_on_validation_for_existing_trials(db_url):
+    """Trials finished before 0003 get the test accuracy of their best validation epoch (earliest on ties)."""
+    eng = make_engine(db_url)
+    migrate(eng, "0002")
+    epochs = {  # epoch: (val, test)
+        "a": {1: (0.5, 0.55), 2: (0.8, 0.70), 3: (0.8, 0.90), 4: (0.6, 0.95)},  # tie at 0.8: epoch 2 wins
+        "b": {1: (0.9, 0.60), 2: (0.7, 0.99)},
+    }
+    with eng.begin() as conn:
+        rid = conn.execute(runs.insert().values(name="old", status="done", dataset="digits", model="digits_net",
+                                                spec={}, spec_hash="x", created_at=datetime.now(),
+                                                trial_count=3).returning(runs.c.id)).scalar_one()
+        ids = {}
+        for key, status in (("a", "done"), ("b", "done"), ("c", "running")):
+            ids[key] = conn.execute(trials.insert().values(
+                run_id=rid, key=key, estimator="aqe", estimator_label="aqe", estimator_params={}, w_bits=1,
+                a_bits=1, seed=0, status=status).returning(trials.c.id)).scalar_one()
+        for key, rows in {**epochs, "c": {1: (0.5, 0.5)}}.items():
+            conn.execute(metrics.insert(), [{"trial_id": ids[key], "epoch": e, "val_acc": v, "test_acc": t}
+                                            for e, (v, t) in rows.items()])
+    migrate(eng)
+    with eng.connect() as conn:
+        got = {r.key: (r.selected_test_acc, r.selected_epoch)
+               for r in conn.execute(select(trials.c.key, trials.c.selected_test_acc, trials.c.selected_epoch))}
+    eng.dispose()
+    assert got == {"a": (0.70, 2), "b": (0.60, 1), "c": (None, None)}
+
+
+def test_migration_0004_adds_top5_and_keeps_older_epochs(db_url):
+    """Epochs stored before 0004 keep their values and have no top-5 accuracy (it was never measured)."""
+    eng = make_engine(db_url)
+    migrate(eng, "0003")
+    assert "test_top5" not in {c["name"] for c in inspect(eng).get_columns("metrics")}
+    with eng.begin() as conn:
+        rid = conn.execute(runs.insert().values(name="old", status="done", dataset="digits", model="digits_net",
+                                                spec={}, spec_hash="x", created_at=datetime.now(),
+                                                trial_count=1).returning(runs.c.id)).scalar_one()
+        tid = conn.execute(trials.insert().values(
+            run_id=rid, key="a", estimator="aqe", estimator_label="aqe", estimator_params={}, w_bits=1,
+            a_bits=1, seed=0, status="done").returning(trials.c.id)).scalar_one()
+        conn.exec_driver_sql(f"INSERT INTO metrics (trial_id, epoch, test_acc) VALUES ({tid}, 1, 0.5)")
+    migrate(eng)
+    with eng.connect() as conn:
+        rows = conn.execute(select(metrics.c.epoch, metrics.c.test_acc, metrics.c.test_top5)).all()
+    eng.dispose()
+    assert [tuple(r) for r in rows] == [(1, 0.5, None)]

@@ -1,6 +1,7 @@
 """workers.train.run_trial without Ray: the metrics contract, schedules, seeding, bit-exact resume."""
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -8,7 +9,9 @@ import torch
 
 import estimators
 from workers.spec import parse_spec
-from workers.train import FINAL_KEYS, METRIC_KEYS, build_model, build_scheduler, run_trial
+import workers.train
+from estimators.layers import QUANTIZED_LAYERS
+from workers.train import FINAL_KEYS, METRIC_KEYS, accuracies, build_model, build_scheduler, evaluate, run_trial
 from workers.datasets import load_dataset
 
 TIMING = ("epoch_seconds", "images_per_s")
@@ -54,8 +57,9 @@ def test_metrics_follow_the_contract(aqe_run):
     assert [m["epoch"] for m, _ in seen] == [1, 2]
     for m, _ in seen:
         assert set(m) == set(METRIC_KEYS)
-        for k in ("train_acc", "val_acc", "test_acc"):
+        for k in ("train_acc", "val_acc", "test_acc", "test_top5"):
             assert isinstance(m[k], float) and 0.0 <= m[k] <= 1.0
+        assert m["test_top5"] >= m["test_acc"]  # digits: 10 classes, so top-5 is reported
         assert isinstance(m["train_loss"], float) and m["train_loss"] > 0
         assert m["epoch_seconds"] > 0 and m["images_per_s"] > 0
         assert m["device"] == "cpu"
@@ -75,6 +79,7 @@ def test_final_record(aqe_run):
     assert set(final) == set(FINAL_KEYS)
     last = seen[-1][0]
     assert final["final_test_acc"] == last["test_acc"] and final["final_val_acc"] == last["val_acc"]
+    assert final["final_test_top5"] == last["test_top5"]
     best = max(seen, key=lambda s: s[0]["val_acc"])[0]
     assert final["best_val_acc"] == best["val_acc"] and final["best_epoch"] == best["epoch"]
     assert final["epochs"] == 2
@@ -131,6 +136,98 @@ def test_same_seed_same_run_other_seed_other_run():
     assert no_timing(a) != no_timing(c)
 
 
+@pytest.fixture
+def epoch_labels(monkeypatch):
+    """The training labels of every epoch, in the order the trainer's batches brought them."""
+    orders = []
+    real_train_epoch = workers.train.train_epoch
+
+    def spy(model, opt, batches):
+        labels = []
+
+        def recorded():
+            for xb, yb in batches:
+                labels.append(yb.clone())
+                yield xb, yb
+        out = real_train_epoch(model, opt, recorded())
+        orders.append(torch.cat(labels))
+        return out
+
+    monkeypatch.setattr(workers.train, "train_epoch", spy)
+    return orders
+
+
+def test_data_order_follows_the_seed(epoch_labels):
+    """Two seeds of one trial shuffle differently (the split is fixed, so only the loader's order can differ);
+    the same seed repeats its order; every training image comes once per epoch."""
+    spec = make_spec(epochs=1, seeds=[0, 1], estimators=["ste"], include_full_precision=False)
+    for key in ("ste-w1a1-s0", "ste-w1a1-s0", "ste-w1a1-s1"):
+        train(spec, key)
+    same, again, other = epoch_labels
+    assert torch.equal(same, again)
+    train_y = load_dataset("digits", seed=0).train_y
+    assert torch.equal(same.sort().values, train_y.sort().values)
+    assert torch.equal(other.sort().values, train_y.sort().values)  # the same images ...
+    assert not torch.equal(same, other)  # ... in another order
+
+
+def test_a_last_batch_of_one_is_dropped(epoch_labels):
+    """BatchNorm cannot train on one sample: 1077 training images in batches of 269 leave one out."""
+    spec = make_spec(epochs=1, estimators=["ste"], include_full_precision=False, batch_size=269)
+    train(spec, "ste-w1a1-s0")
+    assert len(load_dataset("digits", seed=0).train_y) == 1077 and len(epoch_labels[0]) == 1076
+
+
+def test_best_epoch_is_the_first_of_equal_validation_accuracies(monkeypatch):
+    monkeypatch.setattr(workers.train, "evaluate", lambda model, batches: 0.5)
+    spec = make_spec(epochs=3, estimators=["ste"], include_full_precision=False)
+    final, seen = train(spec, "ste-w1a1-s0")
+    assert [m["val_acc"] for m, _ in seen] == [0.5, 0.5, 0.5]
+    assert final["best_epoch"] == 1 and final["best_val_acc"] == 0.5
+    first = seen[0][0]["test_acc"]  # selected: the test accuracy of that first epoch
+    assert [s["best"] for _, s in seen] == [{"val_acc": 0.5, "epoch": 1, "test_acc": first}] * 3
+    assert (final["selected_epoch"], final["selected_test_acc"]) == (1, first)
+
+
+def test_latent_weights_stay_clipped_at_a_large_lr():
+    """Plain SGD at lr 5 pushes AQE's latent weights far beyond [−1, 1] (to 11.8 unclipped); the trainer
+    clips them after every step."""
+    spec = make_spec(epochs=1, estimators=["aqe"], include_full_precision=False, optimizer={"name": "sgd", "lr": 5.0})
+    trial = trial_of(spec, "aqe-w1a1-s0")
+    _, seen = train(spec, trial.key)
+    model = build_model(spec, trial, load_dataset("digits", seed=0))
+    model.load_state_dict(seen[-1][1]["model"])
+    latent = [m.weight for m in model.modules()
+              if isinstance(m, QUANTIZED_LAYERS) and m.weight_quantizer is not None
+              and m.weight_quantizer.clip_weights == (-1.0, 1.0)]
+    assert latent
+    assert max(w.abs().max().item() for w in latent) == 1.0  # reached the bound, never beyond it
+
+
+def test_evaluate_runs_in_eval_mode():
+    """evaluate() uses the running BatchNorm statistics and hard quantizers, and changes no buffer,
+    whatever mode the model was left in."""
+    spec = make_spec(estimators=["aqe"], include_full_precision=False)
+    data = load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    model = build_model(spec, trial_of(spec, "aqe-w1a1-s0"), data)
+    model.train()
+    for xb, _ in data.loader("train", 64):  # running statistics away from their initial 0 / 1
+        model(xb)
+    before = copy.deepcopy(model.state_dict())
+    model.train()
+    got = evaluate(model, data.loader("test", 64))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+    with torch.no_grad():
+        want = (model(data.test_x).argmax(1) == data.test_y).sum().item() / len(data.test_y)
+    assert got == want
+    model.train()
+    with torch.no_grad():
+        in_train_mode = [(model(xb).argmax(1) == yb).sum().item() for xb, yb in data.loader("test", 64)]
+    assert sum(in_train_mode) / len(data.test_y) != want  # the modes do differ here
+
+
 @pytest.mark.parametrize("schedule, expected", [
     ({"name": "constant"}, [0.1, 0.1, 0.1, 0.1]),
     ({"name": "exponential", "gamma": 0.5}, [0.1, 0.05, 0.025, 0.0125]),
@@ -147,3 +244,47 @@ def test_lr_schedules_per_epoch(schedule, expected):
         opt.step()
         sched.step()
     assert lrs == pytest.approx(expected, abs=1e-6)
+
+
+def test_dataset_options_reach_the_loader_and_nothing_else_does(monkeypatch):
+    """A spec's options arrive as the data set's validated fields; where data live comes from the caller
+    (the dispatcher's setting), and downloading from the environment only."""
+    import workers.train
+
+    calls = []
+
+    def spy(name, **kw):
+        calls.append(kw)
+        return load_dataset(name, **kw)
+
+    monkeypatch.setattr(workers.train, "load_dataset", spy)
+    monkeypatch.setenv("BITBENCH_ALLOW_DOWNLOAD", "0")
+    spec = make_spec(dataset="synthetic", epochs=1, estimators=["ste"], include_full_precision=False,
+                     dataset_options={"shape": [1, 8, 8], "n_train": 60, "n_val": 20, "n_test": 30, "num_classes": 4,
+                                      "train_size": 40})
+    final, seen = train(spec, "ste-w1a1-s0", data_dir="/nowhere")
+    [kw] = calls
+    assert kw.pop("data_dir") == "/nowhere" and kw.pop("seed") == 0 and str(kw.pop("device")) == "cpu"
+    assert kw == {"val_size": None, "train_size": 40, "split_seed": 0, "shape": [1, 8, 8], "num_classes": 4,
+                  "n_train": 60, "n_val": 20, "n_test": 30, "separation": 0.1}
+    assert final["epochs"] == 1 and len(seen) == 1
+
+
+def test_top1_and_top5_count_the_label_among_the_largest_logits():
+    # the label's logit ranks 1st, 5th, 6th (of 6) and 1st: top-1 2/4, top-5 3/4
+    logits = torch.tensor([[9., 1, 2, 3, 4, 5], [9., 1, 2, 3, 4, 5], [5., 4, 0, 3, 2, 1], [1., 2, 0, 0, 0, 0]])
+    labels = torch.tensor([0, 2, 2, 1])
+    batches = [(logits[:3], labels[:3]), (logits[3:], labels[3:])]
+    assert accuracies(torch.nn.Identity(), batches, top5=True) == (0.5, 0.75)
+    assert accuracies(torch.nn.Identity(), batches) == (0.5, None)
+    assert evaluate(torch.nn.Identity(), batches) == 0.5
+    assert accuracies(torch.nn.Identity(), []) == (None, None)
+
+
+def test_top5_is_not_reported_with_fewer_than_six_classes():
+    spec = make_spec(dataset="synthetic", model="digits_net", epochs=1, include_full_precision=False,
+                     estimators=["ste"], dataset_options={"shape": [1, 8, 8], "num_classes": 5, "n_train": 64,
+                                                          "n_val": 16, "n_test": 32})
+    final, seen = train(spec, "ste-w1a1-s0")
+    assert seen[0][0]["test_top5"] is None and final["final_test_top5"] is None
+    assert seen[0][0]["test_acc"] is not None

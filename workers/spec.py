@@ -2,19 +2,35 @@
 
 One JSON object describes a sweep: estimators × (weight bits, activation bits) × seeds on one
 dataset and model, plus an optional full-precision reference per seed. Unknown fields are
-rejected; names are checked against the registries; :meth:`ExperimentSpec.trials` expands the
-grid into :class:`TrialSpec` cells with stable keys.
+rejected; names are checked against the registries, ``dataset_options`` against the data set's
+options model; :meth:`ExperimentSpec.trials` expands the grid into :class:`TrialSpec` cells with
+stable keys. The JSON schema says what the validators check (:mod:`workers.spec_schema`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from typing import Annotated, Any, Literal, Union
+from collections import Counter
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FieldSerializationInfo,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 import estimators
+
+from . import spec_schema
+from .data.base import MAX_SEED, DatasetOptions
+from .data.registry import list_datasets, options_model, options_models
+from .spec_schema import Keywords
 
 FLOAT = estimators.FLOAT_BITS
 ALLOWED_BITS = (*estimators.SUPPORTED_BITS, FLOAT)
@@ -27,11 +43,37 @@ def max_trials() -> int:
     return int(os.environ.get("BITBENCH_MAX_TRIALS", DEFAULT_MAX_TRIALS))
 
 
+def _repeated(labels: list) -> list:
+    """The labels that occur more than once, sorted (linear: a long list in a POST costs no more)."""
+    return sorted(x for x, n in Counter(labels).items() if n > 1)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown fields are refused, and values are not coerced: ``"3"``, ``3.0`` or ``true`` is no
+    integer, ``1`` no boolean (what the published JSON schema says is what the server takes)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-Bits = Annotated[int, Field(description="1–8, or 32 for float")]
+Bits = Annotated[int, Field(description="1–8, or 32 for float"), Keywords(enum=list(ALLOWED_BITS))]
+BitsList = Annotated[list[Bits], Keywords(minItems=1, uniqueItems=True)]
+EstimatorName = Annotated[str, Keywords(enum=estimators.list_estimators)]
+Seed = Annotated[int, Keywords(minimum=0, maximum=MAX_SEED)]  # checked, with one message, by _unique_seeds
+
+
+def _model_names() -> list[str]:
+    from .models import list_models  # on first use: the model zoo is not needed to read a spec
+
+    return list_models()
+
+
+def _method_names() -> list[str]:
+    from .methods import list_methods
+
+    return list_methods()
+
+
+MethodName = Annotated[str, Keywords(enum=_method_names)]
 
 
 def _check_bits(v: int) -> int:
@@ -43,8 +85,8 @@ def _check_bits(v: int) -> int:
 class BitsConfig(_Strict):
     """One (weights, activations) cell, or lists of each for their cross product."""
 
-    w: Union[Bits, list[Bits]]
-    a: Union[Bits, list[Bits]]
+    w: Union[Bits, BitsList]
+    a: Union[Bits, BitsList]
 
     @field_validator("w", "a")
     @classmethod
@@ -67,7 +109,9 @@ class BitsConfig(_Strict):
 class EstimatorChoice(_Strict):
     """A registered estimator name with parameters (defaults fill the rest)."""
 
-    name: str
+    model_config = ConfigDict(json_schema_extra=spec_schema.estimator_params)
+
+    name: EstimatorName
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -81,6 +125,38 @@ class EstimatorChoice(_Strict):
         if not self.params:
             return self.name
         return f"{self.name}[{','.join(f'{k}={self.params[k]}' for k in sorted(self.params))}]"
+
+
+class MethodChoice(_Strict):
+    """A named published method (:mod:`workers.methods`): its estimator, parameters, bit cells and
+    first/last-layer policy. ``bits`` keeps a subset of the method's cells (default: all of them)."""
+
+    name: MethodName
+    bits: Annotated[list[BitsConfig], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _registered(self):
+        from .methods import get_method
+
+        own = get_method(self.name).bit_cells()  # raises with the known names
+        asked = [c for b in self.bits or [] for c in b.cells()]
+        missing = [f"W{w}A{a}" for w, a in asked if (w, a) not in own]
+        if missing:
+            raise ValueError(f"method {self.name!r} has no cell {', '.join(missing)}; its cells: "
+                             f"{', '.join(f'W{w}A{a}' for w, a in own)}")
+        return self
+
+    def settings(self) -> list[tuple[int, int, bool]]:
+        """``(w_bits, a_bits, first_last_float)`` of each chosen cell, in the method's order."""
+        from .methods import get_method
+
+        method = get_method(self.name)
+        asked = {c for b in self.bits or [] for c in b.cells()}
+        chosen = {}
+        for cell in method.cells:
+            if (not asked or (cell.w_bits, cell.a_bits) in asked) and (cell.w_bits, cell.a_bits) not in chosen:
+                chosen[(cell.w_bits, cell.a_bits)] = method.policy(cell)
+        return [(w, a, policy) for (w, a), policy in chosen.items()]
 
 
 class Optimizer(_Strict):
@@ -103,8 +179,13 @@ class Resources(_Strict):
     gpu: float = Field(0.0, ge=0, le=16, description="fractional: 0.25 lets four trials share a GPU")
 
 
+# every data set's options model: the published schema lists them, an error's loc names the option
+AnyDatasetOptions = Union[tuple(options_models())]
+
+
 class TrialSpec(_Strict):
-    """One grid cell: an estimator at (w_bits, a_bits) with one seed."""
+    """One grid cell: an estimator at (w_bits, a_bits) with one seed; a named method's trial
+    also carries the method and its first/last-layer policy (None: the spec's)."""
 
     key: str
     estimator: str
@@ -112,6 +193,8 @@ class TrialSpec(_Strict):
     w_bits: int
     a_bits: int
     seed: int
+    method: str | None = None
+    first_last_float: bool | None = None
 
     @property
     def is_float(self) -> bool:
@@ -119,55 +202,89 @@ class TrialSpec(_Strict):
 
 
 class ExperimentSpec(_Strict):
-    """A sweep: estimators × bits × seeds on one dataset and model (DESIGN.md §3)."""
+    """A sweep: (estimators × bits + named methods at their own cells) × seeds on one dataset and
+    model (DESIGN.md §3)."""
 
     name: str = Field(..., min_length=1, max_length=200)
-    dataset: str = "digits"
-    model: str = "digits_net"
-    estimators: list[Union[str, EstimatorChoice]] = Field(..., min_length=1)
-    bits: Union[BitsConfig, list[BitsConfig]] = Field(default_factory=lambda: [BitsConfig(w=1, a=1)])
+    description: str = Field("", max_length=4000, description="free text: where the recipe comes from, what "
+                             "the paper left open and what was chosen")
+    dataset: Annotated[str, Keywords(enum=list_datasets)] = "digits"
+    model: Annotated[str, Keywords(enum=_model_names)] = "digits_net"
+    estimators: Annotated[list[Union[EstimatorName, EstimatorChoice]], Keywords(uniqueItems=True)] = Field(
+        default_factory=list, description="gradient estimators, each trained at every cell of `bits`")
+    methods: Annotated[list[Union[MethodName, MethodChoice]], Keywords(uniqueItems=True)] = Field(
+        default_factory=list, description="named published methods (GET /catalog), each at its own bit cells "
+                                          "and with its own first/last-layer policy")
+    bits: Union[BitsConfig, Annotated[list[BitsConfig], Keywords(minItems=1, uniqueItems=True)]] = Field(
+        default_factory=lambda: [BitsConfig(w=1, a=1)])
     include_full_precision: bool = True
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=1000)
+    seeds: Annotated[list[Seed], Keywords(uniqueItems=True)] = Field(default_factory=lambda: [0], min_length=1,
+                                                                     max_length=1000)
     epochs: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(128, ge=1, le=65_536)
     optimizer: Optimizer = Field(default_factory=Optimizer)
     lr_schedule: LRSchedule = Field(default_factory=LRSchedule)
     resources: Resources = Field(default_factory=Resources)
-    first_last_float: bool = False
-    dataset_options: dict[str, Any] = Field(default_factory=dict, description="extra loader options, e.g. synthetic shape")
+    first_last_float: bool = Field(False, description="keep the first and last layers float (estimators; "
+                                   "methods carry their own policy)")
+    bn_reestimate: bool = Field(False, description="after the last epoch, recompute every BatchNorm's running "
+                                "statistics over the training set with the final weights (no weight update) "
+                                "before the final evaluation")
+    dataset_options: AnyDatasetOptions = Field(
+        default_factory=dict, validate_default=True,
+        description="the data set's own options: val_size, train_size, split_seed; synthetic also shape, sizes")
     max_retries: int = Field(2, ge=0, le=10, description="retries of a failed trial (Ray Tune FailureConfig)")
 
     @field_validator("dataset")
     @classmethod
     def _dataset_known(cls, v):
-        from .datasets import list_datasets
-
         if v not in list_datasets():
             raise ValueError(f"unknown dataset {v!r}; known: {', '.join(list_datasets())}")
         return v
 
+    @field_validator("dataset_options", mode="before")
+    @classmethod
+    def _options_of_the_dataset(cls, v, info: ValidationInfo):
+        """Validate with the options model of ``dataset``, so that an error's loc names the option."""
+        name = info.data.get("dataset")
+        if name is None:  # the data set is unknown, and its error says so: no verdict on its options
+            return DatasetOptions.model_construct()
+        if isinstance(v, DatasetOptions):
+            v = v.model_dump(exclude_unset=True)
+        # strict, as the rest of the spec (Python callers of load_dataset may pass a tuple for a list)
+        return options_model(name).model_validate(v, strict=True) if isinstance(v, dict) else v  # else: not an object
+
+    @field_serializer("dataset_options")
+    def _given_options(self, v: DatasetOptions, info: FieldSerializationInfo) -> dict[str, Any]:
+        """Only the options given (defaults stay out of the canonical JSON, so of the spec hash)."""
+        return v.model_dump(mode=info.mode, exclude_unset=True)
+
     @field_validator("model")
     @classmethod
     def _model_known(cls, v):
-        from .models import list_models
-
-        if v not in list_models():
-            raise ValueError(f"unknown model {v!r}; known: {', '.join(list_models())}")
+        if v not in _model_names():
+            raise ValueError(f"unknown model {v!r}; known: {', '.join(_model_names())}")
         return v
 
-    @field_validator("estimators", mode="before")
+    @field_validator("estimators", "methods", mode="before")
     @classmethod
-    def _normalise_estimators(cls, v):
+    def _names_as_choices(cls, v):
+        """A bare name stands for ``{"name": name}``."""
         if isinstance(v, list):
             return [{"name": e} if isinstance(e, str) else e for e in v]
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _unique_methods(cls, v):
+        if dupes := _repeated([m.name for m in v]):
+            raise ValueError(f"duplicate methods: {', '.join(dupes)} (list each once; 'bits' chooses its cells)")
         return v
 
     @field_validator("estimators")
     @classmethod
     def _unique_estimators(cls, v):
-        labels = [e.label for e in v]
-        dupes = sorted({x for x in labels if labels.count(x) > 1})
-        if dupes:
+        if dupes := _repeated([e.label for e in v]):
             raise ValueError(f"duplicate estimators (same name and parameters): {', '.join(dupes)}")
         return v
 
@@ -177,8 +294,7 @@ class ExperimentSpec(_Strict):
         cells = [c for b in (v if isinstance(v, list) else [v]) for c in b.cells()]
         if not cells:
             raise ValueError("must not be empty")
-        dupes = sorted({c for c in cells if cells.count(c) > 1})
-        if dupes:
+        if dupes := _repeated(cells):
             raise ValueError(f"duplicate bit configurations: {', '.join(f'W{w}A{a}' for w, a in dupes)}")
         if (FLOAT, FLOAT) in cells:
             raise ValueError("W32A32 is the full-precision reference: use include_full_precision instead")
@@ -187,11 +303,23 @@ class ExperimentSpec(_Strict):
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, v):
-        if len(set(v)) != len(v):
-            raise ValueError(f"duplicate seeds: {sorted({s for s in v if v.count(s) > 1})}")
-        if any(s < 0 or s > 2**32 - 1 for s in v):
+        if dupes := _repeated(v):
+            raise ValueError(f"duplicate seeds: {dupes}")
+        if any(s < 0 or s > MAX_SEED for s in v):
             raise ValueError("seeds must lie in [0, 2^32 − 1]")
         return v
+
+    @model_validator(mode="after")
+    def _something_to_train(self):
+        if not self.estimators and not self.methods:
+            raise ValueError("list at least one estimator or method")
+        cells = set(self.bit_cells())
+        dupes = sorted({m.name for m in self.methods for e in self.estimators if e.label == m.name
+                        and cells & {(w, a) for w, a, _ in m.settings()}})
+        if dupes:
+            raise ValueError(f"an estimator and a method share the label {', '.join(map(repr, dupes))} at the same "
+                             "bits: their trials would have the same keys; run them in separate specs")
+        return self
 
     @model_validator(mode="after")
     def _grid_size(self, info: ValidationInfo):
@@ -201,15 +329,27 @@ class ExperimentSpec(_Strict):
             raise ValueError(f"the grid has {n} trials, over the limit of {limit} (BITBENCH_MAX_TRIALS)")
         return self
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        schema = handler(core_schema)
+        resolved = handler.resolve_ref_schema(schema)
+        spec_schema.dataset_options(resolved, handler.resolve_ref_schema)
+        resolved["anyOf"] = [{"required": [f], "properties": {f: {"minItems": 1}}} for f in ("estimators", "methods")]
+        return schema
+
     # -- grid -------------------------------------------------------------------------------
     def bit_cells(self) -> list[tuple[int, int]]:
         return [c for b in (self.bits if isinstance(self.bits, list) else [self.bits]) for c in b.cells()]
 
     def trial_count(self) -> int:
-        return len(self.seeds) * (len(self.estimators) * len(self.bit_cells()) + int(self.include_full_precision))
+        per_seed = len(self.estimators) * len(self.bit_cells()) + sum(len(m.settings()) for m in self.methods)
+        return len(self.seeds) * (per_seed + int(self.include_full_precision))
 
     def trials(self) -> list[TrialSpec]:
-        """The grid, in a stable order: per seed, the float reference then estimator × bits."""
+        """The grid, in a stable order: per seed, the float reference, estimator × bits, then each
+        method at its cells (keyed and labelled by the method's name)."""
+        from .methods import get_method
+
         out = []
         for seed in self.seeds:
             if self.include_full_precision:
@@ -219,11 +359,26 @@ class ExperimentSpec(_Strict):
                 for w, a in self.bit_cells():
                     out.append(TrialSpec(key=f"{est.label}-w{w}a{a}-s{seed}", estimator=est.name,
                                          estimator_params=dict(est.params), w_bits=w, a_bits=a, seed=seed))
+            for choice in self.methods:
+                method = get_method(choice.name)
+                for w, a, policy in choice.settings():
+                    out.append(TrialSpec(key=f"{method.name}-w{w}a{a}-s{seed}", estimator=method.estimator,
+                                         estimator_params=dict(method.params), w_bits=w, a_bits=a, seed=seed,
+                                         method=method.name, first_last_float=policy))
         return out
 
+    #: fields added after specs were first stored: left out of the canonical JSON while they hold
+    #: their default, so the hash (and the Tune experiment named by it) of an older spec never changes
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("bn_reestimate", "methods", "description")
+
     def canonical_json(self) -> str:
-        """The normalised spec as canonical JSON (sorted keys, defaults filled)."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """The normalised spec as canonical JSON (sorted keys, defaults filled but those of
+        :attr:`ADDED_LATER`)."""
+        data = self.model_dump(mode="json")
+        for name in self.ADDED_LATER:
+            if data[name] == type(self).model_fields[name].get_default(call_default_factory=True):
+                del data[name]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def spec_hash(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()

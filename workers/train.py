@@ -3,11 +3,14 @@
 :func:`run_trial` is the whole contract (docs/CONTRACTS.md): seeded, deterministic where torch
 allows on the CPU, the data set kept on the device, one ``on_epoch(metrics, state)`` call per
 epoch, and a ``state`` from which ``run_trial(resume_state=state)`` continues bit-exactly on the
-CPU. It knows nothing about Ray; ``workers.sweep`` wraps it in a Tune trainable.
+CPU. It knows nothing about Ray; ``workers.sweep`` wraps it in a Tune trainable. Data sets come
+as in-memory :class:`DataSplits` or, for image folders (ImageNet), as a ``FolderSplits`` with the same
+interface whose loaders stream and decode files.
 """
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
 from contextlib import contextmanager
@@ -26,9 +29,10 @@ from .models import create_model
 from .spec import ExperimentSpec, LRSchedule, Optimizer, TrialSpec
 
 STATE_VERSION = 1
-METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_acc", "test_acc", "lr", "epoch_seconds",
-               "images_per_s", "device", "schedule")
-FINAL_KEYS = ("final_test_acc", "final_val_acc", "best_val_acc", "best_epoch", "epochs",
+METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_acc", "test_acc", "test_top5", "lr", "epoch_seconds",
+               "images_per_s", "weight_flips", "device", "schedule")
+FINAL_KEYS = ("final_test_acc", "final_test_top5", "final_val_acc", "best_val_acc", "best_epoch", "selected_test_acc",
+              "selected_epoch", "last_epoch_test_acc", "last_epoch_val_acc", "bn_reestimated", "epochs",
               "weight_bits_total", "weight_mib", "packed_bytes", "packed_agreement")
 
 OnEpoch = Callable[[dict, dict], None]
@@ -92,10 +96,13 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: LRSchedule, epochs: int):
 
 
 def build_model(spec: ExperimentSpec, trial: TrialSpec, data: DataSplits) -> nn.Module:
-    """The spec's model for this trial's bits and estimator (no estimator for float trials)."""
+    """The spec's model for this trial's bits and estimator (no estimator for float trials), with
+    the trial's own first/last-layer policy where it has one (a named method's), else the spec's."""
     quant = {} if trial.is_float else {"estimator": trial.estimator, "estimator_params": dict(trial.estimator_params)}
     return create_model(spec.model, num_classes=data.num_classes, input_shape=data.input_shape,
-                        w_bits=trial.w_bits, a_bits=trial.a_bits, first_last_float=spec.first_last_float, **quant)
+                        w_bits=trial.w_bits, a_bits=trial.a_bits, **quant,
+                        first_last_float=spec.first_last_float if trial.first_last_float is None
+                        else trial.first_last_float)
 
 
 def _to_cpu_copy(obj: Any) -> Any:
@@ -138,16 +145,60 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, batches) -> tuple[
     return loss_sum.item() / n, correct.item() / n, n
 
 
+#: top-5 accuracy is reported for data sets with at least this many classes (with 5 or fewer it is always 1)
+TOP5_MIN_CLASSES = 6
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches) -> float | None:
-    """Accuracy in eval mode (hard quantizers), or None for an empty split."""
+def accuracies(model: nn.Module, batches, *, top5: bool = False) -> tuple[float | None, float | None]:
+    """(top-1, top-5) accuracy in eval mode (hard quantizers); None for an empty split, and top-5
+    None unless ``top5``. Top-1: argmax = label (the first maximum on ties); top-5: the label is
+    among the 5 largest logits."""
     model.eval()
-    correct, n = None, 0
+    hits, n = None, 0
     for xb, yb in batches:
-        c = (model(xb).argmax(1) == yb).sum()
-        correct = c if correct is None else correct + c
+        out = model(xb)
+        h = [(out.argmax(1) == yb).sum()]
+        if top5:
+            h.append((out.topk(5, 1).indices == yb[:, None]).any(1).sum())
+        h = torch.stack(h)
+        hits = h if hits is None else hits + h
         n += len(yb)
-    return correct.item() / n if n else None
+    if not n:
+        return None, None
+    values = [v / n for v in hits.tolist()]
+    return values[0], values[1] if top5 else None
+
+
+def evaluate(model: nn.Module, batches) -> float | None:
+    """Top-1 accuracy in eval mode (hard quantizers), or None for an empty split."""
+    return accuracies(model, batches)[0]
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, batches) -> int:
+    """Recompute every BatchNorm's running mean and variance over ``batches`` with the final weights.
+
+    The rest of the model runs in eval mode (hard quantizers: the network that is evaluated);
+    each BatchNorm restarts its statistics and takes the cumulative average over all batches
+    (``momentum=None``). No parameter changes. Returns the number of BatchNorm layers; the model
+    is left in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    try:
+        for xb, _ in batches:
+            model(xb)
+    finally:
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+            bn.eval()
+    return len(norms)
 
 
 # -- the trial -------------------------------------------------------------------------------
@@ -174,30 +225,43 @@ def _set_rng_state(rng: dict, loader_gen: torch.Generator, device: torch.device)
     loader_gen.set_state(rng["loader"])
 
 
-#: test images the packed XNOR/SHIFT engine is checked on at the end of a low-bit trial
+#: test images the packed XNOR/SHIFT engine is checked on at the end of a low-bit trial, at most
+#: PACKED_CHECK_BYTES of float32 input (2,000 CIFAR images; 445 at 3×224×224)
 PACKED_CHECK_SAMPLES = 2000
+PACKED_CHECK_BYTES = 256 * 2**20
 
 
 def packed_metrics(model: nn.Module, trial: TrialSpec, data: DataSplits) -> dict:
     """``packed_bytes`` and ``packed_agreement`` of the bit-packed export (None where it has none).
 
-    Agreement = fraction of the first PACKED_CHECK_SAMPLES test images on which the packed
-    engine predicts the same class as the eval-mode torch model.
+    Agreement = fraction of the first PACKED_CHECK_SAMPLES test images (fewer for large images:
+    PACKED_CHECK_BYTES) on which the packed engine predicts the same class as the eval-mode torch model.
     """
     if trial.is_float:
         return {"packed_bytes": None, "packed_agreement": None}
     from .packed import packed_summary
 
-    n = PACKED_CHECK_SAMPLES
-    return packed_summary(model, data.test_x[:n], data.test_y[:n])
+    n = max(1, min(PACKED_CHECK_SAMPLES, PACKED_CHECK_BYTES // (4 * math.prod(data.input_shape))))
+    return packed_summary(model, *data.head("test", n))
 
 
-def final_metrics(last: dict, best: dict, epochs: int, model: nn.Module) -> dict:
-    """The ``final`` record of CONTRACTS.md from the last epoch's metrics and the best-so-far."""
+def final_metrics(last: dict, best: dict, epochs: int, model: nn.Module, reestimated: dict | None = None) -> dict:
+    """The ``final`` record of CONTRACTS.md from the last epoch's metrics and the best-so-far.
+
+    ``final_*`` is the trained network's result: the last epoch's, or the accuracies measured
+    after BatchNorm re-estimation when ``reestimated`` (``{"val_acc", "test_acc", "test_top5"}``) is given;
+    ``last_epoch_*`` always the last epoch's own. ``selected_*`` is the test accuracy of the
+    epoch with the best validation accuracy (the earliest on ties): chosen on validation, never on test.
+    """
     storage = estimators.weight_storage(model)
+    after = reestimated or last
     return {
-        "final_test_acc": last["test_acc"], "final_val_acc": last["val_acc"],
-        "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "epochs": epochs,
+        "final_test_acc": after["test_acc"], "final_val_acc": after["val_acc"],
+        "final_test_top5": after.get("test_top5"),
+        "last_epoch_test_acc": last["test_acc"], "last_epoch_val_acc": last["val_acc"],
+        "bn_reestimated": reestimated is not None,
+        "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
+        "selected_test_acc": best.get("test_acc"), "selected_epoch": best["epoch"], "epochs": epochs,
         "weight_bits_total": storage.bits, "weight_mib": storage.mib,
     }
 
@@ -232,18 +296,19 @@ def run_trial(
 def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
     epochs = spec.epochs
     seed_everything(trial.seed)
-    data = load_dataset(spec.dataset, seed=trial.seed, device=dev, data_dir=data_dir, **spec.dataset_options)
+    data = load_dataset(spec.dataset, seed=trial.seed, device=dev, data_dir=data_dir, **dict(spec.dataset_options))
     seed_everything(trial.seed)  # initialisation does not depend on what loading drew
     model = build_model(spec, trial, data).to(dev)
     opt = build_optimizer(model.parameters(), spec.optimizer)
     sched = build_scheduler(opt, spec.lr_schedule, epochs)
     gen = torch.Generator(device=dev).manual_seed(trial.seed)
     n_train = len(data.train_y)
-    train_loader = data.loader("train", spec.batch_size, generator=gen,
-                               drop_last=n_train % spec.batch_size == 1 and n_train > 1)  # BN needs >1 sample
+    drop_last = n_train % spec.batch_size == 1 and n_train > 1  # BatchNorm needs more than one sample
+    train_loader = data.loader("train", spec.batch_size, generator=gen, drop_last=drop_last)
     val_loader, test_loader = data.loader("val", spec.batch_size), data.loader("test", spec.batch_size)
+    top5 = data.num_classes >= TOP5_MIN_CLASSES
 
-    start, best, last = 0, {"val_acc": None, "epoch": None}, None
+    start, best, last = 0, {"val_acc": None, "epoch": None, "test_acc": None}, None
     if resume_state is not None:
         if resume_state.get("version") != STATE_VERSION or resume_state.get("trial_key") != trial.key:
             raise ValueError(f"resume_state is not a version-{STATE_VERSION} state of trial {trial.key!r}")
@@ -254,20 +319,23 @@ def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
         start, best, last = resume_state["epoch"], dict(resume_state["best"]), resume_state["last"]
 
     for epoch in range(start + 1, epochs + 1):
+        levels_before = estimators.weight_levels(model)
         t0 = time.perf_counter()
         estimators.set_progress(model, epoch, epochs)
         lr = opt.param_groups[0]["lr"]
         train_loss, train_acc, n = train_epoch(model, opt, train_loader)
         _sync(dev)
         train_s = time.perf_counter() - t0
-        val_acc, test_acc = evaluate(model, val_loader), evaluate(model, test_loader)
+        val_acc, (test_acc, test_top5) = evaluate(model, val_loader), accuracies(model, test_loader, top5=top5)
         sched.step()
         if val_acc is not None and (best["val_acc"] is None or val_acc > best["val_acc"]):
-            best = {"val_acc": val_acc, "epoch": epoch}
+            best = {"val_acc": val_acc, "epoch": epoch, "test_acc": test_acc}
         last = {
             "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_acc": val_acc,
-            "test_acc": test_acc, "lr": float(lr), "epoch_seconds": time.perf_counter() - t0,
-            "images_per_s": n / train_s if train_s > 0 else 0.0, "device": str(dev),
+            "test_acc": test_acc, "test_top5": test_top5, "lr": float(lr), "epoch_seconds": time.perf_counter() - t0,
+            "images_per_s": n / train_s if train_s > 0 else 0.0,
+            "weight_flips": estimators.level_change_fraction(levels_before, estimators.weight_levels(model)),
+            "device": str(dev),
             "schedule": {k: float(v) for k, v in estimators.schedule_values(model).items()},
         }
         state = {
@@ -279,4 +347,10 @@ def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
 
     if last is None:
         raise ValueError("run_trial trained no epoch and has no resume_state to finish from")
-    return {**final_metrics(last, best, epochs, model), **packed_metrics(model, trial, data)}
+    reestimated = None
+    if spec.bn_reestimate:
+        gen = torch.Generator(device=dev).manual_seed(trial.seed)  # the same batches after a resume
+        reestimate_batchnorm(model, data.loader("train", spec.batch_size, generator=gen, drop_last=drop_last))
+        test_acc, test_top5 = accuracies(model, test_loader, top5=top5)
+        reestimated = {"val_acc": evaluate(model, val_loader), "test_acc": test_acc, "test_top5": test_top5}
+    return {**final_metrics(last, best, epochs, model, reestimated), **packed_metrics(model, trial, data)}

@@ -1,4 +1,8 @@
-"""The dashboard's data source: store reads, each in a fresh session (see ``dashboard.router``)."""
+"""The dashboard's data source: store reads, each in a fresh session (see ``dashboard.router``).
+
+The dashboard takes any integer from its URLs; an id outside the tables' range (``MAX_ID``) names
+no record here, and an offset past it is one past every row, so neither reaches the database.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -6,6 +10,7 @@ from typing import Any, Callable
 from sqlalchemy.orm import sessionmaker
 
 from service import store
+from service.tables import MAX_ID
 
 
 class StoreSource:
@@ -20,19 +25,22 @@ class StoreSource:
 
     def list_runs(self, **filters) -> tuple[list[dict], int]:
         """``(runs, total)``; filters as :func:`service.store.list_runs`."""
+        if filters.get("offset", 0) > MAX_ID:
+            filters["offset"] = MAX_ID  # the same empty page
         return self._read(store.list_runs, **filters)
 
     def get_run(self, run_id: int) -> dict | None:
-        return self._read(store.get_run, run_id)
+        return self._read(store.get_run, run_id) if 1 <= run_id <= MAX_ID else None
 
     def list_trials(self, run_id: int) -> list[dict]:
         return self._read(store.list_trials, run_id)
 
     def get_trial(self, trial_id: int) -> dict | None:
-        return self._read(store.get_trial, trial_id)
+        return self._read(store.get_trial, trial_id) if 1 <= trial_id <= MAX_ID else None
 
-    def leaderboard(self, dataset: str | None = None, model: str | None = None) -> list[dict]:
-        return self._read(store.leaderboard, dataset=dataset, model=model)
+    def leaderboard(self, dataset: str | None = None, model: str | None = None,
+                    metric: str = store.DEFAULT_RANK_METRIC) -> list[dict]:
+        return self._read(store.leaderboard, dataset=dataset, model=model, metric=metric)
 
     def run_results(self, run_id: int) -> list[dict]:
         return self._read(store.run_results, run_id)

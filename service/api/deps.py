@@ -1,12 +1,14 @@
-"""Request dependencies: settings, a DB session per request, bearer-token auth, the spec body."""
+"""Request dependencies: settings, a DB session per request, id and paging parameters, the guards
+of writes (same-origin JSON, bearer token), the spec body."""
 from __future__ import annotations
 
+import json
 import secrets
 import typing
 from collections.abc import Iterator, Sequence
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
@@ -14,6 +16,8 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from service.config import Settings
+from service.origins import canonical_origin
+from service.tables import MAX_ID
 from workers.spec import ExperimentSpec, parse_spec
 
 
@@ -56,6 +60,37 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 DB_CONCURRENCY = 4
 SessionDep = Annotated[Session, Depends(get_session, scope="function", max_concurrency=DB_CONCURRENCY)]
 
+# -- ids and paging ---------------------------------------------------------------------------
+# An id outside its column's range names no row: it is refused here (422, like any bad parameter)
+# instead of reaching the database driver, where it overflows (a 500).
+RowId = Annotated[int, Path(ge=1, le=MAX_ID, description=f"an id, 1 … {MAX_ID}")]
+RowIdFilter = Annotated[int | None, Query(ge=1, le=MAX_ID, description=f"an id, 1 … {MAX_ID}")]
+Offset = Annotated[int, Query(ge=0, le=MAX_ID, description="rows to skip")]
+
+# -- writes: same-origin JSON ------------------------------------------------------------------
+async def same_origin_json(request: Request, settings: SettingsDep) -> None:
+    """Writes come from this service's own pages or from clients that are not browsers, as JSON.
+
+    A browser names the sending page in ``Origin``; an origin that is neither the request's own
+    (its scheme, ``Host`` and port) nor in ``BITBENCH_ALLOWED_ORIGINS`` is refused (403). A request
+    without ``Origin`` (curl, the CLI) passes. The body must be ``application/json`` (415
+    otherwise): the forms and ``text/plain`` posts that another site may send without a CORS
+    preflight cannot be. Both hold with a token configured or not.
+    """
+    origin = request.headers.get("origin")
+    if origin is not None:
+        own = canonical_origin(f"{request.url.scheme}://{request.url.netloc}")
+        if canonical_origin(origin) not in (own, *settings.allowed_origins):
+            raise http_error(status.HTTP_403_FORBIDDEN, ("header", "Origin"),
+                             f"a write from {origin[:200]!r} is refused: only this service's own pages ({own}) "
+                             "and the origins in BITBENCH_ALLOWED_ORIGINS may write", "cross_origin")
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        got = f"not {media_type[:100]!r}" if media_type else "and this request has no Content-Type"
+        raise http_error(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, ("header", "Content-Type"),
+                         f"writes take Content-Type: application/json, {got}", "unsupported_media_type")
+
+
 # -- auth -------------------------------------------------------------------------------------
 _bearer = HTTPBearer(auto_error=False, description="BITBENCH_API_TOKEN; writes need it when it is set")
 
@@ -74,6 +109,8 @@ async def require_token(settings: SettingsDep,
         raise http_error(status.HTTP_401_UNAUTHORIZED, ("header", "Authorization"), "the bearer token is wrong",
                          "invalid_token", {"WWW-Authenticate": 'Bearer realm="bitbench", error="invalid_token"'})
 
+
+WRITE_GUARDS = [Depends(same_origin_json), Depends(require_token)]  # every write route's dependencies
 
 # -- the spec body ----------------------------------------------------------------------------
 def _field_names(model: type[BaseModel], seen: set[type] | None = None) -> set[str]:
@@ -136,3 +173,23 @@ async def spec_body(request: Request, settings: SettingsDep) -> ExperimentSpec:
 
 
 SpecBody = Annotated[ExperimentSpec, Depends(spec_body)]
+
+NO_PARAMETERS_BODY = {  # how no_parameters' body shows in /docs
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "maxProperties": 0, "description": "{} (or an empty body): no parameters"}}}},
+}
+
+
+async def no_parameters(request: Request) -> None:
+    """The body of a write that takes no parameters: ``{}``, or nothing at all (422 otherwise)."""
+    raw = await request.body()
+    if not raw.strip():
+        return
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested past the parser's limit
+        raise RequestValidationError([{"loc": ["body"], "msg": f"the body is not JSON: {e}"[:300],
+                                       "type": "json_invalid"}]) from None
+    if value != {}:
+        raise RequestValidationError([{"loc": ["body"], "msg": "this request takes no parameters: send {} or nothing",
+                                       "type": "no_parameters"}])

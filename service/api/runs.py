@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse
 
 from service import report, store
 
-from .deps import SessionDep, SpecBody, http_error, not_found, require_token
+from .deps import (NO_PARAMETERS_BODY, WRITE_GUARDS, Offset, RowId, SessionDep, SpecBody, http_error, no_parameters,
+                   not_found)
 from .schemas import ErrorOut, RunCreated, RunDetail, RunOut, RunPage, RunStatus, TrialOut
 
 router = APIRouter(prefix="/runs", tags=["runs"])
@@ -19,12 +20,13 @@ router = APIRouter(prefix="/runs", tags=["runs"])
 _EXPORT_COLUMNS = ("run_id", "trial_key", "estimator", "estimator_label", "w_bits", "a_bits", "seed",
                    *(f for f in store.METRIC_FIELDS if f != "schedule"))
 
+_SPEC_EXAMPLE = {"name": "digits: aqe vs ste", "dataset": "digits", "model": "digits_net", "estimators": ["aqe", "ste"],
+                 "bits": {"w": [1, 2], "a": 1}, "seeds": [0, 1], "epochs": 5}  # 10 trials, a minute on a CPU
 _SPEC_BODY = {  # the body is parsed by deps.spec_body; this documents it in /docs
     "requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/ExperimentSpec"}}}},
+        "schema": {"$ref": "#/components/schemas/ExperimentSpec"}, "example": _SPEC_EXAMPLE}}},
 }
-_WRITE_ERRORS = {401: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}}
-
+_WRITE_ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 413, 415, 422)}
 
 def _run_or_404(session, run_id: int) -> dict:
     run = store.get_run(session, run_id)
@@ -34,7 +36,7 @@ def _run_or_404(session, run_id: int) -> dict:
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=RunCreated, openapi_extra=_SPEC_BODY,
-             dependencies=[Depends(require_token)], responses={200: {"model": RunCreated}, **_WRITE_ERRORS})
+             dependencies=WRITE_GUARDS, responses={200: {"model": RunCreated}, **_WRITE_ERRORS})
 def create_run(
     spec: SpecBody, session: SessionDep, request: Request, response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
@@ -60,7 +62,7 @@ def list_runs(
     dataset: str | None = None,
     model: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ):
     """Runs, newest first, with the total count matching the filters."""
     items, total = store.list_runs(session, status=status, dataset=dataset, model=model, limit=limit, offset=offset)
@@ -68,7 +70,7 @@ def list_runs(
 
 
 @router.get("/{run_id}", response_model=RunDetail, responses={404: {"model": ErrorOut}})
-def get_run(run_id: int, session: SessionDep):
+def get_run(run_id: RowId, session: SessionDep):
     """A run: status, progress by trial status, epochs stored so far, timestamps, error."""
     run = _run_or_404(session, run_id)
     trials = store.list_trials(session, run_id)
@@ -78,16 +80,16 @@ def get_run(run_id: int, session: SessionDep):
 
 
 @router.get("/{run_id}/trials", response_model=list[TrialOut], responses={404: {"model": ErrorOut}})
-def list_run_trials(run_id: int, session: SessionDep):
+def list_run_trials(run_id: RowId, session: SessionDep):
     """The run's trials in grid order."""
     _run_or_404(session, run_id)
     return store.list_trials(session, run_id)
 
 
 @router.post("/{run_id}/cancel", response_model=RunOut, status_code=status.HTTP_202_ACCEPTED,
-             dependencies=[Depends(require_token)],
-             responses={200: {"model": RunOut}, 401: {"model": ErrorOut}, 404: {"model": ErrorOut}})
-def cancel_run(run_id: int, session: SessionDep, response: Response):
+             dependencies=[*WRITE_GUARDS, Depends(no_parameters)], openapi_extra=NO_PARAMETERS_BODY,
+             responses={200: {"model": RunOut}, 404: {"model": ErrorOut}, **_WRITE_ERRORS})
+def cancel_run(run_id: RowId, session: SessionDep, response: Response):
     """Cancel: a queued run stops at once (200); a running one is asked to stop (202)."""
     run = store.request_cancel(session, run_id)
     if run is None:
@@ -100,7 +102,7 @@ def cancel_run(run_id: int, session: SessionDep, response: Response):
 @router.get("/{run_id}/export", responses={
     200: {"content": {"text/csv": {}, "application/json": {}}, "description": "one row per (trial, epoch)"},
     404: {"model": ErrorOut}})
-def export_run(run_id: int, session: SessionDep, format: Literal["csv", "json"] = "csv"):
+def export_run(run_id: RowId, session: SessionDep, format: Literal["csv", "json"] = "csv"):
     """Every (trial, epoch) row of a run as a CSV or JSON attachment."""
     _run_or_404(session, run_id)
     rows = store.export_rows(session, run_id)
@@ -113,7 +115,7 @@ def export_run(run_id: int, session: SessionDep, format: Literal["csv", "json"] 
 @router.get("/{run_id}/report", response_class=Response, responses={
     200: {"content": {"application/zip": {}}, "description": "the report folder, zipped"},
     404: {"model": ErrorOut}, 503: {"model": ErrorOut, "description": "every render slot is taken: see Retry-After"}})
-async def run_report(run_id: int, request: Request, png: bool = True):
+async def run_report(run_id: RowId, request: Request, png: bool = True):
     """The run's report (RESULTS.md, figures as HTML and PNG, LaTeX table, spec, environment) as a zip.
 
     A finished run's archive is rendered once and stored; a running one's on every request. Renders

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 RunStatus = Literal["queued", "running", "done", "failed", "cancelled"]
 TrialStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+RankMetric = Literal["final", "selected"]
 
 
 class _Out(BaseModel):
@@ -84,9 +85,11 @@ class MetricOut(_Out):
     train_acc: float | None = None
     val_acc: float | None = None
     test_acc: float | None = None
+    test_top5: float | None = Field(None, description="top-5 test accuracy (data sets with at least 6 classes)")
     lr: float | None = None
     epoch_seconds: float | None = None
     images_per_s: float | None = None
+    weight_flips: float | None = Field(None, description="fraction of quantized weights whose level changed in the epoch")
     device: str | None = None
     schedule: dict[str, Any] = Field(default_factory=dict)
 
@@ -107,6 +110,8 @@ class TrialOut(_Out):
     final_test_acc: float | None = None
     final_val_acc: float | None = None
     best_val_acc: float | None = None
+    selected_test_acc: float | None = Field(None, description="test accuracy at the epoch with the best val accuracy")
+    selected_epoch: int | None = None
     packed_bytes: int | None = Field(None, description="size of the packed XNOR/SHIFT export")
     packed_agreement: float | None = Field(None, description="packed engine's agreement with the model")
     device: str | None = None
@@ -125,6 +130,8 @@ class LeaderboardRow(_Out):
     w_bits: int
     a_bits: int
     estimator_label: str
+    metric: RankMetric = Field(description="final: the trained network's test accuracy; selected: the test "
+                               "accuracy at the epoch with the best validation accuracy")
     n: int
     mean: float | None
     std: float | None = None
@@ -138,6 +145,9 @@ class LeaderboardRow(_Out):
 
 class Catalog(_Out):
     estimators: list[dict[str, Any]] = Field(description="name, paper, formula, params (default, doc, choices, range)")
+    methods: list[dict[str, Any]] = Field(
+        description="named published methods: name, title, estimator, params, cells (w_bits, a_bits, tables, "
+                    "first_last_float), citation")
     models: list[str]
     datasets: list[str]
     bits: list[int] = Field(description="allowed bit widths; 32 means float")

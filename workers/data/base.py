@@ -1,12 +1,18 @@
-"""Types shared by the dataset modules: the error, what a builder returns, what a caller gets."""
+"""Types shared by the dataset modules: the error, the options every data set takes, what a
+builder gets and returns, what a caller gets."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Optional, Union
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from .loader import DeviceLoader
+
+SPLIT_SEED = 0  # fixed: every seed of a sweep sees the same train/validation/test split
+MAX_SEED = 2**32 - 1
 
 
 class DatasetMissingError(FileNotFoundError):
@@ -26,15 +32,38 @@ def missing(name: str, looked: list[Path], files: list[str], remedies: list[str]
     )
 
 
+class DatasetOptions(BaseModel):
+    """Options every data set takes: how its training pool is split into train and validation
+    (applied by load_dataset after the builder; a data set with options of its own subclasses
+    this). Where the data live and whether they may be downloaded are the server's settings
+    (BITBENCH_DATA_DIR, BITBENCH_ALLOW_DOWNLOAD), never options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    val_size: Optional[Union[Annotated[StrictInt, Field(ge=0)], Annotated[StrictFloat, Field(ge=0, lt=1)]]] = Field(
+        None, description="validation samples taken from the training pool, a count or a fraction of it; null: the "
+                          "data set's default (5,000 for MNIST-likes and CIFAR, 20% of all digits, synthetic's n_val)")
+    train_size: Optional[int] = Field(
+        None, ge=1, description="keep a fixed stratified subset of this many training samples (the same for every "
+                                "seed); default all")
+    split_seed: int = Field(SPLIT_SEED, ge=0, le=MAX_SEED,
+                            description="seeds the stratified train/validation (and digits' test) split")
+
+
 @dataclass(frozen=True)
 class Source:
     """Where and how a builder gets its data: the resolved data directory, whether it may
-    download, the generation seed (synthetic data) and the fixed split seed (real data)."""
+    download, the generation seed (synthetic data) and the validated options (the split seed
+    for real data, a synthetic data set's shape and sizes)."""
 
     root: Path
     download: bool
     seed: int
-    split_seed: int
+    options: DatasetOptions
+
+    @property
+    def split_seed(self) -> int:
+        return self.options.split_seed
 
 
 @dataclass
@@ -92,6 +121,12 @@ class DataSplits:
         return DeviceLoader(
             x, y, batch_size, shuffle=train, generator=generator, drop_last=drop_last, **augment
         )
+
+    def head(self, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` samples of ``split`` in order, unaugmented: (x, y) on the device."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', not {split!r}")
+        return getattr(self, f"{split}_x")[:n], getattr(self, f"{split}_y")[:n]
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}={len(getattr(self, s + '_y'))}" for s in ("train", "val", "test"))

@@ -79,18 +79,25 @@ def _to_float(x: torch.Tensor, scale: float, device: torch.device) -> torch.Tens
     return (x.to(device).float() / scale).contiguous()
 
 
-def make_splits(name: str, raw: RawData, n_val: int, split_seed: int, device: torch.device,
-                train_size: int | None = None) -> DataSplits:
-    """Split the pool, move everything to ``device`` and normalise with the train split's stats.
-
-    ``train_size`` keeps a fixed stratified subset of the training split (same for every seed).
-    """
-    kept, held = (torch.from_numpy(i) for i in split_indices(raw.pool_y, n_val, split_seed))
+def split_pool(pool_y: torch.Tensor, n_val: int, split_seed: int,
+               train_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices into a pool labelled ``pool_y``: ``n_val`` held out
+    (:func:`split_indices`), then a fixed stratified subset of ``train_size`` kept for training
+    (same for every seed) when given."""
+    kept, held = (torch.from_numpy(i) for i in split_indices(pool_y, n_val, split_seed))
     if train_size is not None and train_size < len(kept):
         if train_size < 1:
             raise ValueError(f"train_size must be at least 1, not {train_size}")
-        sub, _ = split_indices(raw.pool_y[kept], len(kept) - train_size, split_seed)
+        sub, _ = split_indices(pool_y[kept], len(kept) - train_size, split_seed)
         kept = kept[torch.from_numpy(sub)]
+    return kept, held
+
+
+def make_splits(name: str, raw: RawData, n_val: int, split_seed: int, device: torch.device,
+                train_size: int | None = None) -> DataSplits:
+    """Split the pool (:func:`split_pool`), move everything to ``device`` and normalise with the
+    train split's stats."""
+    kept, held = split_pool(raw.pool_y, n_val, split_seed, train_size)
     xs = [_to_float(raw.pool_x[i], raw.scale, device) for i in (kept, held)]
     xs.append(_to_float(raw.test_x, raw.scale, device))
     mean, std = channel_stats(xs[0])

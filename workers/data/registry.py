@@ -1,36 +1,56 @@
 """The data set registry and ``load_dataset``, the one entry point."""
 from __future__ import annotations
 
-import inspect
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from estimators.registry import Registry, UnknownNameError
 
-from . import digits, synthetic, vision
-from .base import DataSplits, Source
+from . import digits, folder, synthetic, vision
+from .base import DatasetOptions, DataSplits, RawData, Source
 from .prepare import held_out_count, make_splits
 
-SPLIT_SEED = 0  # fixed: every seed of a sweep sees the same train/validation/test split
 DEFAULT_DATA_DIR = Path("~/.cache/bitbench/data")
 
+
+@dataclass(frozen=True)
+class DataSet:
+    """A registered data set: its builder and the options a spec may set (a pydantic model)."""
+
+    build: Callable[[Source], RawData]
+    options: type[DatasetOptions] = DatasetOptions
+
+
 DATASETS = Registry("dataset")
-for _name, _build in {
-    "cifar10": vision.build_cifar10,
-    "cifar100": vision.build_cifar100,
-    "digits": digits.build,
-    "fashion_mnist": vision.build_fashion_mnist,
-    "mnist": vision.build_mnist,
-    "synthetic": synthetic.build,
+for _name, _entry in {
+    "cifar10": DataSet(vision.build_cifar10),
+    "cifar100": DataSet(vision.build_cifar100),
+    "digits": DataSet(digits.build),
+    "fashion_mnist": DataSet(vision.build_fashion_mnist),
+    "imagenet": DataSet(folder.build_imagenet, folder.ImagenetOptions),
+    "mnist": DataSet(vision.build_mnist),
+    "synthetic": DataSet(synthetic.build, synthetic.SyntheticOptions),
 }.items():
-    DATASETS.register(_name)(_build)
+    DATASETS.register(_name)(_entry)
 
 
 def list_datasets() -> list[str]:
     """The registered data set names, sorted."""
     return DATASETS.names()
+
+
+def options_model(name: str) -> type[DatasetOptions]:
+    """The options model of data set ``name`` (UnknownNameError for an unknown name)."""
+    return DATASETS.get(name).options
+
+
+def options_models() -> list[type[DatasetOptions]]:
+    """The distinct options models of the registered data sets, in name order."""
+    return list(dict.fromkeys(options_model(n) for n in list_datasets()))
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
@@ -45,15 +65,17 @@ def download_allowed(download: bool = False) -> bool:
     return bool(download) or env in ("1", "true", "yes")
 
 
-def _check_options(name: str, build, options: dict) -> None:
-    params = inspect.signature(build).parameters.values()
-    known = sorted(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
-    unknown = sorted(set(options) - set(known))
+def parse_options(name: str, options: dict[str, Any]) -> DatasetOptions:
+    """``options`` validated by data set ``name``'s model: UnknownNameError (listing the known
+    options) for an unknown one, pydantic's ValidationError (a ValueError) for a bad value."""
+    model = options_model(name)
+    unknown = sorted(set(options) - set(model.model_fields))
     if unknown:
         raise UnknownNameError(
             f"unknown option(s) {', '.join(map(repr, unknown))} for data set {name!r}; "
-            f"known: {', '.join(known) or '(none)'}"
+            f"known: {', '.join(sorted(model.model_fields))}"
         )
+    return model.model_validate(options)
 
 
 def load_dataset(
@@ -63,27 +85,25 @@ def load_dataset(
     download: bool = False,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    val_size: int | float | None = None,
-    split_seed: int = SPLIT_SEED,
-    train_size: int | None = None,
     **options,
 ) -> DataSplits:
     """Load data set ``name`` as normalised train/validation/test tensors on ``device``.
 
-    ``val_size``: validation samples taken from the training pool, a count or a fraction of the
-    pool (default per data set: 5,000 for MNIST-likes and CIFAR, 20% of the whole for digits,
-    ``n_val`` for synthetic; 0 for none). The split is stratified and fixed by ``split_seed``;
-    ``seed`` only seeds generated data (synthetic), so a sweep over seeds varies only
-    initialisation and order. ``train_size`` keeps a fixed stratified subset of the training
-    split (for budgeted studies). ``options`` are the data set's own (synthetic: shape, num_classes,
-    n_train, n_val, n_test, separation). Raises UnknownNameError for an unknown name or option,
-    DatasetMissingError when the files are not on disk (see ``resolve_data_dir``) and cannot be
-    downloaded (``download`` or $BITBENCH_ALLOW_DOWNLOAD=1).
+    ``options`` are those of the data set's options model (:func:`options_model`): for every data
+    set ``val_size`` (validation samples taken from the training pool, a count or a fraction),
+    ``train_size`` (a fixed stratified subset of the training split) and ``split_seed``; for
+    synthetic also shape, num_classes, n_train, n_val, n_test, separation. The split is
+    stratified and fixed by ``split_seed``; ``seed`` only seeds generated data (synthetic), so a
+    sweep over seeds varies only initialisation and order. ``data_dir`` and ``download`` are for
+    programmatic callers (a spec cannot set them). Raises UnknownNameError for an unknown name or
+    option, ValueError for a bad option value, DatasetMissingError when the files are not on disk
+    (see ``resolve_data_dir``) and cannot be downloaded (``download`` or $BITBENCH_ALLOW_DOWNLOAD=1).
     """
-    build = DATASETS.get(name)
-    _check_options(name, build, options)
-    src = Source(resolve_data_dir(data_dir), download_allowed(download), seed, split_seed)
-    raw = build(src, **options)
-    size = raw.default_val if val_size is None else val_size
+    build = DATASETS.get(name).build
+    opts = parse_options(name, options)
+    raw = build(Source(resolve_data_dir(data_dir), download_allowed(download), seed, opts))
+    size = raw.default_val if opts.val_size is None else opts.val_size
     n_val = held_out_count(size, len(raw.pool_y))
-    return make_splits(name, raw, n_val, split_seed, torch.device(device), train_size)
+    if isinstance(raw, folder.FolderData):  # image files, streamed: a FolderSplits
+        return raw.make_splits(name, n_val, opts.split_seed, torch.device(device), opts.train_size)
+    return make_splits(name, raw, n_val, opts.split_seed, torch.device(device), opts.train_size)
