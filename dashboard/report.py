@@ -12,11 +12,20 @@ from pathlib import Path
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from .figures import accuracy_vs_bits, bit_config, config_label, config_sort_key, estimator_label, mean_std
+from .figures import (
+    FLOAT_LABEL,
+    accuracy_vs_bits,
+    bit_config,
+    config_label,
+    config_sort_key,
+    estimator_label,
+    mean_std,
+)
 from .paper_results import paper_points
 from .stats import paired_comparisons, paired_difference
 
 BASELINES = ("ste", "clipped_ste")
+CANDIDATES = ("aqe", "minw_aqe")  # the paper's estimator, and its named method
 #: a trial "fell" when its last epoch is this far below its validation-selected epoch
 LATE_DROP = 0.01
 
@@ -191,8 +200,10 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     labels = sorted({r["estimator_label"] for r in leaderboard})
-    candidates = candidates or [lab for lab in labels if lab.split("[")[0] == "aqe"]
-    baselines = [b for b in BASELINES if b in labels]
+    candidates = candidates or [lab for lab in labels if lab.split("[")[0] in CANDIDATES]
+    # the STE baselines where the run has them; else (a methods study) every other system at its bits
+    baselines = [b for b in BASELINES if b in labels] or [
+        lab for lab in labels if lab not in candidates and lab != FLOAT_LABEL]
     pairs = [{**p, "metric": "final"} for p in paired_comparisons(trials, candidates, baselines)]
     if selected_leaderboard:
         pairs += [{**p, "metric": "selected"} for p in paired_comparisons(trials, candidates, baselines, "selected")]
