@@ -32,6 +32,7 @@ from rich.text import Text
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 FINISHED = ("done", "failed", "cancelled")
 EXIT_PROBLEM = 2
+BUSY_RETRIES, BUSY_WAIT_S = 6, 30.0  # a busy server's 503 + Retry-After: how often and how long to wait
 
 app = typer.Typer(name="bitbench", no_args_is_help=True, add_completion=False,
                   help="Queue and follow bitbench sweeps over HTTP.")
@@ -93,8 +94,22 @@ class Client:
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
 
     def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """The response; a 503 with ``Retry-After`` (the server is busy, e.g. every report render slot is
+        taken) is retried after the time it names (at most BUSY_WAIT_S), up to BUSY_RETRIES times."""
+        for attempt in range(BUSY_RETRIES + 1):
+            response = self._send(method, path, **kwargs)
+            wait = _retry_after(response)
+            if wait is None or attempt == BUSY_RETRIES:
+                break
+            typer.echo(f"bitbench is busy ({method} {path}); trying again in {wait:g} s", err=True)
+            time.sleep(wait)
+        if response.status_code >= 400:
+            self._refuse(response, method, path)
+        return response
+
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
-            response = self.http.request(method, path, **kwargs)
+            return self.http.request(method, path, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:
             fail(f"cannot reach bitbench at {self.server}: {e}")
         except httpx.TimeoutException:
@@ -103,9 +118,6 @@ class Client:
             fail(f"invalid server URL {self.server!r}: {e}")
         except httpx.HTTPError as e:
             fail(f"request to {self.server}{path} failed: {e}")
-        if response.status_code >= 400:
-            self._refuse(response, method, path)
-        return response
 
     def _refuse(self, response: httpx.Response, method: str, path: str) -> NoReturn:
         code, errors = response.status_code, _errors(response)
@@ -131,6 +143,16 @@ class Client:
 
     def get(self, path: str, **params) -> Any:
         return self.body(self.request("GET", path, params={k: v for k, v in params.items() if v is not None}))
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds to wait before retrying a 503 that says when (``Retry-After`` in seconds), else None."""
+    if response.status_code != 503:
+        return None
+    try:
+        return min(max(float(response.headers["retry-after"]), 0.0), BUSY_WAIT_S)
+    except (KeyError, ValueError):
+        return None
 
 
 def _client(ctx: typer.Context) -> Client:

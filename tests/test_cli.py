@@ -294,3 +294,35 @@ def test_the_cli_imports_no_service_internals():
             "'service.store', 'service.app') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_busy_server_is_asked_again_after_its_retry_after(monkeypatch, capsys):
+    """503 + Retry-After (every report render slot taken) is retried after the time it names; a 503
+    without it, or one that persists past BUSY_RETRIES, is reported as the refusal it is."""
+    import typer
+
+    from service import cli
+
+    answers, waits = [], []
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return answers.pop(0)
+
+    client = cli.Client("http://bitbench.test", None)
+    client.http = httpx.Client(base_url="http://bitbench.test", transport=httpx.MockTransport(handler))
+    busy = httpx.Response(503, headers={"Retry-After": "2"}, json={"detail": [{"loc": [], "msg": "busy", "type": "renders_busy"}]})
+    answers[:] = [busy, httpx.Response(503, headers={"Retry-After": "900"}, json={"detail": []}),
+                  httpx.Response(200, content=b"zip")]
+    assert client.request("GET", "/runs/1/report").content == b"zip"
+    assert waits == [2.0, cli.BUSY_WAIT_S] and "trying again in 2 s" in capsys.readouterr().err
+
+    answers[:] = [busy] * (cli.BUSY_RETRIES + 1)
+    with pytest.raises(typer.Exit):
+        client.request("GET", "/runs/1/report")
+    assert not answers and len(waits) == 2 + cli.BUSY_RETRIES
+
+    answers[:] = [httpx.Response(503, json={"detail": [{"loc": [], "msg": "down", "type": "x"}]})]
+    with pytest.raises(typer.Exit):
+        client.request("GET", "/healthz")
+    assert len(waits) == 2 + cli.BUSY_RETRIES  # no Retry-After: not retried
