@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from .base import estimator_catalog
@@ -44,14 +45,19 @@ def replace_block(text: str, block: str, start: str = START, end: str = END) -> 
     return pattern.sub(lambda _: f"{start}\n{block}{end}", text)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def block_cli(description: str, markdown: Callable[[], str], start: str = START, end: str = END) -> None:
+    """``python -m <module> [--write FILE]``: print ``markdown()``, or refresh FILE's block between the markers."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--write", type=Path, help="file whose marked block to refresh (e.g. README.md)")
     a = ap.parse_args()
     if a.write:
-        a.write.write_text(replace_block(a.write.read_text(), catalog_markdown()))
+        a.write.write_text(replace_block(a.write.read_text(), markdown(), start, end))
     else:
-        print(catalog_markdown(), end="")
+        print(markdown(), end="")
+
+
+def main() -> None:
+    block_cli(__doc__.splitlines()[0], catalog_markdown)
 
 
 if __name__ == "__main__":

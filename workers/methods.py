@@ -16,13 +16,11 @@ method's own convention; a cell can override it where the paper marks that cell 
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import estimators
-from estimators.catalog import replace_block
+from estimators.catalog import block_cli
 from estimators.registry import Registry
 
 METHODS: Registry = Registry("method")
@@ -187,13 +185,7 @@ def catalog_markdown() -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="The method catalogue as Markdown")
-    ap.add_argument("--write", type=Path, help="file whose marked block to refresh (e.g. README.md)")
-    a = ap.parse_args()
-    if a.write:
-        a.write.write_text(replace_block(a.write.read_text(), catalog_markdown(), START, END))
-    else:
-        print(catalog_markdown(), end="")
+    block_cli("The method catalogue as Markdown", catalog_markdown, START, END)
 
 
 if __name__ == "__main__":

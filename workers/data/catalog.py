@@ -5,11 +5,9 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
-from estimators.catalog import replace_block
+from estimators.catalog import block_cli
 
 from .registry import list_datasets, options_model
 
@@ -59,13 +57,7 @@ def options_markdown() -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--write", type=Path, help="file whose marked block to refresh (e.g. README.md)")
-    a = ap.parse_args()
-    if a.write:
-        a.write.write_text(replace_block(a.write.read_text(), options_markdown(), START, END))
-    else:
-        print(options_markdown(), end="")
+    block_cli(__doc__.splitlines()[0], options_markdown, START, END)
 
 
 if __name__ == "__main__":
