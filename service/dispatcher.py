@@ -18,7 +18,10 @@ When it stops answering — at once after a stop signal (a local Ray dies with t
 the whole process group gets SIGTERM, as systemd's default kill mode does), after ``RAY_LOST_S``
 without one — the watchdog hands the run back to the queue and ends the process (exit 0 after a
 signal, 1 otherwise); the main thread cannot, as Ray retries the GCS for 60 s inside the sweep and
-then ends the process itself. Finished epochs are in the database, the Tune experiment resumes.
+then ends the process itself. The same happens when the sweep has not stopped ``STOP_DEADLINE_S``
+after a stop signal (seen when the group's SIGTERM kills Ray's workers but not yet its GCS: the
+sweep blocks recovering their objects). Finished epochs are in the database, the Tune experiment
+resumes, and nothing is stored twice.
 Exit handlers (Ray's shutdown, which waits on the same dead GCS) get at most ``EXIT_GRACE_S``.
 """
 from __future__ import annotations
@@ -48,6 +51,7 @@ from .tables import FINISHED
 log = logging.getLogger("bitbench.dispatcher")
 RAY_PROBE_S = 1.0  # how often the watchdog probes Ray's GCS during a run
 RAY_PROBE_STOPPING_S = 0.2  # … once a stop signal came
+STOP_DEADLINE_S = 8.0  # after a stop signal, how long the sweep may take to stop before the run is handed back
 RAY_LOST_S = 10.0  # without a stop signal, how long the GCS may stay unreachable before the run is handed back
 EXIT_GRACE_S = 10.0  # the most the process spends in exit handlers (Ray's shutdown) after the loop ends
 
@@ -190,17 +194,24 @@ class Dispatcher:
 
     def _watch_ray(self, run_id: int, over: threading.Event) -> None:
         """Until ``over``: hand the run back and end the process once Ray's GCS is gone (module doc)."""
-        lost_since = None
+        lost_since = stop_since = None
         while not over.wait(RAY_PROBE_STOPPING_S if self.shutdown.is_set() else RAY_PROBE_S):
-            if self.ray_alive() is not False:
+            now = time.monotonic()
+            if self.shutdown.is_set():
+                stop_since = stop_since or now
+            stuck = stop_since is not None and now - stop_since >= STOP_DEADLINE_S
+            if self.ray_alive() is not False and not stuck:
                 lost_since = None
                 continue
-            lost_since = lost_since or time.monotonic()
-            due = self.shutdown.is_set() or time.monotonic() - lost_since >= RAY_LOST_S
+            lost_since = lost_since or now
+            due = stuck or self.shutdown.is_set() or now - lost_since >= RAY_LOST_S
             if not due or over.is_set():
                 continue
-            log.error("run %s: Ray's GCS (%s) does not answer%s; handing the run back and exiting", run_id,
-                      self._gcs or "?", " after a stop signal" if self.shutdown.is_set() else f" for {RAY_LOST_S:.0f} s")
+            why = (f"the sweep has not stopped {STOP_DEADLINE_S:.0f} s after a stop signal (Ray lost its "
+                   "workers?)" if stuck and self.ray_alive() is not False
+                   else f"Ray's GCS ({self._gcs or '?'}) does not answer"
+                   + (" after a stop signal" if self.shutdown.is_set() else f" for {RAY_LOST_S:.0f} s"))
+            log.error("run %s: %s; handing the run back and exiting", run_id, why)
             try:
                 with self.sessions() as s:
                     if store.release_run(s, run_id, self.worker_id):

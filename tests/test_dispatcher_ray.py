@@ -105,6 +105,22 @@ def test_ray_gone_without_a_signal_hands_the_run_back_after_a_grace(sessions, se
     assert status(sessions, run_id) == ("queued", None)
 
 
+def test_a_sweep_that_ignores_a_stop_signal_is_handed_back_after_the_deadline(sessions, settings, monkeypatch):
+    """Ray's GCS still answers but the sweep does not stop (the group's SIGTERM killed Ray's workers and Tune
+    blocks recovering their objects): the run goes back to the queue STOP_DEADLINE_S after the signal."""
+    monkeypatch.setattr(dispatcher_module, "STOP_DEADLINE_S", 1.0)
+    ray = Ray()
+    run_id, sweep, worker, d = start(sessions, settings, ray)
+    d.shutdown.set()
+    time.sleep(0.4)
+    assert status(sessions, run_id) == ("running", "d1") and not ray.exits  # within the deadline: wait
+    assert ray.exited.wait(5) and ray.exits == [0]
+    assert status(sessions, run_id) == ("queued", None)
+    sweep.unstick.set()
+    worker.join(30)
+    assert status(sessions, run_id) == ("queued", None)
+
+
 def test_a_gcs_probe_is_a_tcp_connect():
     import socket
 
@@ -158,8 +174,12 @@ def test_sigterm_to_the_process_group_requeues_the_run_within_seconds():
                        "two epochs of the second run", every=0.2, procs=[disp])
             os.killpg(disp.proc.pid, signal.SIGTERM)  # systemd's KillMode=control-group
             killed = time.monotonic()
-            wait_until(lambda: status(sessions, run_id) == ("queued", None), 15, "the run back in the queue",
-                       every=0.1)
+            try:
+                wait_until(lambda: status(sessions, run_id) == ("queued", None), 15, "the run back in the queue",
+                           every=0.1)
+            except pytest.fail.Exception:
+                pytest.fail(f"run {status(sessions, run_id)} 15 s after the kill; the dispatcher's log:\n"
+                            f"{disp.log_tail(12000)}")
             assert disp.proc.wait(15) == 0, disp.log_tail()
             assert time.monotonic() - killed < 15
             kept = rows()
