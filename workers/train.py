@@ -318,8 +318,8 @@ def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
         _set_rng_state(resume_state["rng"], gen, dev)
         start, best, last = resume_state["epoch"], dict(resume_state["best"]), resume_state["last"]
 
+    levels = estimators.weight_levels(model)  # at the start of each epoch (the end of the one before)
     for epoch in range(start + 1, epochs + 1):
-        levels_before = estimators.weight_levels(model)
         t0 = time.perf_counter()
         estimators.set_progress(model, epoch, epochs)
         lr = opt.param_groups[0]["lr"]
@@ -328,13 +328,14 @@ def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
         train_s = time.perf_counter() - t0
         val_acc, (test_acc, test_top5) = evaluate(model, val_loader), accuracies(model, test_loader, top5=top5)
         sched.step()
+        levels_before, levels = levels, estimators.weight_levels(model)
         if val_acc is not None and (best["val_acc"] is None or val_acc > best["val_acc"]):
             best = {"val_acc": val_acc, "epoch": epoch, "test_acc": test_acc}
         last = {
             "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_acc": val_acc,
             "test_acc": test_acc, "test_top5": test_top5, "lr": float(lr), "epoch_seconds": time.perf_counter() - t0,
             "images_per_s": n / train_s if train_s > 0 else 0.0,
-            "weight_flips": estimators.level_change_fraction(levels_before, estimators.weight_levels(model)),
+            "weight_flips": estimators.level_change_fraction(levels_before, levels),
             "device": str(dev),
             "schedule": {k: float(v) for k, v in estimators.schedule_values(model).items()},
         }
