@@ -108,6 +108,9 @@ class HWGQ(XNOR):
     only 0, 0.539 and 1.078 are used).
     """
 
+    table: torch.Tensor  # buffers (typed for the type checker)
+    edges: torch.Tensor
+
     name = "hwgq"
     paper = ("Cai, He, Sun, Vasconcelos, 'Deep Learning with Low Precision by Half-wave Gaussian Quantization', "
              "CVPR 2017")

@@ -41,6 +41,8 @@ class QuantAct(nn.Module):
 class _QuantizedWeights:
     """Mixin: holds ``input_quantizer`` and ``weight_quantizer`` and yields the quantized weight."""
 
+    weight: torch.Tensor  # the nn.Conv2d / nn.Linear it is mixed into holds it
+
     def _setup_quantizers(self, w_bits, a_bits, estimator, estimator_params):
         self.w_bits, self.a_bits = w_bits, a_bits
         self.input_quantizer = QuantAct(a_bits, estimator, estimator_params)

@@ -38,6 +38,10 @@ class LQNets(Estimator):
     so every negative input becomes 0.
     """
 
+    basis: torch.Tensor  # buffers (typed for the type checker)
+    initialized: torch.Tensor
+    codes: torch.Tensor
+
     name = "lq_nets"
     paper = ("Zhang, Yang, Ye, Hua, 'LQ-Nets: Learned Quantization for Highly Accurate and Compact Deep "
              "Neural Networks', ECCV 2018")

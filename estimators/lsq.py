@@ -32,6 +32,8 @@ class LSQ(Estimator):
               (activations come from HardTanh and are signed).
     """
 
+    initialized: torch.Tensor  # a buffer (typed for the type checker)
+
     name = "lsq"
     paper = "Esser, McKinstry, Bablani, Appuswamy, Modha, 'Learned Step Size Quantization', ICLR 2020"
     clip_weights = None

@@ -76,9 +76,10 @@ class BodyLimit:
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
-async def method_not_allowed(request: Request, exc: StarletteHTTPException) -> Response:
+async def method_not_allowed(request: Request, exc: Exception) -> Response:
     """A 405 whose ``Allow`` names every method of the path (RFC 9110, 15.5.6), not only those of the
     first route that matched it, as Starlette's does: GET and POST /runs are two routes."""
+    assert isinstance(exc, StarletteHTTPException)  # registered for status 405 only
 
     def matched(method: str) -> bool:
         scope = {**request.scope, "method": method}
@@ -109,7 +110,7 @@ def _document_spec(app: FastAPI) -> None:
             components.update(spec.pop("$defs", {}), ExperimentSpec=spec)
         return schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

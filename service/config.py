@@ -45,7 +45,7 @@ def _env(name: str, env: str):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", validate_by_name=True)
 
-    database_url: str | None = Field(None, validation_alias=_env("database_url", "DATABASE_URL"))
+    database_url: str = Field("", validation_alias=_env("database_url", "DATABASE_URL"))  # "" = SQLite in home
     api_token: str | None = Field(None, validation_alias=_env("api_token", "BITBENCH_API_TOKEN"))
     max_trials: int = Field(2000, ge=1, validation_alias=_env("max_trials", "BITBENCH_MAX_TRIALS"))
     data_dir: Path | None = Field(None, validation_alias=_env("data_dir", "BITBENCH_DATA_DIR"))
@@ -66,10 +66,11 @@ class Settings(BaseSettings):
     @classmethod
     def _canonical_origins(cls, value: list[str]) -> list[str]:
         """Each as :func:`service.origins.canonical_origin` spells it; one that is no origin is an error."""
-        bad = [v for v in value if canonical_origin(v) is None]
+        origins = [canonical_origin(v) for v in value]
+        bad = [v for v, origin in zip(value, origins, strict=True) if origin is None]
         if bad:
             raise ValueError(f"not an origin (scheme://host[:port], no path): {', '.join(bad)}")
-        return [canonical_origin(v) for v in value]
+        return [origin for origin in origins if origin is not None]
     report_renders: int = Field(2, ge=1, validation_alias=_env("report_renders", "BITBENCH_REPORT_RENDERS"))
 
     @field_validator("tune_dir", mode="before")

@@ -134,4 +134,7 @@ def head_revision() -> str:
     """The newest migration shipped with this code: what :func:`migrate` brings a database to."""
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:
+        raise RuntimeError("no Alembic migrations shipped with this code")
+    return head

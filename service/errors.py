@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sysconfig
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,12 +39,19 @@ def _places(data_dir: str | None, home: str) -> tuple[tuple[str, str], ...]:
     as ``workers/train.py``, ``torch/nn/…``), the data directory and home get a name."""
     from workers.data.registry import resolve_data_dir  # the trials' default; imports torch, so late
 
-    sources = [Path(__file__).parents[1], *(sysconfig.get_path(p) for p in ("purelib", "platlib", "stdlib"))]
+    sources = [Path(__file__).parents[1], *(Path(sysconfig.get_path(p)) for p in ("purelib", "platlib", "stdlib"))]
+    named: list[tuple[Path | str, str]] = [*((s, "") for s in sources), (resolve_data_dir(data_dir), "<data dir>"),
+                                           (home, "~")]
     places: dict[str, str] = {}
-    for path, name in [*((s, "") for s in sources), (resolve_data_dir(data_dir), "<data dir>"), (home, "~")]:
+    for path, name in named:
         for spelling in {str(Path(path).absolute()), str(Path(path).resolve())}:  # as imported, and real
             places.setdefault(spelling, name)
     return tuple(sorted(places.items(), key=lambda kv: -len(kv[0])))
+
+
+def _replacement(name: str) -> Callable[[re.Match[str]], str]:
+    """What a match of a place becomes: ``name/`` before a path under it, ``name`` (or ``.``) alone."""
+    return lambda m: (name + "/" if name else "") if m.group(1) else name or "."
 
 
 def relative_paths(text: str) -> str:
@@ -52,8 +60,7 @@ def relative_paths(text: str) -> str:
         if place in ("", "/"):
             continue
         # the place itself, or the place and a path under it; not a longer name that starts alike
-        text = re.sub(re.escape(place) + r"(/|(?![\w.-]))",
-                      lambda m, name=name: (name + "/" if name else "") if m.group(1) else name or ".", text)
+        text = re.sub(re.escape(place) + r"(/|(?![\w.-]))", _replacement(name), text)
     return text
 
 

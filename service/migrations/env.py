@@ -36,7 +36,10 @@ def run_migrations_online() -> None:
         return
     from service.db import make_engine
 
-    engine = make_engine(context.config.get_main_option("sqlalchemy.url"))
+    url = context.config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("alembic: no sqlalchemy.url and no connection given")
+    engine = make_engine(url)
     try:
         with engine.connect() as conn:
             _configure_and_run(conn)
