@@ -23,7 +23,7 @@ from .figures import (
     mean_std,
 )
 from .paper_results import paper_points
-from .stats import paired_comparisons, paired_difference
+from .stats import ALPHA, POWER, adjust_family, paired_comparisons, paired_difference
 
 BASELINES = ("ste", "clipped_ste")
 CANDIDATES = ("aqe", "minw_aqe")  # the paper's estimator, and its named method
@@ -75,10 +75,15 @@ def _points(x: float) -> str:
     return f"{100 * x:+.2f}"
 
 
+def _number(x: float | None, spec: str) -> str:
+    """``x`` in the format ``spec`` (``".3f"``), or an en dash for None."""
+    return "–" if x is None else format(x, spec)
+
+
 # RESULTS.md: Markdown, no HTML escaping (record text is written as it is, as it always was)
 _templates = Environment(loader=PackageLoader("dashboard"), autoescape=False, trim_blocks=True, lstrip_blocks=True,
                          keep_trailing_newline=True, undefined=StrictUndefined)
-_templates.filters.update(pct=_pct, points=_points)
+_templates.filters.update(pct=_pct, points=_points, number=_number)
 
 
 def leaderboard_tables(rows: list[dict], selected: list[dict] | None = None) -> list[dict]:
@@ -174,9 +179,10 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
     # the STE baselines where the run has them; else (a methods study) every other system at its bits
     baselines = [b for b in BASELINES if b in labels] or [
         lab for lab in labels if lab not in candidates and lab != FLOAT_LABEL]
-    pairs = [{**p, "metric": "final"} for p in paired_comparisons(trials, candidates, baselines)]
-    if selected_leaderboard:
-        pairs += [{**p, "metric": "selected"} for p in paired_comparisons(trials, candidates, baselines, "selected")]
+    # one family of tests per accuracy: Holm's adjustment runs over all of the report's comparisons of it
+    families = {metric: adjust_family(paired_comparisons(trials, candidates, baselines, metric))
+                for metric in (("final", "selected") if selected_leaderboard else ("final",))}
+    pairs = [{**p, "metric": metric} for metric, rows in families.items() for p in rows]
 
     figures = {
         "accuracy_vs_bits": accuracy_vs_bits(trials, paper_points(run["dataset"], run["model"]),
@@ -208,7 +214,8 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
 
     fp = [t["final_test_acc"] for t in trials if t.get("estimator") == "float" and t.get("final_test_acc") is not None]
     md = _templates.get_template("results.md").render(
-        run=run, trials=trials, environment=environment, pairs=pairs,
+        run=run, trials=trials, environment=environment, pairs=pairs, alpha=ALPHA, power=POWER,
+        family_sizes={metric: sum(r["p_value"] is not None for r in rows) for metric, rows in families.items()},
         full_precision={"n": len(fp), "mean_std": mean_std(fp)} if fp else None,
         leaderboard=leaderboard_tables(leaderboard, selected_leaderboard), with_selected=bool(selected_leaderboard),
         late=late_drop_summary(trials), reestimation=reestimation_rows(trials),
