@@ -11,6 +11,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import plotly.io as pio
+from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from .figures import (
     FLOAT_LABEL,
@@ -22,7 +23,7 @@ from .figures import (
     mean_std,
 )
 from .paper_results import paper_points
-from .stats import paired_comparisons, paired_difference
+from .stats import ALPHA, POWER, adjust_family, paired_comparisons, paired_difference
 
 BASELINES = ("ste", "clipped_ste")
 CANDIDATES = ("aqe", "minw_aqe")  # the paper's estimator, and its named method
@@ -69,32 +70,35 @@ def _pct(x: float | None, digits: int = 2) -> str:
     return "–" if x is None else f"{100 * x:.{digits}f}"
 
 
-def leaderboard_markdown(rows: list[dict], selected: list[dict] | None = None) -> str:
-    """One table per bit configuration: rank, estimator, mean ± std, n, 95% interval (in %) of the
-    final accuracy, and beside them the validation-selected accuracy's mean ± std and rank when
-    ``selected`` (the same leaderboard by ``metric=selected``) is given."""
-    out = []
+def _points(x: float) -> str:
+    """A difference of fractions in signed percentage points: ``+2.00``."""
+    return f"{100 * x:+.2f}"
+
+
+def _number(x: float | None, spec: str) -> str:
+    """``x`` in the format ``spec`` (``".3f"``), or an en dash for None."""
+    return "–" if x is None else format(x, spec)
+
+
+# RESULTS.md: Markdown, no HTML escaping (record text is written as it is, as it always was)
+_templates = Environment(loader=PackageLoader("dashboard"), autoescape=False, trim_blocks=True, lstrip_blocks=True,
+                         keep_trailing_newline=True, undefined=StrictUndefined)
+_templates.filters.update(pct=_pct, points=_points, number=_number)
+
+
+def leaderboard_tables(rows: list[dict], selected: list[dict] | None = None) -> list[dict]:
+    """One table per bit configuration (in config order): ``{"bits", "rows"}``, rows by rank, each
+    with ``best`` (best of more than one) and ``selected``, its row in the leaderboard by the
+    validation-selected accuracy (None where it has none or ``selected`` is not given)."""
     by_config: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         by_config[bit_config(r["w_bits"], r["a_bits"])].append(r)
     chosen = {(r["w_bits"], r["a_bits"], r["estimator_label"]): r for r in selected or []}
-    extra_head, extra_rule = (" selected mean ± std (%) | selected rank |", "---:|---:|") if selected else ("", "")
-    for config in sorted(by_config, key=config_sort_key):
-        out += [f"### {config_label(config)}", "",
-                f"| rank | estimator | mean ± std (%) | n | 95% interval (%) |{extra_head}",
-                f"|---:|---|---:|---:|---|{extra_rule}"]
-        for r in sorted(by_config[config], key=lambda r: r["rank"]):
-            ci = "–" if r["ci_low"] is None else f"[{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]"
-            best = " **(best)**" if r.get("best") and len(by_config[config]) > 1 else ""
-            line = (f"| {r['rank']} | `{r['estimator_label']}`{best} | {_pct(r['mean'])} ± {_pct(r['std'])} "
-                    f"| {r['n']} | {ci} |")
-            if selected:
-                other = chosen.get((r["w_bits"], r["a_bits"], r["estimator_label"]))
-                line += (" – | – |" if other is None else
-                         f" {_pct(other['mean'])} ± {_pct(other['std'])} | {other['rank']} |")
-            out.append(line)
-        out.append("")
-    return "\n".join(out)
+    return [{"bits": config_label(config),
+             "rows": [{**r, "best": bool(r.get("best")) and len(by_config[config]) > 1,
+                       "selected": chosen.get((r["w_bits"], r["a_bits"], r["estimator_label"]))}
+                      for r in sorted(by_config[config], key=lambda r: r["rank"])]}
+            for config in sorted(by_config, key=config_sort_key)]
 
 
 def _last_epoch(t: dict) -> float | None:
@@ -108,24 +112,17 @@ def late_drops(trials: list[dict], points: float = LATE_DROP) -> list[dict]:
             and _last_epoch(t) < t["selected_test_acc"] - points]
 
 
-def late_drop_markdown(trials: list[dict]) -> str:
-    """How many trials lost more than a point after their best validation epoch, and which."""
+def late_drop_summary(trials: list[dict]) -> dict:
+    """``{"scored", "drops"}``: how many trials have both a last-epoch and a selected accuracy, and
+    which of them lost more than ``LATE_DROP`` after their best validation epoch (with ``last_epoch``)."""
     scored = [t for t in trials if _last_epoch(t) is not None and t.get("selected_test_acc") is not None]
-    if not scored:
-        return "_No trial has a validation-selected accuracy (no validation split, or trained before it existed)._\n"
-    drops = late_drops(scored)
-    text = (f"**{len(drops)} of {len(scored)} trials** ended their last epoch more than {100 * LATE_DROP:.0f} point "
-            f"below the test accuracy of their best validation epoch.\n")
-    if drops:
-        text += "\n| trial | last epoch (%) | selected (%) | selected epoch |\n|---|---:|---:|---:|\n" + "".join(
-            f"| `{t['key']}` | {_pct(_last_epoch(t))} | {_pct(t['selected_test_acc'])} | {t.get('selected_epoch')} |\n"
-            for t in drops)
-    return text
+    return {"scored": len(scored), "drops": [{**t, "last_epoch": _last_epoch(t)} for t in late_drops(scored)]}
 
 
-def reestimation_markdown(trials: list[dict]) -> str:
-    """Last-epoch test accuracy without and with BatchNorm re-estimation, per estimator and bits:
-    means, spreads and the paired difference over the same trials (same weights, two statistics)."""
+def reestimation_rows(trials: list[dict]) -> list[dict]:
+    """Last-epoch test accuracy without (``before``) and with (``after``) BatchNorm re-estimation, per
+    bit configuration and estimator: means ± spreads and the paired difference over the same trials
+    (same weights, two statistics)."""
     pairs: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
     for t in trials:
         final = t.get("final") or {}
@@ -133,35 +130,13 @@ def reestimation_markdown(trials: list[dict]) -> str:
                 and t.get("final_test_acc") is not None:
             key = (bit_config(t["w_bits"], t["a_bits"]), estimator_label(t))
             pairs[key].append((final["last_epoch_test_acc"], t["final_test_acc"]))
-    if not pairs:
-        return ""
-    lines = ["| bits | estimator | n | last epoch, running statistics (%) | re-estimated (%) | "
-             "Δ (points) | 95% interval |", "|---|---|---:|---:|---:|---:|---|"]
+    rows = []
     for (config, label) in sorted(pairs, key=lambda k: (config_sort_key(k[0]), k[1])):
-        before, after = zip(*pairs[(config, label)])
-        d = paired_difference(list(after), list(before))
-        ci = "–" if d["ci_low"] is None else f"[{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]"
-        (mb, sb), (ma, sa) = mean_std(before), mean_std(after)
-        lines.append(f"| {config_label(config)} | `{label}` | {len(before)} | {_pct(mb)} ± {_pct(sb)} "
-                     f"| {_pct(ma)} ± {_pct(sa)} | {100 * d['diff']:+.2f} | {ci} |")
-    return ("## BatchNorm re-estimation\n\nThe same trained weights evaluated twice: with the BatchNorm "
-            "statistics that training left (running averages that lag behind the last steps) and with "
-            "statistics recomputed over the training set after the last epoch. The final accuracy above "
-            "is the re-estimated one.\n\n" + "\n".join(lines) + "\n")
-
-
-def paired_markdown(rows: list[dict]) -> str:
-    """One row per comparison: Δ = candidate − baseline with its paired interval and test, and the
-    accuracy it compares (``metric``: final or selected)."""
-    lines = ["| candidate | baseline | bits | seeds | Δ accuracy (points) | 95% interval | p | significant (p < 0.05) "
-             "| accuracy |", "|---|---|---|---|---:|---|---:|---|---|"]
-    for r in rows:
-        ci = "–" if r["ci_low"] is None else f"[{100 * r['ci_low']:+.2f}, {100 * r['ci_high']:+.2f}]"
-        p = "–" if r["p_value"] is None else f"{r['p_value']:.3f}"
-        lines.append(f"| `{r['candidate']}` | `{r['baseline']}` | {r['bits']} | {','.join(map(str, r['seeds']))} "
-                     f"| {100 * r['diff']:+.2f} | {ci} | {p} | {'yes' if r['significant'] else 'no'} "
-                     f"| {r.get('metric', 'final')} |")
-    return "\n".join(lines)
+        before, after = zip(*pairs[(config, label)], strict=True)
+        rows.append({"bits": config_label(config), "estimator": label, "n": len(before),
+                     "before": mean_std(before), "after": mean_std(after),
+                     **paired_difference(list(after), list(before))})
+    return rows
 
 
 def latex_table(rows: list[dict]) -> str:
@@ -204,9 +179,10 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
     # the STE baselines where the run has them; else (a methods study) every other system at its bits
     baselines = [b for b in BASELINES if b in labels] or [
         lab for lab in labels if lab not in candidates and lab != FLOAT_LABEL]
-    pairs = [{**p, "metric": "final"} for p in paired_comparisons(trials, candidates, baselines)]
-    if selected_leaderboard:
-        pairs += [{**p, "metric": "selected"} for p in paired_comparisons(trials, candidates, baselines, "selected")]
+    # one family of tests per accuracy: Holm's adjustment runs over all of the report's comparisons of it
+    families = {metric: adjust_family(paired_comparisons(trials, candidates, baselines, metric))
+                for metric in (("final", "selected") if selected_leaderboard else ("final",))}
+    pairs = [{**p, "metric": metric} for metric, rows in families.items() for p in rows]
 
     figures = {
         "accuracy_vs_bits": accuracy_vs_bits(trials, paper_points(run["dataset"], run["model"]),
@@ -215,7 +191,7 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
     }
     figures["accuracy_vs_bits"].update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, x=0),
                                               margin=dict(t=70, b=150))
-    png_note = ""
+    png_error = None
     for name, fig in figures.items():
         files[f"{name}.html"] = out / f"{name}.html"
         fig.write_html(files[f"{name}.html"], include_plotlyjs=True, full_html=True)
@@ -227,7 +203,7 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
                              height=[f.layout.height or 560 for f in figures.values()])
             files.update(pngs)
         except Exception as exc:  # kaleido or Chromium missing: the HTML figures still stand
-            png_note = f"\n> PNG figures were not written ({type(exc).__name__}: {exc}); see the HTML files.\n"
+            png_error = f"{type(exc).__name__}: {exc}"
 
     files["leaderboard.tex"] = out / "leaderboard.tex"
     files["leaderboard.tex"].write_text(latex_table(leaderboard))
@@ -237,43 +213,13 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
     files["environment.json"].write_text(json.dumps(environment, indent=2, sort_keys=True) + "\n")
 
     fp = [t["final_test_acc"] for t in trials if t.get("estimator") == "float" and t.get("final_test_acc") is not None]
-    fp_line = f"Full-precision reference: {_pct(mean_std(fp)[0])} ± {_pct(mean_std(fp)[1])} % (n = {len(fp)}).\n" if fp else ""
-    images = "".join(f"![{n}]({n}.png)\n\n" for n in figures if f"{n}.png" in files)
-    md = f"""# {run['name']}
-
-Run {run['id']} · `{run['dataset']}` / `{run['model']}` · status **{run['status']}** ·
-{len(trials)} finished trials of {run.get('trial_count', '?')} · created {run.get('created_at', '')}
-
-Ranked by the final test accuracy: after the last epoch (and after BatchNorm re-estimation when
-the recipe asks for it), measured with hard quantizers, mean over seeds. Beside it, the
-*selected* accuracy: the test accuracy of the epoch with the best validation accuracy, chosen on
-validation, never on test. Every number below is read from the bitbench database for this run.
-
-{fp_line}
-## Leaderboard per bit configuration: final and validation-selected
-
-{leaderboard_markdown(leaderboard, selected_leaderboard)}
-### Late drops
-
-{late_drop_markdown(trials)}
-{reestimation_markdown(trials)}
-## Paired comparison over the same seeds
-
-Δ = candidate − baseline in accuracy points; paired t-interval and paired t-test per bit configuration.
-With few seeds the test has little power: an interval that spans 0 means "not shown", not "equal".
-
-{paired_markdown(pairs) if pairs else "_No candidate/baseline pairs in this run._"}
-
-## Figures
-
-{images}Interactive: [accuracy_vs_bits.html](accuracy_vs_bits.html), [training_curves.html](training_curves.html).
-{png_note}
-## Reproduce
-
-The exact spec is in [spec.json](spec.json); submit it with `bitbench submit spec.json`.
-LaTeX table: [leaderboard.tex](leaderboard.tex). Versions and machine: [environment.json](environment.json)
-(`{environment.get('python', '')}`, torch `{environment.get('torch', '')}`, {environment.get('machine', '')}).
-"""
+    md = _templates.get_template("results.md").render(
+        run=run, trials=trials, environment=environment, pairs=pairs, alpha=ALPHA, power=POWER,
+        family_sizes={metric: sum(r["p_value"] is not None for r in rows) for metric, rows in families.items()},
+        full_precision={"n": len(fp), "mean_std": mean_std(fp)} if fp else None,
+        leaderboard=leaderboard_tables(leaderboard, selected_leaderboard), with_selected=bool(selected_leaderboard),
+        late=late_drop_summary(trials), reestimation=reestimation_rows(trials),
+        images=[n for n in figures if f"{n}.png" in files], png_error=png_error)
     files["RESULTS.md"] = out / "RESULTS.md"
     files["RESULTS.md"].write_text(md)
     return files

@@ -52,7 +52,7 @@ from dashboard.report import write_report
 from . import store
 from .tables import FINISHED
 
-REPORT_FORMAT = "2"  # bump when write_report's output changes: stored archives are rendered again
+REPORT_FORMAT = "3"  # bump when write_report's output changes: stored archives are rendered again
 RENDER_NICE = 10  # render workers' niceness above the API's
 FIRST_RETRY_AFTER_S = 10  # Retry-After before any render has finished (a PNG render takes ≈ 5–10 s)
 

@@ -1,5 +1,6 @@
 """The report generator on a small finished run stored in a real database."""
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -8,6 +9,7 @@ import pytest
 
 from service import store
 from service.report import build_report
+from dashboard.stats import detectable_difference
 from service.sink import SqlSink
 from workers.spec import parse_spec
 
@@ -22,6 +24,11 @@ ACC = {("aqe", 1): [0.80, 0.82, 0.84], ("ste", 1): [0.78, 0.80, 0.82], ("clipped
 
 @pytest.fixture
 def finished_run(sessions, db_url):
+    return store_run(sessions, db_url, ACC)
+
+
+def store_run(sessions, db_url, accuracies):
+    """SPEC's run with every trial done at ``accuracies[(label, bits)][seed]``, through the SQL sink."""
     with sessions() as s:
         run, _ = store.create_run(s, parse_spec(SPEC))
     sink = SqlSink.from_url(db_url, run["id"]) if hasattr(SqlSink, "from_url") else SqlSink(sessions, run["id"])
@@ -29,7 +36,7 @@ def finished_run(sessions, db_url):
         keys = [t["key"] for t in store.list_trials(s, run["id"])]
     for key in keys:
         label, bits, seed = key.split("-w")[0], int(key.split("-w")[1].split("a")[0]), int(key.rsplit("-s", 1)[1])
-        acc = ACC[(label, bits)][seed]
+        acc = accuracies[(label, bits)][seed]
         sink.on_trial_start(key, {"device": "cpu", "attempt": 1})
         for epoch in (1, 2):
             sink.on_epoch(key, {"epoch": epoch, "train_loss": 1.0 / epoch, "train_acc": acc - 0.1 / epoch,
@@ -57,6 +64,22 @@ def test_report_rows_come_from_the_database(sessions, finished_run, tmp_path):
     assert env["torch"].startswith("2.14.1") and env["devices"] == ["cpu"]
     html = files["accuracy_vs_bits.html"].read_text()
     assert len(html) > 100_000 and "plotly" in html  # plotly.js inlined: self-contained
+
+
+def test_paired_comparisons_are_judged_as_a_family(sessions, db_url, tmp_path):
+    """Holm over the report's four final-accuracy tests: aqe − ste at W1A1 is (2, 3, 4) points, p ≈ 0.035
+    alone and 4p ≈ 0.140 in the family, so not significant; its effect size and detectable difference."""
+    run_id = store_run(sessions, db_url, {**ACC, ("ste", 1): [0.78, 0.79, 0.80]})
+    with sessions() as s:
+        md = build_report(s, run_id, tmp_path / "report", png=False)["RESULTS.md"].read_text()
+    assert "| p | p (Holm) | significant (Holm p < 0.05) | d_z | detectable Δ (points) | accuracy |" in md
+    assert "one family of tests (final: 4 tests)" in md and "Cohen's d_z" in md
+    # t = 3√3 on 2 degrees of freedom: p = 1 − t/√(t² + 2); the other three p-values are 0.529, 0.529 and 1
+    p = 1 - 3 * math.sqrt(3) / math.sqrt(29)
+    detectable = 100 * detectable_difference(3, 0.01)  # sd of (2, 3, 4) points = 1 point
+    assert f"| `aqe` | `ste` | W1A1 | 0,1,2 | +3.00 | [+0.52, +5.48] | {p:.3f} | {4 * p:.3f} | no | +3.00 " \
+           f"| {detectable:.2f} | final |" in md, md
+    assert "| `aqe` | `clipped_ste` | W2A2 | 0,1,2 | +0.00 | [-2.48, +2.48] | 1.000 | 1.000 | no |" in md
 
 
 def test_latex_table_is_a_well_formed_tabular(sessions, finished_run, tmp_path):
