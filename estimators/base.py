@@ -156,6 +156,11 @@ class Estimator(nn.Module):
         """The scale multiplying the levels in :meth:`hard` (broadcastable to x), or None for 1."""
         return None
 
+    def packed_encoding(self) -> str | None:
+        """The bit-packed code of :meth:`hard`'s output ("sign", "ternary", "pow2"; see
+        ``workers.packed``), or None when its levels have no exact packed form (the default)."""
+        return None
+
     def extra_repr(self) -> str:
         hp = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
         return f"bits={self.bits}, role={self.role}" + (f", {hp}" if hp else "")

@@ -147,3 +147,6 @@ class HWGQ(XNOR):
 
     def scale(self, x):
         return super().scale(x) if self.role == "weight" else None
+
+    def packed_encoding(self):
+        return None  # half-wave Gaussian levels and scaled weights have no packed code

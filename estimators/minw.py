@@ -58,6 +58,9 @@ class MinwEstimator(Estimator):
     def level_set(self):
         return Qz.levels(self.quantizer, self.bits)
 
+    def packed_encoding(self) -> str | None:
+        return self.quantizer  # unscaled sign / ternary / powers of two
+
     def pseudo_grad(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """∂L/∂x given x and ∂L/∂y. A subclass sets ``pseudo_grad = None`` for the identity."""
         raise NotImplementedError

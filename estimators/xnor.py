@@ -56,6 +56,9 @@ class XNOR(MinwEstimator):
         q = self.quantize(x)
         return q * self.scale(x) if self.role == "weight" else q
 
+    def packed_encoding(self):
+        return None if self.role == "weight" else super().packed_encoding()  # scaled weights: no packed code
+
     def train_forward(self, x):
         if self.role != "weight":
             return surrogate(x, self.quantize, clipped_grad)

@@ -8,6 +8,10 @@ which may round differently from torch's reduction, so ≥ 99% of samples must b
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -19,8 +23,20 @@ from estimators import QConv2d, QLinear
 from workers.datasets import load_dataset
 from workers.models import create_model
 from workers.packed import PackedNet, UnsupportedModelError, compare, export_checkpoint, export_model, packed_summary
-from workers.packed.engine import popcount_matmul, quantize
-from workers.packed.format import pack_bits, read_packed, unpack_bits, write_packed
+from workers.packed.engine import quantize
+from workers.packed.format import (
+    Encoding,
+    LayerRecord,
+    PackedHeader,
+    WeightArrays,
+    load_packed,
+    pack_bits,
+    read_packed,
+    save_packed,
+    unpack_bits,
+    write_packed,
+)
+from workers.packed.kernels import popcount_matmul
 
 LOGIT_RTOL = 1e-5
 RNG = np.random.default_rng(0)
@@ -79,7 +95,7 @@ def test_runtime_quantizers_match_torch():
     zn = z.numpy()
     for enc, ref in [("sign", Qz.sign(z)), ("ternary", Qz.ternary(z, 0.7, dims="sample")),
                      ("pow2", Qz.pow2(z, 3, dims="sample") * 4)]:
-        cfg = {"enc": enc, "delta_ratio": 0.7, "thresholds": [0.02, 0.07, 0.14]}
+        cfg = Encoding(enc, {"sign": 1, "ternary": 2, "pow2": 3}[enc], delta_ratio=0.7, thresholds=(0.02, 0.07, 0.14))
         op = quantize(zn, cfg)
         mag = np.ones(zn.shape) if op.masks is None else sum(m * 2**e for e, m in op.masks)
         assert (np.where(op.neg, -1, 1) * mag == ref.numpy()).all(), enc
@@ -129,7 +145,7 @@ def test_fold_threshold_with_pool_is_exact(tmp_path, gamma_sign):
     x = torch.randn(16, 8, 8, 8)
     export_model(model, tmp_path / "f.bbpack")
     net = PackedNet.load(tmp_path / "f.bbpack", threads=1)
-    assert net.header["layers"][0]["fold"] is not None and net.header["layers"][1]["fold"] is None
+    assert net.header.layers[0].fold is not None and net.header.layers[1].fold is None
     op = net.layers[0](x.numpy().transpose(0, 2, 3, 1))
     with torch.no_grad():
         ref = model[4].input_quantizer(model[:4](x)).permute(0, 2, 3, 1).numpy()
@@ -187,8 +203,14 @@ def test_trained_w1a1_digits_checkpoint_agrees(tmp_path, digits):
     spec = parse_spec({"name": "p", "dataset": "digits", "model": "digits_net", "estimators": ["aqe"],
                        "bits": [{"w": 1, "a": 1}], "epochs": 3, "batch_size": 64, "include_full_precision": False})
     trial = spec.trials()[0]
-    states = []
-    final = run_trial(spec, trial, on_epoch=lambda m, s: states.append(s), threads=1)
+    states, checked = [], []
+
+    def check(model, test_x, test_y):  # the packed check is a hook: the trainer imports no workers.packed
+        checked.append(len(test_x))
+        return packed_summary(model, test_x, test_y)
+
+    final = run_trial(spec, trial, on_epoch=lambda m, s: states.append(s), threads=1, packed_check=check)
+    assert checked == [len(digits.test_y)]  # digits: its whole test split is under PACKED_CHECK_SAMPLES
     report = export_checkpoint(states[-1], spec, trial, tmp_path / "t.bbpack", num_classes=10, input_shape=(1, 8, 8))
     model = build_model(spec, trial, digits)
     model.load_state_dict(states[-1]["model"])
@@ -201,6 +223,24 @@ def test_trained_w1a1_digits_checkpoint_agrees(tmp_path, digits):
     summary = packed_summary(model, digits.test_x, digits.test_y)
     assert set(summary) == {"packed_bytes", "packed_agreement"}
     assert summary["packed_bytes"] == c["report"].file_bytes and summary["packed_agreement"] >= 0.999
+    assert (final["packed_bytes"], final["packed_agreement"]) == (summary["packed_bytes"], summary["packed_agreement"])
+
+
+def test_run_trial_without_a_packed_check_reports_none_and_float_trials_are_not_checked():
+    from workers.spec import parse_spec
+    from workers.train import run_trial
+
+    spec = parse_spec({"name": "p", "dataset": "digits", "model": "digits_net", "estimators": ["ste"],
+                       "bits": [{"w": 1, "a": 1}], "epochs": 1, "batch_size": 256, "include_full_precision": True})
+    low, full = sorted(spec.trials(), key=lambda t: t.is_float)
+    final = run_trial(spec, low, on_epoch=lambda m, s: None, threads=1)
+    assert final["packed_bytes"] is None and final["packed_agreement"] is None
+
+    def refuse(*args):
+        raise AssertionError("a float trial has no packed form to check")
+
+    final = run_trial(spec, full, on_epoch=lambda m, s: None, threads=1, packed_check=refuse)
+    assert final["packed_bytes"] is None and final["packed_agreement"] is None
 
 
 def test_trained_convnet_d_agrees():
@@ -267,6 +307,59 @@ def test_bits_per_weight_by_encoding(tmp_path):
 
 
 # -- format and refusals -----------------------------------------------------------------------
+def test_layer_records_round_trip(tmp_path):
+    """export → file → typed header: the same records; JSON ↔ record is lossless, constant input
+    statistics (a frozen Δ / max|x| per layer) included, which the engine refuses to run for now."""
+    model = folded_block("mixed")
+    model[4] = QConv2d(16, 4, 3, 1, 1, w_bits=3, a_bits=2, estimator="aqe")
+    export_model(model.eval(), tmp_path / "r.bbpack", input_shape=(8, 8, 8))
+    header, arrays = load_packed(tmp_path / "r.bbpack")
+    raw, _ = read_packed(tmp_path / "r.bbpack")
+    assert raw["version"] == 2 and header.input_shape == (8, 8, 8) and header.num_classes == 4
+    first, second = header.layers
+    assert first.conv and first.kernel == (3, 3) and first.fold is None and first.bn is not None  # next is ternary
+    assert second.input == Encoding("ternary", 2, delta_ratio=0.7)
+    assert second.weight.enc == "pow2" and second.weight.thresholds == (0.02, 0.07, 0.14) and second.weight.unit == 0.25
+    assert len(second.weight_arrays.code) == 2 and second.a_max == 144 * 4
+    assert PackedHeader.from_json(json.loads(json.dumps(header.to_json()))) == header
+    frozen = dataclasses.replace(second, input=dataclasses.replace(second.input, stats="constant", reference=0.35))
+    again = dataclasses.replace(header, layers=(first, frozen))
+    save_packed(tmp_path / "c.bbpack", again, arrays)
+    assert load_packed(tmp_path / "c.bbpack")[0] == again
+    with pytest.raises(ValueError, match="not run by this engine yet"):
+        PackedNet.load(tmp_path / "c.bbpack", threads=1).logits(np.zeros((1, 8, 8, 8), np.float32))
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda h: {**h, "version": 3}, "version 3 is not supported"),
+    (lambda h: {**h, "format": "onnx"}, "not 'bitbench-packed'"),
+    (lambda h: {**h, "layers": [{**h["layers"][0], "kind": "pool"}]}, "unknown layer kind"),
+    (lambda h: {**h, "layers": [{**h["layers"][0], "colour": 1}]}, "malformed version-2 layer record"),
+    (lambda h: {**h, "layers": [{**h["layers"][0], "input": {**h["layers"][0]["input"], "enc": "int8"}}]},
+     "unknown encoding 'int8'"),
+])
+def test_bad_headers_are_refused(change, match):
+    fc = LayerRecord(name="fc", kind="linear", fan_in=64, out=10, K=64, words=1, input=Encoding("sign", 1),
+                     weight=Encoding("sign", 1), weight_arrays=WeightArrays(neg="w"), unit=1.0, a_max=64)
+    good = json.loads(json.dumps(PackedHeader((fc,), num_classes=10).to_json()))
+    assert PackedHeader.from_json(good).layers == (fc,)
+    with pytest.raises(ValueError, match=match):
+        PackedHeader.from_json(change(good))
+
+
+def test_version_1_files_are_still_read():
+    """A file written by issue 7's exporter (untyped records, version 1) runs to the same logits."""
+    folder = Path(__file__).parent / "data" / "packed_v1"
+    raw, _ = read_packed(folder / "mixed_v1.bbpack")
+    assert raw["version"] == 1 and "weight_arrays" not in raw["layers"][0]
+    saved = np.load(folder / "mixed_v1_logits.npz")
+    net = PackedNet.load(folder / "mixed_v1.bbpack", threads=1)
+    assert [r.fold is not None for r in net.header.layers] == [False, True, False, False, False]
+    assert [(r.input.enc, r.weight.enc) for r in net.header.layers] == [
+        ("float", "sign"), ("sign", "sign"), ("sign", "ternary"), ("ternary", "pow2"), ("pow2", "ternary")]
+    assert (net.logits(saved["x"]) == saved["logits"]).all()
+
+
 def test_file_roundtrip_and_magic(tmp_path):
     arrays = {"a": np.arange(5, dtype=np.uint64), "b": np.ones((2, 3), np.float32)}
     size = write_packed(tmp_path / "x", {"layers": []}, arrays)
@@ -276,6 +369,28 @@ def test_file_roundtrip_and_magic(tmp_path):
     (tmp_path / "y").write_bytes(b"not a packed file")
     with pytest.raises(ValueError, match="not a bitbench packed file"):
         read_packed(tmp_path / "y")
+
+
+MINW_FAMILY = {"aqe", "ste", "clipped_ste", "approx_sign", "ede", "reste"}
+
+
+def test_estimators_declare_their_packed_encoding():
+    """MINW-Net's unscaled quantizers declare sign / ternary / pow2 by bit width, xnor for its
+    activations only (its weights carry a scale); every other estimator declares none."""
+    minw = {1: "sign", 2: "ternary", 3: "pow2", 4: "pow2"}
+    for name in estimators.list_estimators():
+        for role in ("weight", "activation"):
+            for bits in (1, 2, 3, 4):
+                got = estimators.create_estimator(name, bits, role).packed_encoding()
+                packable = name in MINW_FAMILY or (name == "xnor" and role == "activation")
+                assert got == (minw[bits] if packable else None), (name, role, bits)
+
+
+def test_xnor_activations_with_float_weights_are_packed(digits):
+    torch.manual_seed(0)
+    model = create_model("digits_net", num_classes=10, input_shape=(1, 8, 8), w_bits=32, a_bits=1, estimator="xnor")
+    c = check_agreement(model.eval(), digits.test_x[:64], every_sample=True)
+    assert [(r["a"], r["w"]) for r in c["report"].layers] == [("float", "float")] + [("sign", "float")] * 3
 
 
 @pytest.mark.parametrize("name,kw,match", [

@@ -14,6 +14,7 @@ from torch import nn
 
 import estimators
 from estimators import QConv2d, QLinear
+from workers.packed import packed_summary
 from workers.spec import parse_spec
 from workers.train import reestimate_batchnorm
 
@@ -28,7 +29,7 @@ KEY = "clipped_ste-w1a1-s0"
 @pytest.fixture(scope="module")
 def peaking():
     """(final, [(metrics, state)]) of the peaking recipe with BatchNorm re-estimation on."""
-    return train(parse_spec({**PEAKING, "bn_reestimate": True}), KEY)
+    return train(parse_spec({**PEAKING, "bn_reestimate": True}), KEY, packed_check=packed_summary)
 
 
 def test_selected_accuracy_is_the_test_accuracy_of_the_best_validation_epoch(peaking):
@@ -61,7 +62,8 @@ def test_without_reestimation_final_is_the_last_epoch():
 
 def test_reestimation_is_repeated_identically_after_a_resume_at_the_last_epoch(peaking):
     final, seen = peaking
-    resumed, more = train(parse_spec({**PEAKING, "bn_reestimate": True}), KEY, resume_state=seen[-1][1])
+    resumed, more = train(parse_spec({**PEAKING, "bn_reestimate": True}), KEY, resume_state=seen[-1][1],
+                          packed_check=packed_summary)
     assert more == [] and resumed == final
 
 

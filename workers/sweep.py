@@ -23,6 +23,7 @@ import ray
 import torch
 from ray import tune
 
+from .packed import packed_summary
 from .sinks import ResultSink
 from .spec import ExperimentSpec, TrialSpec, parse_spec
 from .storage import join, resolve_storage
@@ -105,7 +106,7 @@ def bitbench_trial(config: dict, *, spec_json: str, data_dir: str | None) -> Non
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     final = run_trial(spec, trial, on_epoch=on_epoch, resume_state=state, data_dir=data_dir,
-                      threads=max(1, int(spec.resources.cpu)))
+                      threads=max(1, int(spec.resources.cpu)), packed_check=packed_summary)
     tune.report({FINAL_KEY: final})
 
 

@@ -25,7 +25,7 @@ import estimators
 
 from .datasets import DataSplits, load_dataset
 from .malloc import keep_freed_memory
-from .models import create_model
+from .models import trial_model
 from .spec import ExperimentSpec, LRSchedule, Optimizer, TrialSpec
 
 STATE_VERSION = 1
@@ -36,6 +36,9 @@ FINAL_KEYS = ("final_test_acc", "final_test_top5", "final_val_acc", "best_val_ac
               "weight_bits_total", "weight_mib", "packed_bytes", "packed_agreement")
 
 OnEpoch = Callable[[dict, dict], None]
+#: the end-of-trial packed check, ``(model, test_x, test_y) -> {"packed_bytes", "packed_agreement"}``
+#: (``workers.packed.packed_summary``; the sweep passes it in, the trainer does not import the packed engine)
+PackedCheck = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict]
 
 
 # -- building blocks -------------------------------------------------------------------------
@@ -96,13 +99,8 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: LRSchedule, epochs: int):
 
 
 def build_model(spec: ExperimentSpec, trial: TrialSpec, data: DataSplits) -> nn.Module:
-    """The spec's model for this trial's bits and estimator (no estimator for float trials), with
-    the trial's own first/last-layer policy where it has one (a named method's), else the spec's."""
-    quant = {} if trial.is_float else {"estimator": trial.estimator, "estimator_params": dict(trial.estimator_params)}
-    return create_model(spec.model, num_classes=data.num_classes, input_shape=data.input_shape,
-                        w_bits=trial.w_bits, a_bits=trial.a_bits, **quant,
-                        first_last_float=spec.first_last_float if trial.first_last_float is None
-                        else trial.first_last_float)
+    """:func:`workers.models.trial_model` for ``data``'s classes and input shape."""
+    return trial_model(spec, trial, num_classes=data.num_classes, input_shape=data.input_shape)
 
 
 def _to_cpu_copy(obj: Any) -> Any:
@@ -231,18 +229,13 @@ PACKED_CHECK_SAMPLES = 2000
 PACKED_CHECK_BYTES = 256 * 2**20
 
 
-def packed_metrics(model: nn.Module, trial: TrialSpec, data: DataSplits) -> dict:
-    """``packed_bytes`` and ``packed_agreement`` of the bit-packed export (None where it has none).
-
-    Agreement = fraction of the first PACKED_CHECK_SAMPLES test images (fewer for large images:
-    PACKED_CHECK_BYTES) on which the packed engine predicts the same class as the eval-mode torch model.
-    """
-    if trial.is_float:
+def packed_metrics(model: nn.Module, trial: TrialSpec, data: DataSplits, check: PackedCheck | None) -> dict:
+    """``packed_bytes`` and ``packed_agreement`` from ``check`` on the first PACKED_CHECK_SAMPLES test
+    images (fewer for large images: PACKED_CHECK_BYTES); both None for float trials or without a check."""
+    if check is None or trial.is_float:
         return {"packed_bytes": None, "packed_agreement": None}
-    from .packed import packed_summary
-
     n = max(1, min(PACKED_CHECK_SAMPLES, PACKED_CHECK_BYTES // (4 * math.prod(data.input_shape))))
-    return packed_summary(model, *data.head("test", n))
+    return check(model, *data.head("test", n))
 
 
 def final_metrics(last: dict, best: dict, epochs: int, model: nn.Module, reestimated: dict | None = None) -> dict:
@@ -275,6 +268,7 @@ def run_trial(
     device: str | torch.device | None = None,
     data_dir=None,
     threads: int | None = None,
+    packed_check: PackedCheck | None = None,
 ) -> dict:
     """Train ``trial`` of ``spec`` for ``spec.epochs`` epochs; return the ``final`` dict.
 
@@ -282,18 +276,19 @@ def run_trial(
     CONTRACTS.md, ``state`` a self-contained CPU copy (model, optimizer, scheduler, every RNG
     including the loader's, epoch, best-so-far, last metrics). ``resume_state`` continues from
     such a state; on the CPU the result is bit-identical to an uninterrupted run. ``threads``
-    sets torch's intra-op threads; ``device`` defaults to :func:`resolve_device`. The process keeps
-    freed memory for reuse from here on (:func:`workers.malloc.keep_freed_memory`).
+    sets torch's intra-op threads; ``device`` defaults to :func:`resolve_device`. ``packed_check``
+    (e.g. ``workers.packed.packed_summary``) gives the final ``packed_*`` keys (None without one).
+    The process keeps freed memory for reuse from here on (:func:`workers.malloc.keep_freed_memory`).
     """
     keep_freed_memory()
     if threads:
         torch.set_num_threads(int(threads))
     dev = resolve_device(spec, device)
     with deterministic(dev.type == "cpu"):
-        return _run(spec, trial, on_epoch, resume_state, dev, data_dir)
+        return _run(spec, trial, on_epoch, resume_state, dev, data_dir, packed_check)
 
 
-def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
+def _run(spec, trial, on_epoch, resume_state, dev, data_dir, packed_check) -> dict:
     epochs = spec.epochs
     seed_everything(trial.seed)
     data = load_dataset(spec.dataset, seed=trial.seed, device=dev, data_dir=data_dir, **dict(spec.dataset_options))
@@ -354,4 +349,4 @@ def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
         reestimate_batchnorm(model, data.loader("train", spec.batch_size, generator=gen, drop_last=drop_last))
         test_acc, test_top5 = accuracies(model, test_loader, top5=top5)
         reestimated = {"val_acc": evaluate(model, val_loader), "test_acc": test_acc, "test_top5": test_top5}
-    return {**final_metrics(last, best, epochs, model, reestimated), **packed_metrics(model, trial, data)}
+    return {**final_metrics(last, best, epochs, model, reestimated), **packed_metrics(model, trial, data, packed_check)}

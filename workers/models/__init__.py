@@ -8,11 +8,13 @@
 
 Modules: ``registry`` (register/list/create), ``blocks`` (layer factory and blocks),
 ``convnet`` (Models A–D), ``vgg`` (VGG-Small), ``resnet`` (CIFAR ResNet-20/110, ImageNet ResNet-18),
-``densenet`` (DenseNet-BC-100), ``alexnet`` (AlexNet-BN), ``small`` (digits/fashion nets).
+``densenet`` (DenseNet-BC-100), ``alexnet`` (AlexNet-BN), ``small`` (digits/fashion nets),
+``trial`` (the model of one experiment trial).
 """
 from . import alexnet, convnet, densenet, resnet, small, vgg  # noqa: F401  (registration)
 from .blocks import QuantConfig, conv_block, linear_block, plain_convnet
 from .registry import MODELS, create_model, list_models, register_model
+from .trial import trial_model
 
 __all__ = ["MODELS", "QuantConfig", "conv_block", "create_model", "linear_block", "list_models", "plain_convnet",
-           "register_model"]
+           "register_model", "trial_model"]

@@ -4,9 +4,10 @@
     >>> report = export_model(model, "trial.bbpack")        # 1-bit weights: 64 per uint64
     >>> PackedNet.load("trial.bbpack").predict(test_x)      # XNOR / ternary / SHIFT + popcount
 
-Modules: ``format`` (file layout, bit packing), ``fold`` (BN/HardTanh/next-quantizer → integer
-thresholds), ``export`` (model → file, :func:`packed_summary` for the trainer), ``engine``
-(numpy inference; imports no torch).
+Modules: ``format`` (file layout, the typed layer records, bit packing), ``fold``
+(BN/HardTanh/next-quantizer → integer thresholds), ``export`` (model → file; :func:`packed_summary`,
+the check a sweep passes to ``run_trial``), ``kernels`` (popcount dot products), ``engine`` (the
+network walker; ``kernels`` and ``engine`` import no torch).
 """
 from .engine import PackedNet
 from .export import ExportReport, UnsupportedModelError, compare, export_checkpoint, export_model, packed_summary

@@ -1,15 +1,9 @@
-"""Numpy inference on a packed file: XNOR / ternary / SHIFT arithmetic with ``np.bitwise_count``.
+"""Numpy inference on a packed file: walks the layer records, runs the popcount kernels.
 
-An operand (activation patch row or weight row) is a sign plane ``n`` (bit 1 ⇔ negative) plus
-zero or more non-zero planes ``m_e`` with a shift e: value = (1 − 2n)·Σ_e m_e·2^e (no planes =
-dense ±1). For one pair of planes with M = m_a & m_w and X = n_a ^ n_w (product negative):
-
-    dot = popcount(M & ~X) − popcount(M & X) = popcount(M) − 2·popcount(M & X)
-    dense ±1 (M all ones):  dot = K − 2·popcount(n_a ^ n_w)                       (XNOR)
-
-and the integer accumulator is A = Σ_(e_a, e_w) dot_(e_a, e_w) << (e_a + e_w)  (SHIFT for
-powers of two: 3 bits → planes for 1, 2, 4 in units of ¼). Counts go into uint16/uint32 and A
-into int32. Zero padding of a dense ±1 input is encoded as +1 and corrected exactly:
+Per layer: the input quantizer (or the previous layer's folded threshold) gives bit planes
+(:class:`~workers.packed.kernels.Planes`), im2col gathers them into packed rows, the kernels
+(:mod:`workers.packed.kernels`: XNOR / ternary / SHIFT + popcount) give the integer accumulator
+A. Zero padding of a dense ±1 input is encoded as +1 and corrected exactly:
 A −= Σ_(padded taps t) Σ_c w[o, t, c]. Layers whose input is float (the raw image, or a float
 last layer) are float32 matmuls, as in the trained model.
 
@@ -23,13 +17,13 @@ from __future__ import annotations
 import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .format import pack_bits, read_packed, unpack_bits
+from .format import Encoding, LayerRecord, PackedHeader, load_packed, pack_bits, unpack_bits
+from .kernels import Planes, accumulate, weight_planes
 
 try:  # numpy's BLAS threads would fight the engine's own row split (and spin on busy cores)
     from threadpoolctl import ThreadpoolController
@@ -42,25 +36,8 @@ CHUNK_ELEMENTS = 65536  # rows × output channels per kernel chunk and plane pai
 MICRO_BATCH = 64  # images per pass through the net
 
 
-@dataclass
-class Operand:
-    """An encoded activation: ``neg`` (True = negative) and ``masks`` [(shift, non-zero plane)] or
-    None for dense ±1. Arrays are bool, NHWC or (N, F)."""
-
-    neg: np.ndarray
-    masks: list[tuple[int, np.ndarray]] | None = None
-
-
-@dataclass
-class Planes:
-    """Packed operand rows for the kernel: sign words (rows, W) and masks [(shift, words)]."""
-
-    neg: np.ndarray
-    masks: list[tuple[int, np.ndarray]] | None = None
-
-
 # -- run-time quantizers (the torch eval path, per sample) --------------------------------------
-def quantize(z: np.ndarray, cfg: dict) -> Operand:
+def quantize(z: np.ndarray, enc: Encoding) -> Planes:
     """The layer's input quantizer on float32 ``z`` (N, ...): sign, ternary or powers of two.
 
     sign: n = signbit(z) (sign(+0) = +1, sign(−0) = −1, as torch's copysign);
@@ -68,26 +45,27 @@ def quantize(z: np.ndarray, cfg: dict) -> Operand:
     pow2: code j = #{edges t_i ≤ |z|/max|z|} per sample, value 2^(j−q) → integer 2^(j−1) in units
     of 2^−(q−1) (code 0 = zero).
     """
+    if enc.stats != "per_sample":
+        raise ValueError(f"input statistics {enc.stats!r} are carried by the format but not run by this engine yet")
     neg = np.signbit(z)
-    enc = cfg["enc"]
-    if enc == "sign":
-        return Operand(neg)
+    if enc.enc == "sign":
+        return Planes(neg)
     red = tuple(range(1, z.ndim))
     a = np.abs(z)
-    if enc == "ternary":
-        delta = np.float32(cfg["delta_ratio"]) * a.mean(axis=red, dtype=np.float64, keepdims=True).astype(np.float32)
+    if enc.enc == "ternary":
+        delta = np.float32(enc.delta_ratio) * a.mean(axis=red, dtype=np.float64, keepdims=True).astype(np.float32)
         nz = a > delta
-        return Operand(neg & nz, [(0, nz)])
-    if enc == "pow2":
+        return Planes(neg & nz, [(0, nz)])
+    if enc.enc == "pow2":
         m = np.maximum(a.max(axis=red, keepdims=True), np.finfo(np.float32).tiny)
-        code = np.searchsorted(np.asarray(cfg["thresholds"], np.float32), a / m, side="right")
-        planes = [(e, code == e + 1) for e in range(len(cfg["thresholds"]))]
-        return Operand(neg & (code > 0), [(e, p) for e, p in planes if p.any()])
-    raise ValueError(f"unknown input encoding {enc!r}")
+        code = np.searchsorted(np.asarray(enc.thresholds, np.float32), a / m, side="right")
+        planes = [(e, code == e + 1) for e in range(len(enc.thresholds))]
+        return Planes(neg & (code > 0), [(e, p) for e, p in planes if p.any()])
+    raise ValueError(f"no run-time quantizer for input encoding {enc.enc!r}")
 
 
-def dequantize(op: Operand, unit: float) -> np.ndarray:
-    """Operand → float32 levels: (1 − 2n)·Σ_e m_e·2^e·unit."""
+def dequantize(op: Planes, unit: float) -> np.ndarray:
+    """Bool planes → float32 levels: (1 − 2n)·Σ_e m_e·2^e·unit."""
     mag = np.float32(1) if op.masks is None else sum(m * np.float32(2.0**e) for e, m in op.masks)
     return (np.where(op.neg, np.float32(-unit), np.float32(unit)) * mag).astype(np.float32)
 
@@ -109,116 +87,18 @@ def pool_windows(x: np.ndarray, k: int) -> np.ndarray:
     return x[:, : h // k * k, : w // k * k].reshape(n, h // k, k, w // k, k, c)
 
 
-# -- the popcount kernel ---------------------------------------------------------------------
-def _accumulate(a: Planes, w: "WeightPlanes", out: np.ndarray) -> None:
-    """out[r, o] = Σ_k a[r, k]·w[o, k] (integer units) for one chunk of rows (see module doc).
-
-    Per pair of planes and word k: X = n_a ^ n_w (broadcast over rows × outputs), M = m_a & m_w,
-    counts += popcount(M & X) (and popcount(M) when both operands have zeros). Popcounts are
-    summed in uint8 over groups of 3 words (≤ 192) before going into the uint16/uint32 totals.
-    """
-    m, words = a.neg.shape
-    n = w.out
-    cnt_t = np.uint16 if w.k < 2**16 else np.uint32
-    shape = (m, n)
-    x, t, c = np.empty(shape, np.uint64), np.empty(shape, np.uint64), np.empty(shape, np.uint8)
-    dense = [(0, None)]  # masks None = dense ±1; an empty list = all zero (no pairs, A = 0)
-    a_list, w_list = dense if a.masks is None else a.masks, dense if w.masks is None else w.masks
-    pairs = [(i, j) for i in range(len(a_list)) for j in range(len(w_list))]
-    both = {p for p in pairs if a_list[p[0]][1] is not None and w_list[p[1]][1] is not None}
-    keys = [(p, "x") for p in pairs] + [(p, "m") for p in both]
-    total = {key: np.zeros(shape, cnt_t) for key in keys}
-    group = {key: np.empty(shape, np.uint8) for key in keys}
-
-    def count(key, bits, first):
-        if first:
-            np.bitwise_count(bits, out=group[key])
-        else:
-            np.add(group[key], np.bitwise_count(bits, out=c), out=group[key])
-
-    for g0 in range(0, words, 3):
-        for k in range(g0, min(g0 + 3, words)):
-            np.bitwise_xor(a.neg[:, k, None], w.neg[k], out=x)
-            for i, j in pairs:
-                am, wm = a_list[i][1], w_list[j][1]
-                src = x
-                if am is None and wm is not None:
-                    src = np.bitwise_and(x, wm[k], out=t)
-                elif wm is None and am is not None:
-                    src = np.bitwise_and(x, am[:, k, None], out=t)
-                elif am is not None:
-                    count(((i, j), "m"), np.bitwise_and(am[:, k, None], wm[k], out=t), k == g0)
-                    src = np.bitwise_and(t, x, out=t)
-                count(((i, j), "x"), src, k == g0)
-        for key in keys:
-            np.add(total[key], group[key], out=total[key])
-    out[:] = 0
-    for i, j in pairs:
-        (sa, am), (sw, wm) = a_list[i], w_list[j]
-        if (i, j) in both:
-            valid = total[(i, j), "m"].astype(np.int32)
-        elif am is not None:
-            valid = np.bitwise_count(am).sum(axis=1, dtype=np.int32)[:, None]
-        elif wm is not None:
-            valid = w.mask_counts[j][None, :]
-        else:
-            valid = np.int32(w.k)
-        term = valid - 2 * total[(i, j), "x"].astype(np.int32)
-        out += np.left_shift(term, sa + sw) if sa + sw else term
-
-
-@dataclass
-class WeightPlanes:
-    """A layer's packed weights, transposed to (words, out) for the kernel, and their integers."""
-
-    neg: np.ndarray
-    masks: list[tuple[int, np.ndarray]] | None
-    mask_counts: list[np.ndarray]
-    k: int
-    out: int
-
-
-def encode_ints(v: np.ndarray, enc: str) -> Operand:
-    """Integer levels → planes: sign ±1 (dense), ternary {−1, 0, 1}, pow2 {0, ±2^e}."""
-    neg = v < 0
-    if enc == "sign":
-        return Operand(neg)
-    mag = np.abs(v)
-    exps = sorted({int(e) for e in np.log2(mag[mag > 0])})
-    return Operand(neg, [(e, mag == 2**e) for e in exps])
-
-
-def weight_planes(ints: np.ndarray, enc: str) -> WeightPlanes:
-    """(out, K) integer weights → the kernel's transposed packed planes."""
-    op = encode_ints(ints, enc)
-    t = lambda p: np.ascontiguousarray(pack_bits(p).T)  # noqa: E731
-    masks = None if op.masks is None else [(e, t(p)) for e, p in op.masks]
-    counts = [np.count_nonzero(p, axis=1).astype(np.int32) for _, p in op.masks or []]
-    return WeightPlanes(t(op.neg), masks, counts, ints.shape[1], ints.shape[0])
-
-
-def popcount_matmul(a: np.ndarray, w: np.ndarray, a_enc: str, w_enc: str) -> np.ndarray:
-    """a (M, K) @ w (N, K)ᵀ on integer levels, computed with XNOR / AND + popcount + shifts."""
-    op = encode_ints(a, a_enc)
-    planes = Planes(pack_bits(op.neg), None if op.masks is None else [(e, pack_bits(p)) for e, p in op.masks])
-    out = np.empty((len(a), len(w)), np.int32)
-    _accumulate(planes, weight_planes(w, w_enc), out)
-    return out
-
-
-def weight_ints(rec: dict, arrays: dict) -> np.ndarray:
+def weight_ints(rec: LayerRecord, arrays: dict) -> np.ndarray:
     """The file's planes → (out, K) weights: int32 in level units, or float32 for float weights."""
-    w = rec["weight"]
-    if w["enc"] == "float":
-        return np.asarray(arrays[w["arrays"]["float"]], np.float32)
-    k, names = rec["K"], w["arrays"]
-    sign = 1 - 2 * unpack_bits(arrays[names["neg"]], k).astype(np.int32)
-    if w["enc"] == "sign":
+    enc, names, k = rec.weight.enc, rec.weight_arrays, rec.K
+    if enc == "float":
+        return np.asarray(arrays[names.values], np.float32)
+    sign = 1 - 2 * unpack_bits(arrays[names.neg], k).astype(np.int32)
+    if enc == "sign":
         ints = sign
-    elif w["enc"] == "ternary":
-        ints = sign * unpack_bits(arrays[names["nz"]], k)
+    elif enc == "ternary":
+        ints = sign * unpack_bits(arrays[names.nz], k)
     else:  # pow2: code c (0 = zero) in bit planes, value 2^(c−1) in units of 2^−(q−1)
-        code = sum(unpack_bits(arrays[nm], k).astype(np.int32) << b for b, nm in enumerate(names["code"]))
+        code = sum(unpack_bits(arrays[nm], k).astype(np.int32) << b for b, nm in enumerate(names.code))
         ints = sign * np.where(code > 0, np.left_shift(1, np.maximum(code - 1, 0)), 0)
     return ints.astype(np.int32)
 
@@ -227,26 +107,24 @@ def weight_ints(rec: dict, arrays: dict) -> np.ndarray:
 class Layer:
     """One quantized (or float) conv / linear layer with what follows it, from a header record."""
 
-    def __init__(self, rec: dict, arrays: dict, pool: ThreadPoolExecutor | None):
+    def __init__(self, rec: LayerRecord, arrays: dict, pool: ThreadPoolExecutor | None):
         self.rec, self.pool = rec, pool
-        self.conv = rec["kind"] == "conv"
-        self.geom = (tuple(rec["kernel"]), tuple(rec["stride"]), tuple(rec["padding"])) if self.conv else None
+        self.conv = rec.conv
+        self.geom = (rec.kernel, rec.stride, rec.padding) if self.conv else None
         ints = weight_ints(rec, arrays)
         self.out = ints.shape[0]
-        self.float_in = rec["a_max"] is None  # a float operand: float32 matmul, as the trained model
+        self.float_in = rec.a_max is None  # a float operand: float32 matmul, as the trained model
         if self.float_in:  # float weights, or quantized levels × their unit
-            self.wf = (ints * np.float32(rec["weight"]["unit"])).astype(np.float32).T.copy()
+            self.wf = (ints * np.float32(rec.weight.unit)).astype(np.float32).T.copy()
         else:
-            self.w = weight_planes(ints, rec["weight"]["enc"])
+            self.w = weight_planes(ints, rec.weight.enc)
             # Σ_c w[o, t, c] per tap t: what a +1-encoded padded input position adds
-            taps = rec["kernel"][0] * rec["kernel"][1] if self.conv else None
+            taps = rec.kernel[0] * rec.kernel[1] if self.conv else None
             self.tap_sums = ints.reshape(self.out, taps, -1).sum(2) if self.conv else None
         get = lambda name: None if name is None else np.asarray(arrays[name])  # noqa: E731
-        bn = rec["bn"]
-        self.alpha, self.beta = (get(bn["alpha"]), get(bn["beta"])) if bn else (None, None)
-        self.bias = get(rec["bias"])
-        fold = rec["fold"]
-        self.u, self.g = (get(fold["U"]), get(fold["g"]).astype(bool)) if fold else (None, None)
+        self.alpha, self.beta = (get(rec.bn.alpha), get(rec.bn.beta)) if rec.bn else (None, None)
+        self.bias = get(rec.bias)
+        self.u, self.g = (get(rec.fold.u), get(rec.fold.g).astype(bool)) if rec.fold else (None, None)
         self._corr: dict[tuple[int, int], np.ndarray] = {}
 
     # accumulators
@@ -289,15 +167,14 @@ class Layer:
             for sp in spans:
                 fn(*sp)
 
-    def _int_acc(self, op: Operand) -> np.ndarray:
+    def _int_acc(self, op: Planes) -> np.ndarray:
         n = len(op.neg)
-        a = Planes(self._packed(op.neg), None if op.masks is None else [(e, self._packed(p)) for e, p in op.masks])
+        a = op.map(self._packed)
         acc = np.empty((len(a.neg), self.w.out), np.int32)
         pairs = max(1, len(a.masks or [0]) * len(self.w.masks or [0]))
 
         def run(s, e):
-            _accumulate(Planes(a.neg[s:e], None if a.masks is None else [(sh, p[s:e]) for sh, p in a.masks]),
-                        self.w, acc[s:e])
+            accumulate(a.map(lambda p: p[s:e]), self.w, acc[s:e])
 
         self._split_rows(len(acc), max(8, CHUNK_ELEMENTS // (self.w.out * pairs)), run)
         if not self.conv:
@@ -318,34 +195,35 @@ class Layer:
         return out.reshape(rows.shape[:-1] + (self.wf.shape[1],))
 
     # what follows the accumulator
-    def _threshold(self, acc: np.ndarray) -> Operand:
+    def _threshold(self, acc: np.ndarray) -> Planes:
         u = acc >= self.u
-        if self.rec["pool"]:
-            u = pool_windows(u, self.rec["pool"]).any(axis=(2, 4))
-        return Operand(u == self.g)  # negative ⇔ NOT((pooled A ≥ U) XOR g)
+        if self.rec.pool:
+            u = pool_windows(u, self.rec.pool).any(axis=(2, 4))
+        return Planes(u == self.g)  # negative ⇔ NOT((pooled A ≥ U) XOR g)
 
     def _affine(self, acc: np.ndarray) -> np.ndarray:
-        if self.bias is None and self.rec["pool"]:  # max-pool the exact accumulator first
-            acc = pool_windows(acc, self.rec["pool"]).max(axis=(2, 4))
+        pool = self.rec.pool
+        if self.bias is None and pool:  # max-pool the exact accumulator first
+            acc = pool_windows(acc, pool).max(axis=(2, 4))
         z = acc.astype(np.float32)
-        if acc.dtype != np.float32 and self.rec["unit"] != 1:
-            z *= np.float32(self.rec["unit"])
+        if acc.dtype != np.float32 and self.rec.unit != 1:
+            z *= np.float32(self.rec.unit)
         if self.bias is not None:
             z += self.bias
-            if self.rec["pool"]:
-                z = pool_windows(z, self.rec["pool"]).max(axis=(2, 4))
+            if pool:
+                z = pool_windows(z, pool).max(axis=(2, 4))
         if self.alpha is not None:
             z = z * self.alpha + self.beta
-        return np.clip(z, -1, 1) if self.rec["hardtanh"] else z
+        return np.clip(z, -1, 1) if self.rec.hardtanh else z
 
     def __call__(self, act):
+        inp = self.rec.input
         if self.float_in:
-            if self.rec["input"]["enc"] != "float":  # quantized input, float weights
-                act = dequantize(act if isinstance(act, Operand) else quantize(act, self.rec["input"]),
-                                 self.rec["input"]["unit"])
+            if not inp.is_float:  # quantized input, float weights
+                act = dequantize(act if isinstance(act, Planes) else quantize(act, inp), inp.unit)
             acc = self._float_acc(act)
         else:
-            op = act if isinstance(act, Operand) else quantize(np.asarray(act, np.float32), self.rec["input"])
+            op = act if isinstance(act, Planes) else quantize(np.asarray(act, np.float32), inp)
             acc = self._int_acc(op)
         return self._threshold(acc) if self.u is not None else self._affine(acc)
 
@@ -358,22 +236,23 @@ class PackedNet:
     (smaller temporaries: less memory, fewer page faults; results do not depend on it).
     """
 
-    def __init__(self, header: dict, arrays: dict, threads: int | None = None, micro_batch: int | None = None):
+    def __init__(self, header: PackedHeader, arrays: dict, threads: int | None = None,
+                 micro_batch: int | None = None):
         self.header = header
         self.micro_batch = micro_batch or MICRO_BATCH
         threads = threads or len(os.sched_getaffinity(0))
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
-        self.layers = [Layer(rec, arrays, self._pool) for rec in header["layers"]]
+        self.layers = [Layer(rec, arrays, self._pool) for rec in header.layers]
 
     @classmethod
-    def load(cls, path: str | Path, threads: int | None = None, micro_batch: int | None = None) -> "PackedNet":
-        return cls(*read_packed(path), threads=threads, micro_batch=micro_batch)
+    def load(cls, path: str | Path, threads: int | None = None, micro_batch: int | None = None) -> PackedNet:
+        return cls(*load_packed(path), threads=threads, micro_batch=micro_batch)
 
     def close(self) -> None:
         if self._pool:
             self._pool.shutdown()
 
-    def __enter__(self) -> "PackedNet":
+    def __enter__(self) -> PackedNet:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -3,9 +3,10 @@
 Supported: ``nn.Sequential`` nets (nested allowed) of QConv2d / QLinear (or plain Conv2d /
 Linear = float), MaxPool2d (kernel = stride, no padding), BatchNorm, HardTanh(−1, 1) and
 Flatten — every plain ConvNet of the registry (digits_net, fashion_net, convnet_a–d,
-vgg_small). Quantizers must be MINW-Net's hard quantizers without a scale (sign, ternary,
-powers of two ≤ 4 bits; estimators aqe, ste, clipped_ste, approx_sign, ede, reste); anything
-else raises :class:`UnsupportedModelError`.
+vgg_small). Quantizers must declare a packed code (``Estimator.packed_encoding()``: MINW-Net's
+unscaled sign, ternary, powers of two ≤ 4 bits — estimators aqe, ste, clipped_ste, approx_sign,
+ede, reste, and xnor's activations); anything else raises :class:`UnsupportedModelError`.
+Each layer becomes a :class:`~workers.packed.format.LayerRecord`.
 
 Weight encodings over the im2col K axis (tap-major: kh, kw, C; a linear layer after a conv
 takes its columns in NHWC-flatten order), each plane packed 64 per uint64, rows padded:
@@ -21,7 +22,6 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -29,13 +29,23 @@ from torch import nn
 
 from estimators import QConv2d, QLinear
 from estimators.base import Estimator
-from estimators.minw import MinwEstimator
+from estimators.quantizers import pow2_thresholds
+from workers.models import trial_model
 
 from .fold import bn_affine, sign_threshold
-from .format import pack_bits, words_for, write_packed
+from .format import (
+    FLOAT,
+    Affine,
+    Encoding,
+    LayerRecord,
+    PackedHeader,
+    Threshold,
+    WeightArrays,
+    pack_bits,
+    save_packed,
+    words_for,
+)
 
-FORMAT = "bitbench-packed"
-VERSION = 1
 MAX_POW2_BITS = 4  # int32 accumulators: K·2^(q−1)·2^(q−1) < 2^31
 
 
@@ -137,28 +147,25 @@ def _check_modules(b: dict) -> None:
         raise UnsupportedModelError(f"{name}: only Flatten(1, −1)")
 
 
-def _encoding(q: Estimator | None, name: str) -> dict:
-    """The MINW-Net encoding of a quantizer: {enc, bits, unit, max_int, ...run-time parameters}."""
+def _encoding(q: Estimator | None, name: str) -> Encoding:
+    """The packed encoding a quantizer declares (``q.packed_encoding()``), with its run-time parameters."""
     if q is None:
-        return {"enc": "float", "bits": 32, "unit": 1.0, "max_int": 1}
-    exact = isinstance(q, MinwEstimator) and type(q).hard is MinwEstimator.hard and type(q).scale is Estimator.scale
-    if not exact:
-        raise UnsupportedModelError(
-            f"{name}: estimator {q.name!r} quantizes to levels the packed format has no code for (packed export "
-            "needs MINW-Net's sign / ternary / powers-of-two without a scale: aqe, ste, clipped_ste, approx_sign, "
-            "ede, reste)")
-    if q.quantizer == "sign":
-        return {"enc": "sign", "bits": 1, "unit": 1.0, "max_int": 1}
-    if q.quantizer == "ternary":
-        return {"enc": "ternary", "bits": 2, "unit": 1.0, "max_int": 1, "delta_ratio": float(q.hparams["delta_ratio"])}
-    if q.bits > MAX_POW2_BITS:
-        raise UnsupportedModelError(f"{name}: powers of two above {MAX_POW2_BITS} bits overflow int32 accumulators")
-    from estimators.quantizers import pow2_thresholds
-
-    qn = 2 ** (q.bits - 1) - 1
-    thresholds = q.hparams["pow2_thresholds"] or pow2_thresholds(q.bits)
-    return {"enc": "pow2", "bits": q.bits, "unit": 2.0 ** -(qn - 1), "max_int": 2 ** (qn - 1),
-            "thresholds": [float(t) for t in thresholds]}
+        return FLOAT
+    enc = q.packed_encoding()
+    if enc == "sign":
+        return Encoding("sign", 1)
+    if enc == "ternary":
+        return Encoding("ternary", 2, delta_ratio=float(q.hparams["delta_ratio"]))
+    if enc == "pow2":
+        if q.bits > MAX_POW2_BITS:
+            raise UnsupportedModelError(f"{name}: powers of two above {MAX_POW2_BITS} bits overflow int32 accumulators")
+        qn = 2 ** (q.bits - 1) - 1
+        return Encoding("pow2", q.bits, unit=2.0 ** -(qn - 1), max_int=2 ** (qn - 1),
+                        thresholds=tuple(q.hparams["pow2_thresholds"] or pow2_thresholds(q.bits)))
+    raise UnsupportedModelError(
+        f"{name}: estimator {q.name!r} ({q.role}, {q.bits} bits) quantizes to levels the packed format has no code "
+        "for (packed export needs a quantizer that declares one: MINW-Net's sign / ternary / powers of two without "
+        "a scale — aqe, ste, clipped_ste, approx_sign, ede, reste, and xnor's activations)")
 
 
 def _weight_matrix(b: dict, flatten_channels: int | None) -> torch.Tensor:
@@ -173,72 +180,72 @@ def _weight_matrix(b: dict, flatten_channels: int | None) -> torch.Tensor:
     return w
 
 
-def _encode_weights(prefix: str, w: np.ndarray, enc: dict, arrays: dict) -> dict:
+def _encode_weights(prefix: str, w: np.ndarray, enc: Encoding, arrays: dict) -> WeightArrays:
     """Quantized weight values → packed planes in ``arrays``; returns the names."""
-    if enc["enc"] == "float":
+    if enc.is_float:
         arrays[f"{prefix}.float"] = w.astype(np.float32)
-        return {"float": f"{prefix}.float"}
-    ints = w / enc["unit"]
+        return WeightArrays(values=f"{prefix}.float")
+    ints = w / enc.unit
     mag = np.abs(ints)
-    if enc["enc"] == "pow2":
+    if enc.enc == "pow2":
         code = np.where(mag > 0, np.log2(np.where(mag > 0, mag, 1)) + 1, 0)
-        ok = (code == np.round(code)) & (code >= 0) & (code <= np.log2(enc["max_int"]) + 1)
+        ok = (code == np.round(code)) & (code >= 0) & (code <= np.log2(enc.max_int) + 1)
     else:
-        ok = (mag == 1) | ((mag == 0) & (enc["enc"] == "ternary"))
+        ok = (mag == 1) | ((mag == 0) & (enc.enc == "ternary"))
     if not ok.all():
-        raise UnsupportedModelError(f"{prefix}: weights off the {enc['enc']} levels, e.g. {w[~ok][:4]}")
-    names = {"neg": f"{prefix}.neg"}
-    arrays[names["neg"]] = pack_bits(w < 0)
-    if enc["enc"] == "ternary":
-        names["nz"] = f"{prefix}.nz"
-        arrays[names["nz"]] = pack_bits(w != 0)
-    elif enc["enc"] == "pow2":
+        raise UnsupportedModelError(f"{prefix}: weights off the {enc.enc} levels, e.g. {w[~ok][:4]}")
+    names = WeightArrays(neg=f"{prefix}.neg")
+    arrays[names.neg] = pack_bits(w < 0)
+    if enc.enc == "ternary":
+        names = WeightArrays(neg=names.neg, nz=f"{prefix}.nz")
+        arrays[names.nz] = pack_bits(w != 0)
+    elif enc.enc == "pow2":
         code = code.astype(np.int64)
-        names["code"] = [f"{prefix}.code{i}" for i in range(enc["bits"] - 1)]
-        for i, nm in enumerate(names["code"]):
+        names = WeightArrays(neg=names.neg, code=tuple(f"{prefix}.code{i}" for i in range(enc.bits - 1)))
+        for i, nm in enumerate(names.code):
             arrays[nm] = pack_bits((code >> i) & 1)
     return names
 
 
 def _geometry(layer: nn.Module) -> dict:
     if isinstance(layer, nn.Conv2d):
-        return {"kind": "conv", "in": layer.in_channels, "out": layer.out_channels,
-                "kernel": list(layer.kernel_size), "stride": list(layer.stride), "padding": list(layer.padding)}
-    return {"kind": "linear", "in": layer.in_features, "out": layer.out_features}
+        return {"kind": "conv", "fan_in": layer.in_channels, "out": layer.out_channels, "kernel": layer.kernel_size,
+                "stride": layer.stride, "padding": layer.padding}
+    return {"kind": "linear", "fan_in": layer.in_features, "out": layer.out_features}
 
 
-def _layer_record(i: int, b: dict, nxt: dict | None, flatten_channels: int | None, arrays: dict) -> dict:
-    """Header record (and arrays) of block ``b``; ``nxt`` is the following block or None."""
+def _layer_record(i: int, b: dict, nxt: dict | None, flatten_channels: int | None, arrays: dict) -> LayerRecord:
+    """The record (and arrays) of block ``b``; ``nxt`` is the following block or None."""
     _check_modules(b)
     layer, p = b["layer"], f"L{i}"
     quantized = isinstance(layer, (QConv2d, QLinear))
     a_enc = _encoding(layer.input_quantizer.quantizer if quantized else None, f"{b['name']} input")
     w_enc = _encoding(layer.weight_quantizer if quantized else None, f"{b['name']} weight")
     w = _weight_matrix(b, flatten_channels).numpy()
-    rec = {"name": b["name"], **_geometry(layer), "K": w.shape[1], "words": words_for(w.shape[1]),
-           "flatten_channels": flatten_channels, "input": a_enc,
-           "weight": {**w_enc, "arrays": _encode_weights(f"{p}.w", w, w_enc, arrays)},
-           "pool": b["pool"].kernel_size if b.get("pool") is not None else None,
-           "hardtanh": b.get("hardtanh") is not None, "bias": None, "bn": None, "fold": None}
-    integer = "float" not in (a_enc["enc"], w_enc["enc"])
-    rec["unit"] = a_enc["unit"] * w_enc["unit"] if integer else 1.0
-    rec["a_max"] = w.shape[1] * a_enc["max_int"] * w_enc["max_int"] if integer else None
-    if rec["a_max"] is not None and rec["a_max"] >= 2**31:
-        raise UnsupportedModelError(f"{b['name']}: accumulator range {rec['a_max']} overflows int32")
+    integer = not (a_enc.is_float or w_enc.is_float)
+    unit = a_enc.unit * w_enc.unit if integer else 1.0
+    a_max = w.shape[1] * a_enc.max_int * w_enc.max_int if integer else None
+    if a_max is not None and a_max >= 2**31:
+        raise UnsupportedModelError(f"{b['name']}: accumulator range {a_max} overflows int32")
+    bias = bn = fold = None
     if layer.bias is not None:
-        rec["bias"] = f"{p}.bias"
-        arrays[rec["bias"]] = layer.bias.detach().numpy().astype(np.float32)
+        bias = f"{p}.bias"
+        arrays[bias] = layer.bias.detach().numpy().astype(np.float32)
     quantized_next = nxt is not None and isinstance(nxt["layer"], (QConv2d, QLinear))
     nq = nxt["layer"].input_quantizer.quantizer if quantized_next else None
-    if integer and nq is not None and _encoding(nq, f"{nxt['name']} input")["enc"] == "sign":
-        u, g = sign_threshold(a_max=rec["a_max"], unit=rec["unit"], spatial=rec["kind"] == "conv", channels=rec["out"],
+    if integer and nq is not None and _encoding(nq, f"{nxt['name']} input").enc == "sign":
+        u, g = sign_threshold(a_max=a_max, unit=unit, spatial=isinstance(layer, nn.Conv2d), channels=w.shape[0],
                               bias=layer.bias, bn=b.get("bn"), hardtanh=b.get("hardtanh"), quantizer=nq)
-        rec["fold"] = {"U": f"{p}.U", "g": f"{p}.g"}
-        arrays[rec["fold"]["U"]], arrays[rec["fold"]["g"]] = u, g.astype(np.uint8)
+        fold = Threshold(u=f"{p}.U", g=f"{p}.g")
+        arrays[fold.u], arrays[fold.g] = u, g.astype(np.uint8)
     elif b.get("bn") is not None:
-        rec["bn"] = {"alpha": f"{p}.bn.alpha", "beta": f"{p}.bn.beta"}
-        arrays[rec["bn"]["alpha"]], arrays[rec["bn"]["beta"]] = bn_affine(b["bn"])
-    return rec
+        bn = Affine(alpha=f"{p}.bn.alpha", beta=f"{p}.bn.beta")
+        arrays[bn.alpha], arrays[bn.beta] = bn_affine(b["bn"])
+    return LayerRecord(
+        name=b["name"], **_geometry(layer), K=w.shape[1], words=words_for(w.shape[1]), input=a_enc, weight=w_enc,
+        weight_arrays=_encode_weights(f"{p}.w", w, w_enc, arrays), unit=unit, a_max=a_max,
+        flatten_channels=flatten_channels, pool=b["pool"].kernel_size if b.get("pool") is not None else None,
+        bias=bias, bn=bn, hardtanh=b.get("hardtanh") is not None, fold=fold)
 
 
 # -- public API ------------------------------------------------------------------------------
@@ -254,13 +261,13 @@ def export_model(model: nn.Module, path: str | Path, *, input_shape=None) -> Exp
         fc = channels if isinstance(layer, nn.Linear) and channels and layer.in_features != channels else None
         records.append(_layer_record(i, b, blocks[i + 1] if i + 1 < len(blocks) else None, fc, arrays))
         channels = layer.out_channels if isinstance(layer, nn.Conv2d) else None
-    wrec = [(r, r["weight"]["bits"], r["out"] * r["K"]) for r in records]
-    payload = sum(arrays[n].nbytes for r in records for n in _names(r["weight"]["arrays"]))
-    header = {"format": FORMAT, "version": VERSION, "input_shape": list(input_shape) if input_shape else None,
-              "num_classes": records[-1]["out"], "layers": records}
-    size = write_packed(path, header, arrays)
-    summary = [{k: r[k] for k in ("name", "kind", "out", "K", "words")} | {
-        "a": r["input"]["enc"], "w": r["weight"]["enc"], "folded": r["fold"] is not None} for r in records]
+    wrec = [(r, r.weight.bits, r.out * r.K) for r in records]
+    payload = sum(arrays[n].nbytes for r in records for n in r.weight_arrays.names())
+    header = PackedHeader(tuple(records), num_classes=records[-1].out,
+                          input_shape=tuple(input_shape) if input_shape else None)
+    size = save_packed(path, header, arrays)
+    summary = [{"name": r.name, "kind": r.kind, "out": r.out, "K": r.K, "words": r.words, "a": r.input.enc,
+                "w": r.weight.enc, "folded": r.fold is not None} for r in records]
     return ExportReport(
         path=str(path), file_bytes=size, payload_bytes=payload,
         weight_bits=sum(bits * n for _, bits, n in wrec if bits < 32),
@@ -269,19 +276,13 @@ def export_model(model: nn.Module, path: str | Path, *, input_shape=None) -> Exp
         float32_bytes=4 * sum(n for _, _, n in wrec), layers=summary)
 
 
-def _names(spec) -> list[str]:
-    return [x for v in spec.values() for x in (v if isinstance(v, list) else [v])]
-
-
 def export_checkpoint(state: dict, spec, trial, path: str | Path, *, num_classes: int,
                       input_shape: tuple[int, int, int]) -> ExportReport:
-    """Rebuild a trial's model (``workers.train.build_model``) from a checkpoint and export it.
+    """Rebuild a trial's model (:func:`workers.models.trial_model`) from a checkpoint and export it.
 
     ``state``: the trainer's checkpoint state (its ``"model"`` entry is used) or a bare state_dict.
     """
-    from workers.train import build_model
-
-    model = build_model(spec, trial, SimpleNamespace(num_classes=num_classes, input_shape=tuple(input_shape)))
+    model = trial_model(spec, trial, num_classes=num_classes, input_shape=tuple(input_shape))
     model.load_state_dict(state["model"] if isinstance(state.get("model"), dict) else state)
     return export_model(model, path, input_shape=input_shape)
 

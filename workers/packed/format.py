@@ -1,4 +1,4 @@
-"""The packed file: one self-describing file per trial, and the bit-packing helpers.
+"""The packed file: one self-describing file per trial, its typed layer records, and bit packing.
 
 Layout (little-endian)::
 
@@ -7,9 +7,11 @@ Layout (little-endian)::
     header (UTF-8 JSON, space-padded so that the blob starts on a 64-byte boundary)
     blob: every array, each starting on a 64-byte boundary
 
-The header holds the model description (``layers``, written by ``export``) and an ``arrays``
-table ``name → {offset, dtype, shape}`` (offsets relative to the blob start). Arrays are read
-back zero-copy with ``np.frombuffer``.
+The header holds the model description (a :class:`PackedHeader`: format, record ``version``,
+``layers`` = :class:`LayerRecord` dicts, written by ``export`` and read by ``engine``) and an
+``arrays`` table ``name → {offset, dtype, shape}`` (offsets relative to the blob start). Arrays
+are read back zero-copy with ``np.frombuffer``. The magic's "01" is the container layout; the
+record ``version`` (2; version-1 files of issue 7 are still read) changes when record keys do.
 
 Bit planes: a boolean matrix (rows, K) is packed along K, bit k of row r at word k // 64, bit
 k % 64 (LSB first), K padded with zero bits to a multiple of 64 → ``uint64`` (rows, ⌈K/64⌉).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,4 +89,209 @@ def read_packed(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
         dt = np.dtype(spec["dtype"])
         count = int(np.prod(spec["shape"], dtype=np.int64))
         arrays[name] = np.frombuffer(data, dt, count, start + spec["offset"]).reshape(spec["shape"])
+    return header, arrays
+
+
+# -- the layer record (the header's "layers") ---------------------------------------------------
+FORMAT = "bitbench-packed"
+VERSION = 2  # 1: issue 7's untyped records (read through :func:`_v1_layer`); 2: these dataclasses
+ENCODINGS = ("float", "sign", "ternary", "pow2")
+STATS = ("per_sample", "constant")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How one operand of a layer (its input or its weights) is coded.
+
+    Levels are integers i with |i| ≤ ``max_int``, worth i·``unit``: float (no levels), sign ±1,
+    ternary {−1, 0, 1}, pow2 {0, ±2^e}. Input quantizers run at inference: ternary non-zero ⇔
+    |x| > Δ with Δ = ``delta_ratio``·mean|x|; pow2 code j = #{t ∈ ``thresholds`` : t ≤ |x|/max|x|}.
+    ``stats`` says where Δ and max|x| come from: "per_sample" (each sample's own, as torch's eval
+    mode computes them) or "constant" (one frozen ``reference`` value per layer: Δ for ternary,
+    max|x| for pow2 — carried by the format, not yet written by the exporter).
+    """
+
+    enc: str
+    bits: int
+    unit: float = 1.0
+    max_int: int = 1
+    delta_ratio: float | None = None
+    thresholds: tuple[float, ...] | None = None
+    stats: str = "per_sample"
+    reference: float | None = None
+
+    def __post_init__(self):
+        if self.enc not in ENCODINGS:
+            raise ValueError(f"unknown encoding {self.enc!r}; known: {', '.join(ENCODINGS)}")
+        if self.stats not in STATS:
+            raise ValueError(f"unknown statistics {self.stats!r}; known: {', '.join(STATS)}")
+        if (self.stats == "constant") != (self.reference is not None):
+            raise ValueError("a reference value goes with stats='constant' and only with it")
+        if self.thresholds is not None:
+            object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+
+    @property
+    def is_float(self) -> bool:
+        return self.enc == "float"
+
+
+FLOAT = Encoding("float", 32)
+
+
+@dataclass(frozen=True)
+class WeightArrays:
+    """Names of a layer's weight arrays in the file: the sign plane ``neg`` (1 ⇔ negative), the
+    ternary non-zero plane ``nz``, the pow2 code bit planes ``code`` (LSB first; code c → 2^(c−1),
+    0 → 0), or float32 ``values`` (out, K) of a float layer."""
+
+    neg: str | None = None
+    nz: str | None = None
+    code: tuple[str, ...] = ()
+    values: str | None = None
+
+    def names(self) -> list[str]:
+        return [n for n in (self.neg, self.nz, *self.code, self.values) if n is not None]
+
+
+@dataclass(frozen=True)
+class Affine:
+    """Per-channel float32 z = y·alpha + beta (eval-mode BatchNorm): array names."""
+
+    alpha: str
+    beta: str
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A folded sign threshold: next input negative ⇔ NOT((A ≥ u) XOR g); array names (int32, uint8)."""
+
+    u: str
+    g: str
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One conv / linear layer and what follows its accumulator, as written by ``export`` and run by ``engine``.
+
+    Geometry: ``kind`` conv (``kernel``, ``stride``, ``padding``, each (h, w)) or linear; ``fan_in``
+    input channels / features, ``out`` outputs, ``K`` = im2col row length (tap-major: kh, kw, C),
+    ``words`` = ⌈K/64⌉; ``flatten_channels`` = C when a linear layer reads a flattened C-channel conv
+    output (its columns are in NHWC order). Arithmetic: accumulator A in units of ``unit`` (= input
+    unit × weight unit), |A| ≤ ``a_max`` (None: a float layer). After A, in order: ``bias`` (array
+    name), max-pool ``pool`` (kernel = stride), ``bn`` (:class:`Affine`), ``hardtanh`` (clip to
+    [−1, 1]) — or all of them folded into the next sign quantizer as ``fold`` (:class:`Threshold`).
+    """
+
+    name: str
+    kind: str
+    fan_in: int
+    out: int
+    K: int
+    words: int
+    input: Encoding
+    weight: Encoding
+    weight_arrays: WeightArrays
+    unit: float
+    a_max: int | None
+    kernel: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    padding: tuple[int, int] | None = None
+    flatten_channels: int | None = None
+    pool: int | None = None
+    bias: str | None = None
+    bn: Affine | None = None
+    hardtanh: bool = False
+    fold: Threshold | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("conv", "linear"):
+            raise ValueError(f"{self.name}: unknown layer kind {self.kind!r}; known: conv, linear")
+        for f in ("kernel", "stride", "padding"):
+            v = getattr(self, f)
+            if (v is None) == (self.kind == "conv"):
+                raise ValueError(f"{self.name}: {f} goes with conv layers and only with them")
+            if v is not None:
+                object.__setattr__(self, f, (int(v[0]), int(v[1])))
+
+    @property
+    def conv(self) -> bool:
+        return self.kind == "conv"
+
+    def array_names(self) -> list[str]:
+        nested = [x for part in (self.bn, self.fold) if part is not None for x in asdict(part).values()]
+        return self.weight_arrays.names() + ([self.bias] if self.bias else []) + nested
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> LayerRecord:
+        d = dict(d)
+        d["input"], d["weight"] = Encoding(**d["input"]), Encoding(**d["weight"])
+        d["weight_arrays"] = WeightArrays(**{**d["weight_arrays"], "code": tuple(d["weight_arrays"].get("code", ()))})
+        d["bn"] = Affine(**d["bn"]) if d.get("bn") else None
+        d["fold"] = Threshold(**d["fold"]) if d.get("fold") else None
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class PackedHeader:
+    """The file's header: format name and record version, the input shape (C, H, W) when known,
+    the number of classes, the layers in forward order."""
+
+    layers: tuple[LayerRecord, ...]
+    num_classes: int
+    input_shape: tuple[int, int, int] | None = None
+    format: str = FORMAT
+    version: int = VERSION
+
+    def to_json(self) -> dict:
+        return {"format": self.format, "version": self.version,
+                "input_shape": list(self.input_shape) if self.input_shape else None,
+                "num_classes": self.num_classes, "layers": [r.to_json() for r in self.layers]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> PackedHeader:
+        """Parse a header of version 1 or 2; anything else raises ValueError naming what was found."""
+        if d.get("format") != FORMAT:
+            raise ValueError(f"header format {d.get('format')!r} is not {FORMAT!r}")
+        version = d.get("version")
+        if version not in (1, VERSION):
+            raise ValueError(f"packed record version {version!r} is not supported (this engine reads 1 and {VERSION})")
+        try:
+            layers = tuple(LayerRecord.from_json(_v1_layer(r) if version == 1 else r) for r in d["layers"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"malformed version-{version} layer record: {e}") from None
+        shape = d.get("input_shape")
+        return cls(layers, int(d["num_classes"]), tuple(shape) if shape else None)
+
+
+def _v1_layer(r: dict) -> dict:
+    """A version-1 layer dict (issue 7) in version 2's keys."""
+    w = dict(r["weight"])
+    arrays = w.pop("arrays")
+    fold = r.get("fold")
+    keep = ("name", "kind", "out", "K", "words", "flatten_channels", "pool", "hardtanh", "bias", "bn", "unit", "a_max")
+    conv = {k: r[k] for k in ("kernel", "stride", "padding")} if r["kind"] == "conv" else {}
+    return {**{k: r[k] for k in keep}, **conv, "fan_in": r["in"], "input": r["input"], "weight": w,
+            "weight_arrays": {"neg": arrays.get("neg"), "nz": arrays.get("nz"), "code": arrays.get("code", ()),
+                              "values": arrays.get("float")},
+            "fold": {"u": fold["U"], "g": fold["g"]} if fold else None}
+
+
+def save_packed(path: str | Path, header: PackedHeader, arrays: dict[str, np.ndarray]) -> int:
+    """Write a typed header and its arrays (every name the layers refer to must be there)."""
+    missing = [n for r in header.layers for n in r.array_names() if n not in arrays]
+    if missing:
+        raise ValueError(f"layer records name arrays that are not written: {missing[:8]}")
+    return write_packed(path, header.to_json(), arrays)
+
+
+def load_packed(path: str | Path) -> tuple[PackedHeader, dict[str, np.ndarray]]:
+    """Read a packed file as (typed header, {name: read-only array})."""
+    raw, arrays = read_packed(path)
+    header = PackedHeader.from_json(raw)
+    missing = [n for r in header.layers for n in r.array_names() if n not in arrays]
+    if missing:
+        raise ValueError(f"{path}: layer records name arrays the file does not hold: {missing[:8]}")
     return header, arrays
