@@ -361,6 +361,35 @@ def test_export_rows(session, sessions):
                        **{k: v for k, v in epoch_metrics(1).items() if k != "schedule"}, "schedule.aqe.alpha": 0.6}
 
 
+def test_run_by_spec_hash_finds_the_newest_run_of_a_spec(session):
+    spec, other = make_spec("a"), make_spec("b")
+    first = store.create_run(session, spec)[0]
+    store.create_run(session, other)
+    again = store.create_run(session, spec)[0]  # no idempotency key: a second run of the same spec
+    assert store.run_by_spec_hash(session, spec.spec_hash()) == store.get_run(session, again["id"]) != first
+    assert store.run_by_spec_hash(session, other.spec_hash())["name"] == "b"
+    assert store.run_by_spec_hash(session, "0" * 64) is None
+
+
+def test_datasets_models_lists_the_pairs_with_finished_results(session, sessions):
+    """One SELECT DISTINCT: pairs with a done trial that has the metric; the leaderboard's groups."""
+    specs = {"digits": make_spec("d"), "mnist": make_spec("m", dataset="mnist"),
+             "fashion_mnist": make_spec("f", dataset="fashion_mnist"), "synthetic": make_spec("s", dataset="synthetic")}
+    rids = {name: store.create_run(session, spec)[0]["id"] for name, spec in specs.items()}
+    assert store.datasets_models(session) == []
+    for seed in (0, 1):  # two done trials of one pair: listed once
+        SqlSink(sessions, rids["mnist"]).on_trial_end(f"aqe-w1a1-s{seed}", "done", {"final_test_acc": 0.5}, None)
+    SqlSink(sessions, rids["digits"]).on_trial_end("ste-w2a2-s0", "done",
+                                                   {"final_test_acc": 0.7, "selected_test_acc": 0.6}, None)
+    SqlSink(sessions, rids["fashion_mnist"]).on_trial_end("ste-w1a1-s0", "failed", {"final_test_acc": 0.1}, "x")
+    SqlSink(sessions, rids["synthetic"]).on_trial_end("ste-w1a1-s0", "done", {}, None)  # done without a result
+    assert store.datasets_models(session) == [("digits", "digits_net"), ("mnist", "digits_net")]
+    assert store.datasets_models(session) == sorted({(r["dataset"], r["model"]) for r in store.leaderboard(session)})
+    assert store.datasets_models(session, metric="selected") == [("digits", "digits_net")]
+    with pytest.raises(ValueError, match="unknown metric 'best'"):
+        store.datasets_models(session, metric="best")
+
+
 # -- leaderboard ------------------------------------------------------------------------------
 def test_leaderboard_interval_is_clipped_to_accuracy_bounds(session, sessions):
     rid = store.create_run(session, make_spec(seeds=[0, 1]))[0]["id"]
