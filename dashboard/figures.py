@@ -14,26 +14,19 @@ from collections.abc import Iterable, Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-FLOAT_BITS = 32
-FLOAT_LABEL = "float"
+from workers.records import DEFAULT_RANK_METRIC as DEFAULT_METRIC
+from workers.records import FLOAT_BITS, FLOAT_LABEL, bits_label, bits_order, metric_field
+from workers.records import trial_label as estimator_label
+
 TEMPLATE = "plotly_white"
 PAPER_SYMBOLS = {"aqe": "x-thin-open", "minw_aqe": "x-thin-open", "ste": "diamond-open", "float": "star-open"}
 
 BitConfig = tuple[int, int]
 #: what a figure or table shows per trial: metric name → (trial field, words for axes and captions)
 METRICS = {
-    "final": ("final_test_acc", "final test accuracy"),
-    "selected": ("selected_test_acc", "test accuracy at the best validation epoch"),
+    "final": (metric_field("final"), "final test accuracy"),
+    "selected": (metric_field("selected"), "test accuracy at the best validation epoch"),
 }
-DEFAULT_METRIC = "final"
-
-
-def metric_field(metric: str) -> str:
-    """The Trial record's field for ``metric`` (``final`` or ``selected``)."""
-    try:
-        return METRICS[metric][0]
-    except KeyError:
-        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}") from None
 
 
 def metric_title(metric: str) -> str:
@@ -55,19 +48,12 @@ def bit_config(w_bits: int | None, a_bits: int | None) -> BitConfig:
 
 def config_label(config: BitConfig) -> str:
     """``W2A1`` style label; ``float`` when neither side is quantized."""
-    w, a = config
-    return FLOAT_LABEL if (w, a) == (FLOAT_BITS, FLOAT_BITS) else f"W{w}A{a}"
+    return bits_label(*config)
 
 
 def config_sort_key(config: BitConfig) -> tuple:
     """Order by total bits, then weight bits, with full precision last."""
-    w, a = config
-    return ((w, a) == (FLOAT_BITS, FLOAT_BITS), w + a, w, a)
-
-
-def estimator_label(trial: dict) -> str:
-    """The trial's display label (falls back to the estimator name)."""
-    return trial.get("estimator_label") or trial.get("estimator") or "?"
+    return bits_order(*config)
 
 
 def is_float_trial(trial: dict) -> bool:

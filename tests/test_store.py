@@ -18,6 +18,7 @@ from service import store
 from service.db import current_revision, head_revision, make_engine, migrate
 from service.sink import SqlSink
 from service.tables import metadata, metrics, runs, trials
+from workers.records import LeaderboardRow, Metric, Progress, Run, Trial, TrialResult, TrialWithMetrics
 from workers.spec import parse_spec
 
 pytestmark = pytest.mark.timeout(120)
@@ -108,6 +109,26 @@ def test_create_run_makes_one_trial_row_per_cell(session):
     assert all(r["status"] == "queued" and r["attempts"] == 0 and r["epochs_done"] == 0 for r in rows)
     assert store.list_trials(session, run["id"])[5]["key"] == rows[5]["key"]
     assert store.count_rows(session) == {"runs": 1, "trials": 14, "metrics": 0}
+
+
+def test_records_have_the_shapes_of_workers_records(session, sessions):
+    """Every record the store returns has exactly its TypedDict's keys; labels are the spec's, not parsed keys."""
+    spec = make_spec(methods=["tnn"], seeds=[0])
+    run = store.create_run(session, spec)[0]
+    sink = SqlSink(sessions, run["id"])
+    sink.on_epoch("tnn-w2a8-s0", epoch_metrics(1))
+    sink.on_trial_end("tnn-w2a8-s0", "done", {"final_test_acc": 0.5}, None)
+    listed = store.list_trials(session, run["id"])
+    assert [t["estimator_label"] for t in listed] == [t.label for t in spec.trials()]
+    tnn = next(t for t in listed if t["key"] == "tnn-w2a8-s0")
+    assert (tnn["estimator"], tnn["estimator_label"]) == ("xnor", "tnn")  # the method's name, not its estimator's
+    assert set(run) == set(Run.__annotations__) and set(run["progress"]) == set(Progress.__annotations__)
+    assert all(set(t) == set(Trial.__annotations__) for t in listed)
+    detail = store.get_trial(session, tnn["id"])
+    assert set(detail) == set(TrialWithMetrics.__annotations__)
+    assert set(detail["metrics"][0]) == set(Metric.__annotations__)
+    assert set(store.run_results(session, run["id"])[0]) == set(TrialResult.__annotations__)
+    assert set(store.leaderboard(session)[0]) == set(LeaderboardRow.__annotations__)
 
 
 def test_create_run_accepts_a_dict(session):

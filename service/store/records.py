@@ -2,21 +2,30 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import cast
 
 from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from workers.records import (
+    ACTIVE,
+    FINISHED,
+    METRIC_KEYS,
+    RUN_KEYS,
+    STATUSES,
+    TRIAL_KEYS,
+    Metric,
+    Run,
+    Status,
+    Trial,
+    TrialWithMetrics,
+)
+
 from ..errors import public_reason
-from ..tables import FINISHED, METRIC_FIELDS, RUN_STATUSES, metrics, runs, trials, utcnow
+from ..tables import metrics, runs, trials, utcnow
 from .sql import jsonable, num, record, upsert_insert
 
-RUN_FIELDS = ("id", "name", "status", "dataset", "model", "spec", "spec_hash", "created_at", "started_at",
-              "finished_at", "error", "trial_count", "cancel_requested")
-TRIAL_FIELDS = ("id", "run_id", "key", "estimator", "estimator_label", "estimator_params", "w_bits", "a_bits",
-                "seed", "status", "attempts", "epochs_done", "final_test_acc", "final_val_acc", "best_val_acc",
-                "selected_test_acc", "selected_epoch", "packed_bytes", "packed_agreement", "device", "started_at",
-                "finished_at", "error")
 FINAL_COLUMNS = ("final_test_acc", "final_val_acc", "best_val_acc", "selected_test_acc", "selected_epoch",
                  "packed_bytes", "packed_agreement")
 INTEGER_FINAL_COLUMNS = ("selected_epoch", "packed_bytes")
@@ -32,7 +41,7 @@ class IdempotencyConflict(Exception):
 
 
 def _progress(s: Session, run_ids: list[int]) -> dict[int, dict[str, int]]:
-    out = {rid: dict.fromkeys(RUN_STATUSES, 0) for rid in run_ids}
+    out = {rid: dict.fromkeys(STATUSES, 0) for rid in run_ids}
     if run_ids:
         q = (select(trials.c.run_id, trials.c.status, func.count())
              .where(trials.c.run_id.in_(run_ids)).group_by(trials.c.run_id, trials.c.status))
@@ -41,19 +50,14 @@ def _progress(s: Session, run_ids: list[int]) -> dict[int, dict[str, int]]:
     return out
 
 
-def _run_records(s: Session, rows) -> list[dict]:
+def _run_records(s: Session, rows) -> list[Run]:
     rows = list(rows)
     progress = _progress(s, [r.id for r in rows])
-    return [{**record(r, RUN_FIELDS), "progress": progress[r.id]} for r in rows]
-
-
-def estimator_label(trial_key: str) -> str:
-    """``aqe[backward=alg1]-w1a1-s0`` → ``aqe[backward=alg1]`` (the key's part before ``-w``)."""
-    return trial_key.rsplit("-w", 1)[0]
+    return [cast(Run, {**record(r, RUN_KEYS), "progress": progress[r.id]}) for r in rows]
 
 
 # -- runs -------------------------------------------------------------------------------------
-def create_run(s: Session, spec, *, idempotency_key: str | None = None) -> tuple[dict, bool]:
+def create_run(s: Session, spec, *, idempotency_key: str | None = None) -> tuple[Run, bool]:
     """Queue ``spec`` (an ``ExperimentSpec`` or a dict): the run and one trial row per grid cell,
     in one transaction. Returns ``(run, created)``. A repeated ``idempotency_key`` with the same
     spec returns the existing run with ``created=False``; with another spec it raises
@@ -70,14 +74,14 @@ def create_run(s: Session, spec, *, idempotency_key: str | None = None) -> tuple
     cells = spec.trials()
     try:
         run_id = s.execute(runs.insert().values(
-            name=spec.name, status="queued", dataset=spec.dataset, model=spec.model,
+            name=spec.name, status=Status.QUEUED, dataset=spec.dataset, model=spec.model,
             spec=spec.model_dump(mode="json"), spec_hash=spec_hash, idempotency_key=idempotency_key,
             created_at=utcnow(), trial_count=len(cells),
         ).returning(runs.c.id)).scalar_one()
         s.execute(trials.insert(), [
-            {"run_id": run_id, "key": t.key, "estimator": t.estimator, "estimator_label": estimator_label(t.key),
+            {"run_id": run_id, "key": t.key, "estimator": t.estimator, "estimator_label": t.label,
              "estimator_params": dict(t.estimator_params), "w_bits": t.w_bits, "a_bits": t.a_bits,
-             "seed": t.seed, "status": "queued", "attempts": 0, "epochs_done": 0}
+             "seed": t.seed, "status": Status.QUEUED, "attempts": 0, "epochs_done": 0}
             for t in cells
         ])
         s.commit()
@@ -87,10 +91,10 @@ def create_run(s: Session, spec, *, idempotency_key: str | None = None) -> tuple
         if existing is None:
             raise
         return existing, False
-    return get_run(s, run_id), True
+    return cast(Run, get_run(s, run_id)), True
 
 
-def _existing_for_key(s: Session, key: str, spec_hash: str) -> dict | None:
+def _existing_for_key(s: Session, key: str, spec_hash: str) -> Run | None:
     row = s.execute(select(runs.c.id, runs.c.spec_hash).where(runs.c.idempotency_key == key)).first()
     if row is None:
         return None
@@ -99,13 +103,13 @@ def _existing_for_key(s: Session, key: str, spec_hash: str) -> dict | None:
     return get_run(s, row.id)
 
 
-def get_run(s: Session, run_id: int) -> dict | None:
+def get_run(s: Session, run_id: int) -> Run | None:
     """The Run record with its trials' progress, or None."""
     recs = _run_records(s, s.execute(select(runs).where(runs.c.id == run_id)))
     return recs[0] if recs else None
 
 
-def run_by_spec_hash(s: Session, spec_hash: str) -> dict | None:
+def run_by_spec_hash(s: Session, spec_hash: str) -> Run | None:
     """The newest Run record whose spec has this hash (``ExperimentSpec.spec_hash``), or None."""
     recs = _run_records(s, s.execute(select(runs).where(runs.c.spec_hash == spec_hash)
                                      .order_by(runs.c.id.desc()).limit(1)))
@@ -113,7 +117,7 @@ def run_by_spec_hash(s: Session, spec_hash: str) -> dict | None:
 
 
 def list_runs(s: Session, *, status: str | None = None, dataset: str | None = None, model: str | None = None,
-              limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
+              limit: int = 50, offset: int = 0) -> tuple[list[Run], int]:
     """Runs, newest first, filtered; returns ``(page, total matching)``."""
     conds = [col == value for col, value in ((runs.c.status, status), (runs.c.dataset, dataset),
                                              (runs.c.model, model)) if value is not None]
@@ -122,16 +126,15 @@ def list_runs(s: Session, *, status: str | None = None, dataset: str | None = No
     return _run_records(s, page), total
 
 
-def request_cancel(s: Session, run_id: int) -> dict | None:
+def request_cancel(s: Session, run_id: int) -> Run | None:
     """Cancel a run: a queued one is cancelled at once (with its trials), a running one gets
     ``cancel_requested`` (its dispatcher stops it); a finished one is left as it is. Returns the
     Run record, or None when there is no such run."""
     now = utcnow()
-    s.execute(update(runs).where(runs.c.id == run_id, runs.c.status.in_(("queued", "running")))
-              .values(cancel_requested=True))
-    if s.execute(update(runs).where(runs.c.id == run_id, runs.c.status == "queued")
-                 .values(status="cancelled", finished_at=now)).rowcount:
-        close_open_trials(s, [run_id], "cancelled", now)
+    s.execute(update(runs).where(runs.c.id == run_id, runs.c.status.in_(ACTIVE)).values(cancel_requested=True))
+    if s.execute(update(runs).where(runs.c.id == run_id, runs.c.status == Status.QUEUED)
+                 .values(status=Status.CANCELLED, finished_at=now)).rowcount:
+        close_open_trials(s, [run_id], Status.CANCELLED, now)
     s.commit()
     return get_run(s, run_id)
 
@@ -142,24 +145,24 @@ def count_rows(s: Session) -> dict[str, int]:
 
 
 # -- trials and metrics -----------------------------------------------------------------------
-def list_trials(s: Session, run_id: int) -> list[dict]:
+def list_trials(s: Session, run_id: int) -> list[Trial]:
     """The run's Trial records in grid order."""
     rows = s.execute(select(trials).where(trials.c.run_id == run_id).order_by(trials.c.id))
-    return [record(r, TRIAL_FIELDS) for r in rows]
+    return [cast(Trial, record(r, TRIAL_KEYS)) for r in rows]
 
 
-def get_trial(s: Session, trial_id: int) -> dict | None:
+def get_trial(s: Session, trial_id: int) -> TrialWithMetrics | None:
     """The Trial record plus ``"metrics"``: its Metric records by epoch; None when missing."""
     row = s.execute(select(trials).where(trials.c.id == trial_id)).first()
     if row is None:
         return None
-    return {**record(row, TRIAL_FIELDS), "metrics": trial_metrics(s, trial_id)}
+    return cast(TrialWithMetrics, {**record(row, TRIAL_KEYS), "metrics": trial_metrics(s, trial_id)})
 
 
-def trial_metrics(s: Session, trial_id: int) -> list[dict]:
+def trial_metrics(s: Session, trial_id: int) -> list[Metric]:
     """The trial's Metric records by epoch."""
     rows = s.execute(select(metrics).where(metrics.c.trial_id == trial_id).order_by(metrics.c.epoch))
-    return [record(r, METRIC_FIELDS) for r in rows]
+    return [cast(Metric, record(r, METRIC_KEYS)) for r in rows]
 
 
 def trial_ids(s: Session, run_id: int) -> dict[str, int]:
@@ -170,7 +173,7 @@ def trial_ids(s: Session, run_id: int) -> dict[str, int]:
 def record_trial_start(s: Session, trial_id: int, *, device: str | None = None) -> None:
     """A trial (re)starts: running, one more attempt, its device; ``started_at`` keeps the first start."""
     s.execute(update(trials).where(trials.c.id == trial_id).values(
-        status="running", attempts=trials.c.attempts + 1, device=device,
+        status=Status.RUNNING, attempts=trials.c.attempts + 1, device=device,
         started_at=func.coalesce(trials.c.started_at, utcnow()), finished_at=None, error=None))
     s.commit()
 
@@ -179,7 +182,7 @@ def record_epoch(s: Session, trial_id: int, metric: dict) -> bool:
     """Store one epoch's metrics exactly once per (trial, epoch) and advance ``epochs_done``;
     commits. Returns False when that epoch was already stored (the row is left unchanged)."""
     epoch = int(metric["epoch"])
-    values = {f: num(metric.get(f)) for f in METRIC_FIELDS if f not in ("epoch", "device", "schedule")}
+    values = {f: num(metric.get(f)) for f in METRIC_KEYS if f not in ("epoch", "device", "schedule")}
     stmt = upsert_insert(s, metrics).values(
         trial_id=trial_id, epoch=epoch, device=metric.get("device"),
         schedule=jsonable(metric.get("schedule") or {}), **values,
@@ -187,7 +190,7 @@ def record_epoch(s: Session, trial_id: int, metric: dict) -> bool:
     inserted = s.execute(stmt).rowcount == 1
     s.execute(update(trials).where(trials.c.id == trial_id).values(
         epochs_done=case((trials.c.epochs_done < epoch, epoch), else_=trials.c.epochs_done),
-        status=case((trials.c.status == "queued", "running"), else_=trials.c.status)))
+        status=case((trials.c.status == Status.QUEUED, Status.RUNNING), else_=trials.c.status)))
     s.commit()
     return inserted
 
@@ -211,5 +214,5 @@ def record_trial_end(s: Session, trial_id: int, status: str, final: dict | None 
 
 def close_open_trials(s: Session, run_ids: list[int], status: str, now: datetime) -> None:
     """The runs' queued and running trials end as ``status`` at ``now`` (no commit)."""
-    s.execute(update(trials).where(trials.c.run_id.in_(run_ids), trials.c.status.in_(("queued", "running")))
+    s.execute(update(trials).where(trials.c.run_id.in_(run_ids), trials.c.status.in_(ACTIVE))
               .values(status=status, finished_at=now))

@@ -7,47 +7,50 @@ import hashlib
 import json
 import math
 from functools import lru_cache
+from typing import cast
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ..tables import METRIC_FIELDS, metrics, report_archives, runs, trials, utcnow
-from .records import TRIAL_FIELDS
-from .sql import dialect, record, upsert_insert
+from workers.records import (
+    DEFAULT_RANK_METRIC,
+    METRIC_KEYS,
+    TRIAL_KEYS,
+    LeaderboardRow,
+    Status,
+    TrialResult,
+    bits_order,
+    metric_field,
+)
 
-FLOAT_LABEL = "float"
-FLOAT_BITS = 32
-#: what a leaderboard ranks by: the trained network's test accuracy (after the last epoch and the
-#: recipe's end steps) or the test accuracy at the epoch with the best validation accuracy
-RANK_METRICS = {"final": trials.c.final_test_acc, "selected": trials.c.selected_test_acc}
-DEFAULT_RANK_METRIC = "final"
+from ..tables import metrics, report_archives, runs, trials, utcnow
+from .sql import dialect, record, upsert_insert
 
 
 def _rank_metric(metric: str):
-    if metric not in RANK_METRICS:
-        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(RANK_METRICS)}")
-    return RANK_METRICS[metric]
+    """The trials column of ``metric`` (``final`` or ``selected``, :data:`workers.records.RANK_METRIC_FIELDS`)."""
+    return trials.c[metric_field(metric)]
 
 
 def _finished_results(metric: str) -> list:
     """The conditions of a trial that counts: done, with a value of ``metric``."""
-    return [trials.c.status == "done", _rank_metric(metric).isnot(None)]
+    return [trials.c.status == Status.DONE, _rank_metric(metric).isnot(None)]
 
 
 # -- a run's results --------------------------------------------------------------------------
-def run_results(s: Session, run_id: int) -> list[dict]:
+def run_results(s: Session, run_id: int) -> list[TrialResult]:
     """The run's finished (``done``) trials as Trial records plus ``"final"`` (the trainer's
     final dict), in grid order: the input of the accuracy-versus-bits figures."""
-    rows = s.execute(select(trials).where(trials.c.run_id == run_id, trials.c.status == "done")
+    rows = s.execute(select(trials).where(trials.c.run_id == run_id, trials.c.status == Status.DONE)
                      .order_by(trials.c.id))
-    return [{**record(r, TRIAL_FIELDS), "final": r.final or {}} for r in rows]
+    return [cast(TrialResult, {**record(r, TRIAL_KEYS), "final": r.final or {}}) for r in rows]
 
 
 def export_rows(s: Session, run_id: int) -> list[dict]:
     """One flat row per (trial, epoch) of the run: the trial's identity, then the epoch's
     metrics; schedule values become ``schedule.<name>`` columns."""
     q = (select(trials.c.key.label("trial_key"), trials.c.estimator, trials.c.estimator_label, trials.c.w_bits,
-                trials.c.a_bits, trials.c.seed, *[metrics.c[f] for f in METRIC_FIELDS])
+                trials.c.a_bits, trials.c.seed, *[metrics.c[f] for f in METRIC_KEYS])
          .join(metrics, metrics.c.trial_id == trials.c.id)
          .where(trials.c.run_id == run_id).order_by(trials.c.id, metrics.c.epoch))
     out = []
@@ -115,10 +118,10 @@ def _t975(dof: int) -> float:
 
 
 def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = None,
-                run_id: int | None = None, metric: str = DEFAULT_RANK_METRIC) -> list[dict]:
+                run_id: int | None = None, metric: str = DEFAULT_RANK_METRIC) -> list[LeaderboardRow]:
     """Estimators ranked by mean test accuracy over seeds, per dataset × model × bits.
 
-    ``metric`` (:data:`RANK_METRICS`): ``final``, the trained network's test accuracy, or
+    ``metric`` (:data:`workers.records.RANK_METRIC_FIELDS`): ``final``, the trained network's test accuracy, or
     ``selected``, the test accuracy at the epoch with the best validation accuracy; each row
     says which.
 
@@ -140,7 +143,7 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
                 *([runs.c.model == model] if model is not None else []),
                 *([runs.c.id == run_id] if run_id is not None else []))
          .group_by(*keys))
-    rows = []
+    rows: list[dict] = []
     for r in s.execute(q):
         n, mean = int(r.n), float(r.mean)
         std = ci_low = ci_high = None
@@ -166,8 +169,6 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
             row["rank"] = group[i - 1]["rank"] if same else i + 1
             row["best"] = row["rank"] == 1
 
-    def order(row):
-        w, a = row["w_bits"], row["a_bits"]
-        return (row["dataset"], row["model"], w == a == FLOAT_BITS, w + a, w, a, row["rank"], row["estimator_label"])
-
-    return sorted(rows, key=order)
+    rows.sort(key=lambda row: (row["dataset"], row["model"], *bits_order(row["w_bits"], row["a_bits"]), row["rank"],
+                               row["estimator_label"]))
+    return cast(list[LeaderboardRow], rows)
