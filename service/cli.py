@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from workers.records import DEFAULT_RANK_METRIC, FINISHED, RANK_METRIC_FIELDS, Status, bits_label
+from workers.records import DEFAULT_RANK_METRIC, FINISHED, RANK_METRIC_FIELDS, Status, config_label
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 EXIT_PROBLEM = 2
@@ -296,7 +296,7 @@ def leaderboard(
                 table.add_section()
             for j, r in enumerate(cells):
                 ci = "–" if r.get("ci_low") is None else f"{_pct(r['ci_low'])}–{_pct(r['ci_high'])}"
-                bits = "" if j else bits_label(r["w_bits"], r["a_bits"])
+                bits = "" if j else config_label((r["w_bits"], r["a_bits"]))
                 values = (bits, r["rank"], r["estimator_label"], _pct(r["mean"]), _pct(r.get("std")),
                           ci, r["n"])  # labels such as aqe[backward=alg1] are text, not markup
                 table.add_row(*(Text(str(v)) for v in values), style="bold" if r.get("best") else None)

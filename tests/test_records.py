@@ -52,9 +52,10 @@ def test_trial_keys_and_labels_are_built_once():
     tnn = next(t for t in grid if t.method == "tnn")
     assert (tnn.key, tnn.estimator, tnn.estimator_params) == ("tnn-w2a8-s0", "xnor", {"scale": "twn"})
     assert records.estimator_label("aqe", {"b": 2, "a": "x"}) == "aqe[a=x,b=2]"
-    assert records.bits_label(2, 1) == "W2A1" and records.bits_label(32, 32) == "float"
-    assert sorted([(32, 32), (1, 32), (2, 2), (1, 1)], key=lambda c: records.bits_order(*c)) == [
-        (1, 1), (2, 2), (1, 32), (32, 32)]
+    assert records.config_label((2, 1)) == "W2A1" and records.config_label((32, 32)) == "float"
+    assert sorted([(32, 32), (1, 32), (2, 2), (1, 1)], key=records.config_sort_key) == [(1, 1), (2, 2), (1, 32),
+                                                                                          (32, 32)]
+    assert records.bit_config(2, 16) == (2, 32) and records.bit_config(None, 1) == (32, 1)
     with pytest.raises(ValueError, match="unknown metric 'best'; known: final, selected"):
         records.metric_field("best")
 

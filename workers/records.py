@@ -65,14 +65,24 @@ def trial_label(trial: Mapping[str, Any]) -> str:
     return trial.get("estimator_label") or trial.get("estimator") or "?"
 
 
-def bits_label(w_bits: int, a_bits: int) -> str:
-    """``W2A1``; ``float`` for the full-precision reference (W32A32)."""
-    return FLOAT_LABEL if (w_bits, a_bits) == (FLOAT_BITS, FLOAT_BITS) else f"W{w_bits}A{a_bits}"
+def bit_config(w_bits: int | None, a_bits: int | None) -> tuple[int, int]:
+    """(weight bits, activation bits) with every floating-point width (16, 32, missing) as :data:`FLOAT_BITS`."""
+    def width(bits: int | None) -> int:
+        return FLOAT_BITS if bits is None or bits >= 16 else int(bits)
+
+    return width(w_bits), width(a_bits)
 
 
-def bits_order(w_bits: int, a_bits: int) -> tuple:
-    """Sort key of bit configurations: total bits, then weight bits; the float reference last."""
-    return ((w_bits, a_bits) == (FLOAT_BITS, FLOAT_BITS), w_bits + a_bits, w_bits, a_bits)
+def config_label(config: tuple[int, int]) -> str:
+    """``W2A1`` for (2, 1); ``float`` for the full-precision reference (32, 32)."""
+    w, a = config
+    return FLOAT_LABEL if (w, a) == (FLOAT_BITS, FLOAT_BITS) else f"W{w}A{a}"
+
+
+def config_sort_key(config: tuple[int, int]) -> tuple:
+    """Order of bit configurations: total bits, then weight bits; the float reference last."""
+    w, a = config
+    return ((w, a) == (FLOAT_BITS, FLOAT_BITS), w + a, w, a)
 
 
 # -- record shapes (the store returns these; service/api/schemas.py mirrors them) ---------------

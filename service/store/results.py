@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from functools import lru_cache
 from typing import cast
 
 from sqlalchemy import func, select
@@ -19,7 +18,7 @@ from workers.records import (
     LeaderboardRow,
     Status,
     TrialResult,
-    bits_order,
+    config_sort_key,
     metric_field,
 )
 
@@ -109,14 +108,6 @@ def save_report_archive(s: Session, run_id: int, png: bool, fingerprint: str, bo
 
 
 # -- leaderboard ------------------------------------------------------------------------------
-@lru_cache(maxsize=1024)
-def _t975(dof: int) -> float:
-    """The 97.5% quantile of Student's t with ``dof`` degrees of freedom (two-sided 95%)."""
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, dof))
-
-
 def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = None,
                 run_id: int | None = None, metric: str = DEFAULT_RANK_METRIC) -> list[LeaderboardRow]:
     """Estimators ranked by mean test accuracy over seeds, per dataset × model × bits.
@@ -127,10 +118,13 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
 
     Count, mean and spread are aggregated in SQL over ``done`` trials (with the mean packed
     export size and the lowest packed-engine agreement, where trials have them); the 95% interval is
-    ``mean ± t(0.975, n−1)·std/√n`` clipped to [0, 1] (sample std; None when n < 2) and rank 1 is the best
-    mean within its (dataset, model, w_bits, a_bits) (ties share a rank; ``best`` marks rank 1).
+    ``mean ± t(0.975, n−1)·std/√n`` (:func:`dashboard.stats.t_interval`) clipped to [0, 1] (sample std;
+    None when n < 2) and rank 1 is the best mean within its (dataset, model, w_bits, a_bits) (ties share
+    a rank; ``best`` marks rank 1).
     Rows come ordered by dataset, model, then w_bits + a_bits (the float reference last),
     w_bits, a_bits, rank. ``run_id`` restricts it to one run (a study's report)."""
+    from dashboard.stats import t_interval  # on first use: the dashboard package loads plotly
+
     x = _rank_metric(metric)
     keys = (runs.c.dataset, runs.c.model, trials.c.w_bits, trials.c.a_bits, trials.c.estimator_label)
     spread = (func.stddev_samp(x) if dialect(s) == "postgresql" else func.avg(x * x)).label("spread")
@@ -152,8 +146,8 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
                 std = float(r.spread)
             else:  # E[x²] − E[x]², made unbiased
                 std = math.sqrt(max(float(r.spread) - mean * mean, 0.0) * n / (n - 1))
-            half = _t975(n - 1) * std / math.sqrt(n)
-            ci_low, ci_high = max(mean - half, 0.0), min(mean + half, 1.0)  # an accuracy stays in [0, 1]
+            low, high = t_interval(mean, std, n)
+            ci_low, ci_high = max(low, 0.0), min(high, 1.0)  # an accuracy stays in [0, 1]
         rows.append({"dataset": r.dataset, "model": r.model, "w_bits": r.w_bits, "a_bits": r.a_bits,
                      "estimator_label": r.estimator_label, "metric": metric, "n": n, "mean": mean, "std": std,
                      "ci_low": ci_low, "ci_high": ci_high,
@@ -169,6 +163,6 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
             row["rank"] = group[i - 1]["rank"] if same else i + 1
             row["best"] = row["rank"] == 1
 
-    rows.sort(key=lambda row: (row["dataset"], row["model"], *bits_order(row["w_bits"], row["a_bits"]), row["rank"],
-                               row["estimator_label"]))
+    rows.sort(key=lambda row: (row["dataset"], row["model"], *config_sort_key((row["w_bits"], row["a_bits"])),
+                               row["rank"], row["estimator_label"]))
     return cast(list[LeaderboardRow], rows)
