@@ -14,26 +14,21 @@ from collections.abc import Iterable, Sequence
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-FLOAT_BITS = 32
-FLOAT_LABEL = "float"
+from workers.records import DEFAULT_RANK_METRIC as DEFAULT_METRIC
+from workers.records import FLOAT_BITS, FLOAT_LABEL, bit_config, config_label, config_sort_key, metric_field
+from workers.records import trial_label as estimator_label
+
+from .stats import mean_std
+
 TEMPLATE = "plotly_white"
 PAPER_SYMBOLS = {"aqe": "x-thin-open", "minw_aqe": "x-thin-open", "ste": "diamond-open", "float": "star-open"}
 
 BitConfig = tuple[int, int]
 #: what a figure or table shows per trial: metric name → (trial field, words for axes and captions)
 METRICS = {
-    "final": ("final_test_acc", "final test accuracy"),
-    "selected": ("selected_test_acc", "test accuracy at the best validation epoch"),
+    "final": (metric_field("final"), "final test accuracy"),
+    "selected": (metric_field("selected"), "test accuracy at the best validation epoch"),
 }
-DEFAULT_METRIC = "final"
-
-
-def metric_field(metric: str) -> str:
-    """The Trial record's field for ``metric`` (``final`` or ``selected``)."""
-    try:
-        return METRICS[metric][0]
-    except KeyError:
-        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}") from None
 
 
 def metric_title(metric: str) -> str:
@@ -43,45 +38,9 @@ def metric_title(metric: str) -> str:
 
 # ---------------------------------------------------------------- helpers (also used by pages)
 
-def norm_bits(bits: int | None) -> int:
-    """Bit width with every floating-point width (16, 32, missing) mapped to 32."""
-    return FLOAT_BITS if bits is None or bits >= 16 else int(bits)
-
-
-def bit_config(w_bits: int | None, a_bits: int | None) -> BitConfig:
-    """(weight bits, activation bits), float widths normalised."""
-    return norm_bits(w_bits), norm_bits(a_bits)
-
-
-def config_label(config: BitConfig) -> str:
-    """``W2A1`` style label; ``float`` when neither side is quantized."""
-    w, a = config
-    return FLOAT_LABEL if (w, a) == (FLOAT_BITS, FLOAT_BITS) else f"W{w}A{a}"
-
-
-def config_sort_key(config: BitConfig) -> tuple:
-    """Order by total bits, then weight bits, with full precision last."""
-    w, a = config
-    return ((w, a) == (FLOAT_BITS, FLOAT_BITS), w + a, w, a)
-
-
-def estimator_label(trial: dict) -> str:
-    """The trial's display label (falls back to the estimator name)."""
-    return trial.get("estimator_label") or trial.get("estimator") or "?"
-
-
 def is_float_trial(trial: dict) -> bool:
     """Full-precision reference trial."""
     return trial.get("estimator") == FLOAT_LABEL
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
 def text(value: object) -> str:

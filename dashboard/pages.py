@@ -25,11 +25,13 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 from plotly.offline import get_plotlyjs
 
+from workers.records import ACTIVE, STATUSES
+
 from . import figures
 from .paper_results import paper_points
 
-ACTIVE_STATUSES = ("queued", "running")
-KNOWN_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+ACTIVE_STATUSES = ACTIVE  # a page showing one of these refreshes itself
+KNOWN_STATUSES = STATUSES
 REFRESH_SECONDS = 5
 RUNS_PER_PAGE = 50
 STATIC_TYPES = {"dashboard.css": "text/css; charset=utf-8",

@@ -20,10 +20,9 @@ from .figures import (
     config_label,
     config_sort_key,
     estimator_label,
-    mean_std,
 )
 from .paper_results import paper_points
-from .stats import ALPHA, POWER, adjust_family, paired_comparisons, paired_difference
+from .stats import ALPHA, POWER, adjust_family, mean, mean_std, paired_comparisons, paired_difference
 
 BASELINES = ("ste", "clipped_ste")
 CANDIDATES = ("aqe", "minw_aqe")  # the paper's estimator, and its named method
@@ -47,7 +46,7 @@ def mean_curves(epoch_rows: list[dict], metric: str = "test_acc") -> go.Figure:
     for col, config in enumerate(configs, start=1):
         for label, by_epoch in sorted(series[config].items()):
             epochs = sorted(by_epoch)
-            fig.add_trace(go.Scatter(x=epochs, y=[sum(v) / len(v) for v in (by_epoch[e] for e in epochs)],
+            fig.add_trace(go.Scatter(x=epochs, y=[mean(v) for v in (by_epoch[e] for e in epochs)],
                                      mode="lines", name=label, legendgroup=label, showlegend=label not in shown,
                                      line=dict(color=_color(labels.index(label))), meta={"kind": "estimator"}),
                           row=1, col=col)

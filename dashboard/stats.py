@@ -1,13 +1,49 @@
-"""Paired comparisons of estimators over the same seeds (pure functions over Trial records)."""
+"""Statistics over seeds, in one place: mean, sample std, the t-interval, and paired comparisons of
+estimators over the same seeds (pure functions over numbers and Trial records; the store's
+leaderboard, the figures and the report use them). Imports no other dashboard module."""
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 from scipy import optimize, stats
 
-from .figures import DEFAULT_METRIC, bit_config, config_label, config_sort_key, estimator_label, metric_field
+from workers.records import DEFAULT_RANK_METRIC as DEFAULT_METRIC
+from workers.records import bit_config, config_label, config_sort_key, metric_field
+from workers.records import trial_label as estimator_label
+
+
+def mean(values: Sequence[float]) -> float:
+    """Σx / n (NaN for no values)."""
+    return sum(values) / len(values) if len(values) else float("nan")
+
+
+def sample_std(values: Sequence[float]) -> float | None:
+    """√(Σ(x − mean)² / (n − 1)); None when n < 2."""
+    if len(values) < 2:
+        return None
+    m = mean(values)
+    return math.sqrt(sum((x - m) ** 2 for x in values) / (len(values) - 1))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value: no spread to show)."""
+    return mean(values), sample_std(values) or 0.0
+
+
+@lru_cache(maxsize=1024)
+def t_quantile(q: float, dof: int) -> float:
+    """The ``q`` quantile of Student's t with ``dof`` degrees of freedom."""
+    return float(stats.t.ppf(q, dof))
+
+
+def t_interval(mean: float, std: float | None, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """``mean ± t(1 − (1−c)/2, n−1)·std/√n``: the two-sided ``confidence`` interval of a mean; None when n < 2."""
+    if n < 2 or std is None:
+        return None
+    half = t_quantile(1 - (1 - confidence) / 2, n - 1) * std / math.sqrt(n)
+    return mean - half, mean + half
 
 
 def _by_seed(trials: Iterable[dict], label: str, metric: str) -> dict[tuple, dict[int, float]]:
@@ -26,13 +62,12 @@ def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) 
     """
     n = len(a)
     d = [x - y for x, y in zip(a, b)]
-    mean = sum(d) / n if n else float("nan")
-    out = {"n": n, "diff": mean, "ci_low": None, "ci_high": None, "p_value": None, "significant": False}
-    if n >= 2:
-        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
-        half = stats.t.ppf(1 - (1 - confidence) / 2, n - 1) * sd / math.sqrt(n)
-        p = 0.0 if sd == 0 and mean != 0 else 1.0 if sd == 0 else float(stats.ttest_rel(a, b).pvalue)
-        out.update(ci_low=mean - half, ci_high=mean + half, p_value=p, significant=p < 1 - confidence)
+    diff, sd = mean(d), sample_std(d)
+    out = {"n": n, "diff": diff, "ci_low": None, "ci_high": None, "p_value": None, "significant": False}
+    if sd is not None:
+        p = 0.0 if sd == 0 and diff != 0 else 1.0 if sd == 0 else float(stats.ttest_rel(a, b).pvalue)
+        ci_low, ci_high = t_interval(diff, sd, n, confidence)
+        out.update(ci_low=ci_low, ci_high=ci_high, p_value=p, significant=p < 1 - confidence)
     return out
 
 
@@ -85,8 +120,8 @@ def cohens_dz(differences: Sequence[float]) -> float | None:
     differences are equal (sd = 0, or below 1e-9·|mean|: equal up to floating-point rounding)."""
     if len(differences) < 2:
         return None
-    mean, sd = statistics.fmean(differences), statistics.stdev(differences)
-    return None if sd <= 1e-9 * abs(mean) else mean / sd
+    m, sd = mean(differences), sample_std(differences)
+    return None if sd is None or sd <= 1e-9 * abs(m) else m / sd
 
 
 def paired_t_power(delta: float, n: int, sd: float, alpha: float = ALPHA) -> float:
@@ -127,7 +162,7 @@ def adjust_family(rows: Sequence[dict], alpha: float = ALPHA, power: float = POW
     for r, p in zip(rows, adjusted, strict=True):
         d = r["differences"]
         significant = p is not None and p < alpha
-        detectable = None if significant or len(d) < 2 else detectable_difference(len(d), statistics.stdev(d),
+        detectable = None if significant or len(d) < 2 else detectable_difference(len(d), sample_std(d),
                                                                                  alpha, power)
         out.append({**r, "p_adjusted": p, "significant": significant, "d_z": cohens_dz(d), "detectable": detectable})
     return out

@@ -9,7 +9,8 @@
 
 The server comes from ``--server`` / ``$BITBENCH_SERVER`` (default http://127.0.0.1:8000), the
 bearer token for writes from ``--token`` / ``$BITBENCH_API_TOKEN``. A plain HTTP client: it
-imports nothing of the service, so it runs without torch or Ray. Problems (server unreachable,
+imports nothing of the service (only the records' vocabulary, :mod:`workers.records`), so it runs
+without torch or Ray. Problems (server unreachable,
 token missing or refused, invalid spec, unknown run) are reported on stderr with exit code 2.
 """
 from __future__ import annotations
@@ -29,8 +30,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from workers.records import DEFAULT_RANK_METRIC, FINISHED, RANK_METRIC_FIELDS, Status, config_label
+
 DEFAULT_SERVER = "http://127.0.0.1:8000"
-FINISHED = ("done", "failed", "cancelled")
 EXIT_PROBLEM = 2
 BUSY_RETRIES, BUSY_WAIT_S = 6, 30.0  # a busy server's 503 + Retry-After: how often and how long to wait
 
@@ -43,10 +45,7 @@ class Format(str, Enum):
     json = "json"
 
 
-class RankMetric(str, Enum):
-    final = "final"
-    selected = "selected"
-
+RankMetric = Enum("RankMetric", {m: m for m in RANK_METRIC_FIELDS}, type=str)  # type: ignore[misc]
 
 METRIC_TITLES = {"final": "final test accuracy (%)", "selected": "test accuracy at the best validation epoch (%)"}
 
@@ -223,7 +222,7 @@ def status(ctx: typer.Context, run_id: Annotated[int, typer.Argument(metavar="RU
     out.print(_progress_table(run))
     if run.get("epochs"):
         out.print(f"epochs stored: {run['epochs']['done']} / {run['epochs']['total']}", highlight=False)
-    if run.get("cancel_requested") and run["status"] == "running":
+    if run.get("cancel_requested") and run["status"] == Status.RUNNING:
         out.print("cancel requested: trials stop at their next epoch", highlight=False)
     if run.get("error"):
         out.print(f"error: {run['error']}", markup=False, highlight=False)
@@ -255,7 +254,7 @@ def wait(
                 fail(f"run {run_id} is still {run['status']} after {timeout:g} s")
             time.sleep(interval)
             run = client.get(f"/runs/{run_id}")
-    if run["status"] != "done":
+    if run["status"] != Status.DONE:
         why = f": {run['error'].strip().splitlines()[-1]}" if run.get("error") else ""
         typer.echo(f"run {run_id} {run['status']}{why}", err=True)
         raise typer.Exit(1)
@@ -264,10 +263,6 @@ def wait(
 def _cell(row: dict) -> tuple:
     """A leaderboard row's grid cell: data set, model, weight and activation bits."""
     return row["dataset"], row["model"], row["w_bits"], row["a_bits"]
-
-
-def _bits(row: dict) -> str:
-    return "float" if row["w_bits"] >= 32 and row["a_bits"] >= 32 else f"W{row['w_bits']}A{row['a_bits']}"
 
 
 def _pct(x: float | None) -> str:
@@ -280,7 +275,8 @@ def leaderboard(
     dataset: Annotated[str | None, typer.Option(help="only this data set")] = None,
     model: Annotated[str | None, typer.Option(help="only this model")] = None,
     metric: Annotated[RankMetric, typer.Option(
-        help="final: the trained network's test accuracy; selected: at the best validation epoch")] = RankMetric.final,
+        help="final: the trained network's test accuracy; selected: at the best validation epoch")
+    ] = RankMetric[DEFAULT_RANK_METRIC],
 ) -> None:
     """Estimators ranked by mean test accuracy (final or validation-selected), per bit configuration."""
     rows = _client(ctx).get("/leaderboard", dataset=dataset, model=model, metric=metric.value)
@@ -300,7 +296,8 @@ def leaderboard(
                 table.add_section()
             for j, r in enumerate(cells):
                 ci = "–" if r.get("ci_low") is None else f"{_pct(r['ci_low'])}–{_pct(r['ci_high'])}"
-                values = ("" if j else _bits(r), r["rank"], r["estimator_label"], _pct(r["mean"]), _pct(r.get("std")),
+                bits = "" if j else config_label((r["w_bits"], r["a_bits"]))
+                values = (bits, r["rank"], r["estimator_label"], _pct(r["mean"]), _pct(r.get("std")),
                           ci, r["n"])  # labels such as aqe[backward=alg1] are text, not markup
                 table.add_row(*(Text(str(v)) for v in values), style="bold" if r.get("best") else None)
         out.print(table)
@@ -352,7 +349,7 @@ def cancel(ctx: typer.Context, run_id: Annotated[int, typer.Argument(metavar="RU
     """Cancel a run: a queued one at once, a running one at its trials' next epoch."""
     client = _client(ctx)
     run = client.body(client.request("POST", f"/runs/{run_id}/cancel", json={}))
-    if run["status"] == "running":
+    if run["status"] == Status.RUNNING:
         typer.echo(f"run {run_id}: cancel requested; running trials stop at their next epoch")
     else:
         typer.echo(f"run {run_id}: {run['status']}")

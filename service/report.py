@@ -48,9 +48,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from dashboard.report import write_report
+from workers.records import FINISHED
 
 from . import store
-from .tables import FINISHED
 
 REPORT_FORMAT = "3"  # bump when write_report's output changes: stored archives are rendered again
 RENDER_NICE = 10  # render workers' niceness above the API's

@@ -67,16 +67,9 @@ def free_port(host: str, start: int, tries: int = 100) -> int:
 def queue_demo(sessions) -> tuple[dict, bool]:
     """Queue the demo unless a run with the same spec hash exists; returns ``(run, created)``."""
     spec = demo_spec()
-    digest, offset = spec.spec_hash(), 0
     with sessions() as s:
-        while True:
-            page, total = store.list_runs(s, dataset=spec.dataset, model=spec.model, limit=200, offset=offset)
-            found = next((r for r in page if r["spec_hash"] == digest), None)
-            if found is not None:
-                return found, False
-            offset += len(page)
-            if not page or offset >= total:
-                return store.create_run(s, spec)
+        found = store.run_by_spec_hash(s, spec.spec_hash())
+        return (found, False) if found is not None else store.create_run(s, spec)
 
 
 def wait_ready(url: str, children: list[Child], cancel: threading.Event, timeout: float = READY_S) -> None:

@@ -30,9 +30,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator
 
-RUN_STATUSES = ("queued", "running", "done", "failed", "cancelled")
-TRIAL_STATUSES = RUN_STATUSES
-FINISHED = ("done", "failed", "cancelled")
+from workers.records import FINISHED as FINISHED  # re-exported (service.dispatcher, service.report)
+from workers.records import STATUSES, Status
+
 # Row ids are SQL INTEGER, a 4-byte int4 on PostgreSQL: no row has an id outside 1 … MAX_ID, and
 # binding a larger number fails in the driver (PostgreSQL: integer out of range; SQLite: over 2^63).
 MAX_ID = 2**31 - 1
@@ -73,15 +73,15 @@ Json = JSON().with_variant(JSONB(), "postgresql")
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 
-def _status_check(name: str, statuses=RUN_STATUSES) -> CheckConstraint:
-    return CheckConstraint(f"{name} IN ({', '.join(repr(s) for s in statuses)})", name=name)
+def _status_check(name: str) -> CheckConstraint:
+    return CheckConstraint(f"{name} IN ({', '.join(repr(s) for s in STATUSES)})", name=name)
 
 
 runs = Table(
     "runs", metadata,
     Column("id", Integer, primary_key=True),
     Column("name", String(200), nullable=False),
-    Column("status", String(16), nullable=False, server_default="queued"),
+    Column("status", String(16), nullable=False, server_default=Status.QUEUED.value),
     Column("dataset", String(64), nullable=False),
     Column("model", String(64), nullable=False),
     Column("spec", Json, nullable=False),
@@ -111,7 +111,7 @@ trials = Table(
     Column("w_bits", Integer, nullable=False),
     Column("a_bits", Integer, nullable=False),
     Column("seed", BigInteger, nullable=False),
-    Column("status", String(16), nullable=False, server_default="queued"),
+    Column("status", String(16), nullable=False, server_default=Status.QUEUED.value),
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("epochs_done", Integer, nullable=False, server_default="0"),
     Column("final_test_acc", Float, nullable=True),
@@ -127,7 +127,7 @@ trials = Table(
     Column("finished_at", UTCDateTime, nullable=True),
     Column("error", Text, nullable=True),
     UniqueConstraint("run_id", "key"),  # also the index for a run's trials
-    _status_check("status", TRIAL_STATUSES),
+    _status_check("status"),
     Index(None, "w_bits", "a_bits"),
     Index(None, "status"),
 )
@@ -161,6 +161,3 @@ report_archives = Table(
     Column("body", LargeBinary, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
 )
-
-METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "val_acc", "test_acc", "test_top5", "lr", "epoch_seconds",
-                 "images_per_s", "weight_flips", "device", "schedule")

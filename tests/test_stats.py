@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from dashboard.stats import paired_comparisons, paired_difference
+from dashboard import figures, report
+from dashboard.stats import mean, mean_std, paired_comparisons, paired_difference, sample_std, t_interval
 
 
 def t_quantile_df2(q):
@@ -16,6 +17,22 @@ def t_quantile_df2(q):
 
 def p_df2(t):
     return 1 - abs(t) / math.sqrt(t * t + 2)
+
+
+def test_mean_std_and_t_interval_match_the_hand_computation():
+    values = [0.80, 0.82, 0.87]  # mean 2.49/3 = 0.83, deviations (−0.03, −0.01, 0.04): sd = √(0.0026/2)
+    sd = math.sqrt(0.0026 / 2)
+    assert mean(values) == pytest.approx(0.83, rel=1e-12) and sample_std(values) == pytest.approx(sd, rel=1e-12)
+    assert mean_std(values) == pytest.approx((0.83, sd), rel=1e-12)
+    assert mean_std([0.5]) == (0.5, 0.0) and sample_std([0.5]) is None and math.isnan(mean([]))
+    for confidence, q in ((0.95, 0.975), (0.9, 0.95)):
+        half = t_quantile_df2(q) * sd / math.sqrt(3)
+        assert t_interval(0.83, sd, 3, confidence) == pytest.approx((0.83 - half, 0.83 + half), rel=1e-9)
+    assert t_interval(0.83, None, 1) is None and t_interval(0.83, 0.1, 1) is None
+
+
+def test_figures_and_report_use_the_one_mean_std():
+    assert figures.mean_std is report.mean_std is mean_std
 
 
 def test_paired_difference_matches_the_hand_computation():

@@ -18,6 +18,7 @@ from service import store
 from service.db import current_revision, head_revision, make_engine, migrate
 from service.sink import SqlSink
 from service.tables import metadata, metrics, runs, trials
+from workers.records import LeaderboardRow, Metric, Progress, Run, Trial, TrialResult, TrialWithMetrics
 from workers.spec import parse_spec
 
 pytestmark = pytest.mark.timeout(120)
@@ -108,6 +109,26 @@ def test_create_run_makes_one_trial_row_per_cell(session):
     assert all(r["status"] == "queued" and r["attempts"] == 0 and r["epochs_done"] == 0 for r in rows)
     assert store.list_trials(session, run["id"])[5]["key"] == rows[5]["key"]
     assert store.count_rows(session) == {"runs": 1, "trials": 14, "metrics": 0}
+
+
+def test_records_have_the_shapes_of_workers_records(session, sessions):
+    """Every record the store returns has exactly its TypedDict's keys; labels are the spec's, not parsed keys."""
+    spec = make_spec(methods=["tnn"], seeds=[0])
+    run = store.create_run(session, spec)[0]
+    sink = SqlSink(sessions, run["id"])
+    sink.on_epoch("tnn-w2a8-s0", epoch_metrics(1))
+    sink.on_trial_end("tnn-w2a8-s0", "done", {"final_test_acc": 0.5}, None)
+    listed = store.list_trials(session, run["id"])
+    assert [t["estimator_label"] for t in listed] == [t.label for t in spec.trials()]
+    tnn = next(t for t in listed if t["key"] == "tnn-w2a8-s0")
+    assert (tnn["estimator"], tnn["estimator_label"]) == ("xnor", "tnn")  # the method's name, not its estimator's
+    assert set(run) == set(Run.__annotations__) and set(run["progress"]) == set(Progress.__annotations__)
+    assert all(set(t) == set(Trial.__annotations__) for t in listed)
+    detail = store.get_trial(session, tnn["id"])
+    assert set(detail) == set(TrialWithMetrics.__annotations__)
+    assert set(detail["metrics"][0]) == set(Metric.__annotations__)
+    assert set(store.run_results(session, run["id"])[0]) == set(TrialResult.__annotations__)
+    assert set(store.leaderboard(session)[0]) == set(LeaderboardRow.__annotations__)
 
 
 def test_create_run_accepts_a_dict(session):
@@ -359,6 +380,35 @@ def test_export_rows(session, sessions):
     assert rows[0] == {"run_id": rid, "trial_key": "float-w32a32-s0", "estimator": "float",
                        "estimator_label": "float", "w_bits": 32, "a_bits": 32, "seed": 0,
                        **{k: v for k, v in epoch_metrics(1).items() if k != "schedule"}, "schedule.aqe.alpha": 0.6}
+
+
+def test_run_by_spec_hash_finds_the_newest_run_of_a_spec(session):
+    spec, other = make_spec("a"), make_spec("b")
+    first = store.create_run(session, spec)[0]
+    store.create_run(session, other)
+    again = store.create_run(session, spec)[0]  # no idempotency key: a second run of the same spec
+    assert store.run_by_spec_hash(session, spec.spec_hash()) == store.get_run(session, again["id"]) != first
+    assert store.run_by_spec_hash(session, other.spec_hash())["name"] == "b"
+    assert store.run_by_spec_hash(session, "0" * 64) is None
+
+
+def test_datasets_models_lists_the_pairs_with_finished_results(session, sessions):
+    """One SELECT DISTINCT: pairs with a done trial that has the metric; the leaderboard's groups."""
+    specs = {"digits": make_spec("d"), "mnist": make_spec("m", dataset="mnist"),
+             "fashion_mnist": make_spec("f", dataset="fashion_mnist"), "synthetic": make_spec("s", dataset="synthetic")}
+    rids = {name: store.create_run(session, spec)[0]["id"] for name, spec in specs.items()}
+    assert store.datasets_models(session) == []
+    for seed in (0, 1):  # two done trials of one pair: listed once
+        SqlSink(sessions, rids["mnist"]).on_trial_end(f"aqe-w1a1-s{seed}", "done", {"final_test_acc": 0.5}, None)
+    SqlSink(sessions, rids["digits"]).on_trial_end("ste-w2a2-s0", "done",
+                                                   {"final_test_acc": 0.7, "selected_test_acc": 0.6}, None)
+    SqlSink(sessions, rids["fashion_mnist"]).on_trial_end("ste-w1a1-s0", "failed", {"final_test_acc": 0.1}, "x")
+    SqlSink(sessions, rids["synthetic"]).on_trial_end("ste-w1a1-s0", "done", {}, None)  # done without a result
+    assert store.datasets_models(session) == [("digits", "digits_net"), ("mnist", "digits_net")]
+    assert store.datasets_models(session) == sorted({(r["dataset"], r["model"]) for r in store.leaderboard(session)})
+    assert store.datasets_models(session, metric="selected") == [("digits", "digits_net")]
+    with pytest.raises(ValueError, match="unknown metric 'best'"):
+        store.datasets_models(session, metric="best")
 
 
 # -- leaderboard ------------------------------------------------------------------------------

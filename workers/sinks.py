@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-STATUSES = ("done", "failed", "cancelled")
+from .records import FINISHED
 
 
 @runtime_checkable
@@ -65,8 +65,8 @@ class MemorySink:
             self.events.append(("epoch", trial_key, epoch))
 
     def on_trial_end(self, trial_key: str, status: str, final: dict | None, error: str | None) -> None:
-        if status not in STATUSES:
-            raise ValueError(f"unknown trial status {status!r}; known: {', '.join(STATUSES)}")
+        if status not in FINISHED:
+            raise ValueError(f"unknown trial status {status!r}; known: {', '.join(FINISHED)}")
         with self._lock:
             self.ends[trial_key] = (status, final, error)
             self.events.append(("end", trial_key, status))

@@ -30,11 +30,12 @@ import estimators
 from . import spec_schema
 from .data.base import MAX_SEED, DatasetOptions
 from .data.registry import list_datasets, options_model, options_models
+from .records import FLOAT_LABEL, estimator_label, trial_key
 from .spec_schema import Keywords
 
 FLOAT = estimators.FLOAT_BITS
 ALLOWED_BITS = (*estimators.SUPPORTED_BITS, FLOAT)
-FLOAT_ESTIMATOR = "float"  # the estimator label of full-precision reference trials
+FLOAT_ESTIMATOR = FLOAT_LABEL  # the estimator (name and label) of full-precision reference trials
 DEFAULT_MAX_TRIALS = 2000
 
 
@@ -122,9 +123,7 @@ class EstimatorChoice(_Strict):
     @property
     def label(self) -> str:
         """``name`` or ``name[k=v,…]`` (user-given parameters, sorted): part of the trial key."""
-        if not self.params:
-            return self.name
-        return f"{self.name}[{','.join(f'{k}={self.params[k]}' for k in sorted(self.params))}]"
+        return estimator_label(self.name, self.params)
 
 
 class MethodChoice(_Strict):
@@ -199,6 +198,11 @@ class TrialSpec(_Strict):
     @property
     def is_float(self) -> bool:
         return self.estimator == FLOAT_ESTIMATOR
+
+    @property
+    def label(self) -> str:
+        """The estimator label (the key's first part): the method's name, else the estimator's label."""
+        return self.method or estimator_label(self.estimator, self.estimator_params)
 
 
 class ExperimentSpec(_Strict):
@@ -353,16 +357,16 @@ class ExperimentSpec(_Strict):
         out = []
         for seed in self.seeds:
             if self.include_full_precision:
-                out.append(TrialSpec(key=f"{FLOAT_ESTIMATOR}-w{FLOAT}a{FLOAT}-s{seed}", estimator=FLOAT_ESTIMATOR,
+                out.append(TrialSpec(key=trial_key(FLOAT_ESTIMATOR, FLOAT, FLOAT, seed), estimator=FLOAT_ESTIMATOR,
                                      w_bits=FLOAT, a_bits=FLOAT, seed=seed))
             for est in self.estimators:
                 for w, a in self.bit_cells():
-                    out.append(TrialSpec(key=f"{est.label}-w{w}a{a}-s{seed}", estimator=est.name,
+                    out.append(TrialSpec(key=trial_key(est.label, w, a, seed), estimator=est.name,
                                          estimator_params=dict(est.params), w_bits=w, a_bits=a, seed=seed))
             for choice in self.methods:
                 method = get_method(choice.name)
                 for w, a, policy in choice.settings():
-                    out.append(TrialSpec(key=f"{method.name}-w{w}a{a}-s{seed}", estimator=method.estimator,
+                    out.append(TrialSpec(key=trial_key(method.name, w, a, seed), estimator=method.estimator,
                                          estimator_params=dict(method.params), w_bits=w, a_bits=a, seed=seed,
                                          method=method.name, first_last_float=policy))
         return out

@@ -26,11 +26,10 @@ import estimators
 from .datasets import DataSplits, load_dataset
 from .malloc import keep_freed_memory
 from .models import trial_model
+from .records import METRIC_KEYS as METRIC_KEYS  # the keys of each on_epoch metrics dict
 from .spec import ExperimentSpec, LRSchedule, Optimizer, TrialSpec
 
 STATE_VERSION = 1
-METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_acc", "test_acc", "test_top5", "lr", "epoch_seconds",
-               "images_per_s", "weight_flips", "device", "schedule")
 FINAL_KEYS = ("final_test_acc", "final_test_top5", "final_val_acc", "best_val_acc", "best_epoch", "selected_test_acc",
               "selected_epoch", "last_epoch_test_acc", "last_epoch_val_acc", "bn_reestimated", "epochs",
               "weight_bits_total", "weight_mib", "packed_bytes", "packed_agreement")

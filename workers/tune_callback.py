@@ -25,8 +25,8 @@ from typing import Callable, Iterator
 from ray import tune
 from ray.tune.experiment import Trial
 
+from .records import METRIC_KEYS
 from .sinks import ResultSink
-from .train import METRIC_KEYS
 
 FINAL_KEY = "final"  # the trainable's last report: {"final": {...}} (no epoch metrics)
 ERROR_CHARS = 8000

@@ -5,7 +5,8 @@ no record here, and an offset past it is one past every row, so neither reaches 
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy.orm import sessionmaker
 
@@ -47,4 +48,4 @@ class StoreSource:
 
     def datasets_models(self) -> list[tuple[str, str]]:
         """Distinct (dataset, model) pairs that have finished results (the leaderboard's groups)."""
-        return sorted({(r["dataset"], r["model"]) for r in self.leaderboard()})
+        return self._read(store.datasets_models)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
 from service import report, store
+from workers.records import METRIC_KEYS, Run, Status
 
 from .deps import (NO_PARAMETERS_BODY, WRITE_GUARDS, Offset, RowId, SessionDep, SpecBody, http_error, no_parameters,
                    not_found)
@@ -18,7 +19,7 @@ from .schemas import ErrorOut, RunCreated, RunDetail, RunOut, RunPage, RunStatus
 router = APIRouter(prefix="/runs", tags=["runs"])
 # the header of an export with no epochs yet (store.export_rows' columns, less schedule values)
 _EXPORT_COLUMNS = ("run_id", "trial_key", "estimator", "estimator_label", "w_bits", "a_bits", "seed",
-                   *(f for f in store.METRIC_FIELDS if f != "schedule"))
+                   *(f for f in METRIC_KEYS if f != "schedule"))
 
 _SPEC_EXAMPLE = {"name": "digits: aqe vs ste", "dataset": "digits", "model": "digits_net", "estimators": ["aqe", "ste"],
                  "bits": {"w": [1, 2], "a": 1}, "seeds": [0, 1], "epochs": 5}  # 10 trials, a minute on a CPU
@@ -28,7 +29,7 @@ _SPEC_BODY = {  # the body is parsed by deps.spec_body; this documents it in /do
 }
 _WRITE_ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 413, 415, 422)}
 
-def _run_or_404(session, run_id: int) -> dict:
+def _run_or_404(session, run_id: int) -> Run:
     run = store.get_run(session, run_id)
     if run is None:
         raise not_found("run", run_id, "run_id")
@@ -75,7 +76,7 @@ def get_run(run_id: RowId, session: SessionDep):
     run = _run_or_404(session, run_id)
     trials = store.list_trials(session, run_id)
     done = sum(t["epochs_done"] or 0 for t in trials)
-    current = {t["key"]: t["epochs_done"] or 0 for t in trials if t["status"] == "running"}
+    current = {t["key"]: t["epochs_done"] or 0 for t in trials if t["status"] == Status.RUNNING}
     return {**run, "epochs": {"done": done, "total": len(trials) * run["spec"]["epochs"]}, "current_epochs": current}
 
 
@@ -94,7 +95,7 @@ def cancel_run(run_id: RowId, session: SessionDep, response: Response):
     run = store.request_cancel(session, run_id)
     if run is None:
         raise not_found("run", run_id, "run_id")
-    if run["status"] != "running":
+    if run["status"] != Status.RUNNING:
         response.status_code = status.HTTP_200_OK
     return run
 

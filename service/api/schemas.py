@@ -1,4 +1,6 @@
-"""Response models of the HTTP API (the record shapes of docs/CONTRACTS.md; tables live elsewhere)."""
+"""Response models of the HTTP API: the record shapes of :mod:`workers.records` (``RunOut`` = ``Run``,
+``TrialOut`` = ``Trial``, ``MetricOut`` = ``Metric``, ``LeaderboardRow`` = ``LeaderboardRow``, field for
+field; a test holds them together) with descriptions for /docs."""
 from __future__ import annotations
 
 from datetime import datetime
@@ -6,9 +8,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RunStatus = Literal["queued", "running", "done", "failed", "cancelled"]
-TrialStatus = Literal["queued", "running", "done", "failed", "cancelled"]
-RankMetric = Literal["final", "selected"]
+from workers.records import RANK_METRIC_FIELDS, STATUSES
+
+RunStatus = Literal[STATUSES]  # type: ignore[valid-type]
+TrialStatus = RunStatus
+RankMetric = Literal[tuple(RANK_METRIC_FIELDS)]  # type: ignore[valid-type]
 
 
 class _Out(BaseModel):
