@@ -10,11 +10,13 @@ interface whose loaders stream and decode files.
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import math
 import os
 import random
 import time
+import traceback
 from contextlib import contextmanager
 from typing import Any, Callable
 
@@ -319,7 +321,9 @@ def run_trial(
     sets torch's intra-op threads; ``device`` defaults to :func:`resolve_device`. ``on_start`` is
     called once, before anything is loaded, with the attempt's :func:`workers.provenance.provenance`
     (versions, machine, Ray placement, device). The process keeps freed memory for reuse from here on
-    (:func:`workers.malloc.keep_freed_memory`).
+    (:func:`workers.malloc.keep_freed_memory`). When it returns or raises, the trial's model, optimizer
+    and data set are freed (an exception's frames are cleared) and :func:`release_memory` has run, so
+    the next trial in the same process (Tune's ``reuse_actors``) starts with the device's memory free.
     """
     keep_freed_memory()
     if threads:
@@ -328,7 +332,23 @@ def run_trial(
     if on_start is not None:
         on_start(provenance(dev))
     with deterministic(dev.type == "cpu"):
-        return _run(spec, trial, on_epoch, resume_state, dev, data_dir)
+        try:
+            return _run(spec, trial, on_epoch, resume_state, dev, data_dir)
+        except BaseException as e:
+            # whoever keeps the error (Tune, while it retries the trial) must not keep the attempt's model,
+            # optimizer and on-device data set alive through the locals of its traceback's frames
+            traceback.clear_frames(e.__traceback__)
+            raise
+        finally:
+            release_memory(dev)
+
+
+def release_memory(dev: torch.device) -> None:
+    """After a trial: collect what it left in reference cycles and, on CUDA, hand the allocator's cached
+    blocks back to the driver (other processes sharing the GPU can use them)."""
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
