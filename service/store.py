@@ -289,7 +289,7 @@ def record_epoch(s: Session, trial_id: int, metric: dict) -> bool:
         trial_id=trial_id, epoch=epoch, device=metric.get("device"),
         schedule=_jsonable(metric.get("schedule") or {}), **values,
     ).on_conflict_do_nothing(index_elements=["trial_id", "epoch"])
-    inserted = s.execute(stmt).rowcount == 1
+    inserted = s.execute(stmt.returning(metrics.c.id)).first() is not None  # (rowcount is -1 on PostgreSQL)
     s.execute(update(trials).where(trials.c.id == trial_id).values(
         epochs_done=case((trials.c.epochs_done < epoch, epoch), else_=trials.c.epochs_done),
         status=case((trials.c.status == "queued", "running"), else_=trials.c.status)))
