@@ -13,14 +13,14 @@ import pytest  # noqa: E402
 @dataclass(frozen=True)
 class RaySession:
     storage: Path  # Tune storage for tests (also $BITBENCH_TUNE_DIR)
-    fault_dir: Path  # $BITBENCH_FAULT_DIR, read by workers.sweep's test hooks
+    fault_dir: Path  # the files of the test-only trial hooks (tests.faults), one folder per experiment
 
 
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the session (2 CPUs, no dashboard), started on first use.
 
-    Ray's temp dir, HOME, Tune storage and the fault-injection dir point into one short
+    Ray's temp dir, HOME, Tune storage and the fault-injection files point into one short
     temporary folder (Ray's socket paths must stay short); workers inherit the environment
     set here, so it is set before ``ray.init``.
     """
@@ -29,8 +29,7 @@ def ray_session():
     root = Path(tempfile.mkdtemp(prefix="bb-ray-", dir="/tmp"))
     session = RaySession(storage=root / "tune", fault_dir=root / "faults")
     mp = pytest.MonkeyPatch()
-    for var, path in {"RAY_TMPDIR": root / "r", "HOME": root / "home", "BITBENCH_TUNE_DIR": session.storage,
-                      "BITBENCH_FAULT_DIR": session.fault_dir}.items():
+    for var, path in {"RAY_TMPDIR": root / "r", "HOME": root / "home", "BITBENCH_TUNE_DIR": session.storage}.items():
         path.mkdir(parents=True, exist_ok=True)
         mp.setenv(var, str(path))
     mp.delenv("RAY_ADDRESS", raising=False)

@@ -1,9 +1,9 @@
 """workers.sweep on a real local Ray Tune (digits, tiny epochs): delivery, retries, cancel, restore.
 
-Faults are injected through ``workers.sweep``'s test hooks: a file
-``$BITBENCH_FAULT_DIR/<experiment>/<trial key>.fail@<epoch>`` makes that trial raise once in that
-epoch (before reporting it), and every attempt appends "start <resumed epoch>" and
-"trained <epoch>" lines to ``<trial key>.log`` there.
+Faults are injected and attempts traced by the test-only trial hooks of ``tests.faults``, passed to
+``run_sweep(hooks=...)``: ``hooks.fail(key, epoch)`` makes that trial raise once in that epoch (before
+reporting it), ``hooks.log(key)`` reads the "start <resumed epoch>" and "trained <epoch>" lines of its
+attempts.
 """
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import threading
 from types import SimpleNamespace
 
 import pytest
+import torch
 from ray.tune.experiment import Trial
 
+from tests.faults import FaultHooks
 from workers.sinks import JsonlSink, MemorySink, ResultSink
 from workers.spec import parse_spec
 from workers.sweep import default_experiment_name, longest_first, main, run_sweep
@@ -34,19 +36,8 @@ def epochs_of(sink: MemorySink) -> dict[str, list[int]]:
     return {k: sorted(v) for k, v in sink.epochs.items()}
 
 
-class Hooks:
-    """The fault/trace files of one experiment under the session's fault dir."""
-
-    def __init__(self, ray_session, experiment: str):
-        self.dir = ray_session.fault_dir / experiment
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def fail(self, key: str, epoch: int) -> None:
-        (self.dir / f"{key}.fail@{epoch}").touch()
-
-    def log(self, key: str) -> list[str]:
-        path = self.dir / f"{key}.log"
-        return path.read_text().splitlines() if path.exists() else []
+def hooks_for(ray_session, experiment: str) -> FaultHooks:
+    return FaultHooks(ray_session.fault_dir / experiment)
 
 
 def test_trials_start_longest_expected_first_float_last_grid_order_within():
@@ -81,11 +72,13 @@ def test_callback_forwards_each_epoch_once_and_keeps_state():
         cb = SinkCallback("fake")
         cb.on_trial_start(0, [], trial)
         for epoch in (1, 2, 1, 2, 3):  # a retry re-reporting epochs 1 and 2
-            cb.on_trial_result(0, [], trial, {**metrics, "epoch": epoch, "training_iteration": 9})
+            first = {"provenance": json.dumps({"host": f"h{epoch}"})} if epoch == 1 else {}
+            cb.on_trial_result(0, [], trial, {**metrics, "epoch": epoch, "training_iteration": 9, **first})
         cb.on_trial_result(0, [], trial, {"final": {"final_test_acc": 0.5}})
         cb.on_trial_complete(0, [], trial)
         state = cb.get_state()
     assert epochs_of(sink) == {"k": [1, 2, 3]} and b.suppressed == 2
+    assert sink.provenance == {"k": [{"host": "h1"}, {"host": "h1"}]}  # the retry's too, though its epoch is not
     assert set(sink.epochs["k"][3]) == set(METRIC_KEYS)  # Tune's own keys are stripped
     assert sink.ends["k"] == ("done", {"final_test_acc": 0.5}, None)
     with bound("fake", SweepBinding(MemorySink(strict=True))) as b2:
@@ -109,26 +102,35 @@ def test_all_trials_deliver_every_epoch_exactly_once(ray_session):
         assert final["epochs"] == 2 and final["final_test_acc"] == sink.epochs[key][2]["test_acc"]
         assert set(sink.epochs[key][1]) == set(METRIC_KEYS)
     assert "aqe.alpha" in sink.epochs["aqe-w1a1-s0"][1]["schedule"]
+    import ray  # each trial's provenance, read in its Ray worker (on this node, no GPU asked for)
+
+    here = ray.get_runtime_context().get_node_id()
+    for key in keys:
+        (record,) = sink.provenance[key]
+        assert record["ray_node_id"] == here and record["ray_node_ip"] == ray.util.get_node_ip_address()
+        assert record["ray_gpu_ids"] == [] and record["device"] == "cpu" and record["gpu"] is None
+        assert record["ray"] == ray.__version__ and record["torch"] == torch.__version__
 
 
 def test_failed_epoch_is_retried_from_the_checkpoint(ray_session):
     spec = make_spec(estimators=["aqe"])
     key = "aqe-w1a1-s0"
-    hooks = Hooks(ray_session, "retry")
+    hooks = hooks_for(ray_session, "retry")
     hooks.fail(key, 2)
     sink = MemorySink(strict=True)
-    assert run_sweep(spec, sink, experiment_name="retry") == {key: "done"}
+    assert run_sweep(spec, sink, experiment_name="retry", hooks=hooks) == {key: "done"}
     assert hooks.log(key) == ["start 0", "trained 1", "trained 2", "start 1", "trained 2"]  # epoch 1 not retrained
     assert [s["attempt"] for s in sink.starts[key]] == [1, 2]
     assert epochs_of(sink) == {key: [1, 2]} and sink.duplicates == []
     assert sink.ends[key][0] == "done"
+    assert [p["device"] for p in sink.provenance[key]] == ["cpu", "cpu"]  # each attempt's own
 
 
 def test_cancel_stops_the_sweep_and_a_rerun_resumes_it(ray_session):
     """Cancelling ends every unfinished trial "cancelled"; running the sweep again (a dispatcher
     restart) resumes them from their checkpoints: no epoch trained or delivered twice."""
     spec = make_spec(epochs=6, include_full_precision=True)  # 3 trials on 2 CPUs: one waits
-    hooks = Hooks(ray_session, "cancel")
+    hooks = hooks_for(ray_session, "cancel")
     sink = MemorySink(strict=True)
     first_epoch = threading.Event()
     real_on_epoch = sink.on_epoch
@@ -138,7 +140,7 @@ def test_cancel_stops_the_sweep_and_a_rerun_resumes_it(ray_session):
         first_epoch.set()
 
     sink.on_epoch = on_epoch
-    statuses = run_sweep(spec, sink, stop_requested=first_epoch.is_set, experiment_name="cancel")
+    statuses = run_sweep(spec, sink, stop_requested=first_epoch.is_set, experiment_name="cancel", hooks=hooks)
     assert first_epoch.is_set()
     assert statuses == {t.key: "cancelled" for t in spec.trials()}
     assert {k: v[0] for k, v in sink.ends.items()} == statuses
@@ -146,7 +148,7 @@ def test_cancel_stops_the_sweep_and_a_rerun_resumes_it(ray_session):
     delivered = {k: max(v) for k, v in sink.epochs.items()}
     assert 1 <= sum(delivered.values()) <= 6  # stopped within a few epochs of the request, far from 3 × 6
 
-    assert run_sweep(spec, sink, experiment_name="cancel") == {t.key: "done" for t in spec.trials()}
+    assert run_sweep(spec, sink, experiment_name="cancel", hooks=hooks) == {t.key: "done" for t in spec.trials()}
     assert epochs_of(sink) == {t.key: list(range(1, 7)) for t in spec.trials()}
     for key, last in delivered.items():  # resumed from the last checkpoint (its save may still have been pending)
         resumed_at = int([x for x in hooks.log(key) if x.startswith("start")][-1].split()[1])
@@ -168,15 +170,15 @@ def test_restore_resumes_only_what_did_not_finish(ray_session):
     """Run 1: ste fails for good in epoch 2 (no retries), aqe finishes. Run 2 on the same experiment
     restores it: only ste resumes, from its epoch-1 checkpoint; nothing reaches the sink twice."""
     spec = make_spec(max_retries=0)
-    hooks = Hooks(ray_session, "restore")
+    hooks = hooks_for(ray_session, "restore")
     hooks.fail("ste-w1a1-s0", 2)
     sink = MemorySink(strict=True)
-    first = run_sweep(spec, sink, experiment_name="restore")
+    first = run_sweep(spec, sink, experiment_name="restore", hooks=hooks)
     assert first == {"aqe-w1a1-s0": "done", "ste-w1a1-s0": "failed"}
     assert "injected fault in epoch 2" in sink.ends["ste-w1a1-s0"][2]
     n_events = len(sink.events)
 
-    second = run_sweep(spec, sink, experiment_name="restore")
+    second = run_sweep(spec, sink, experiment_name="restore", hooks=hooks)
     assert second == {"aqe-w1a1-s0": "done", "ste-w1a1-s0": "done"}
     assert sink.events[n_events:] == [("start", "ste-w1a1-s0", 2), ("epoch", "ste-w1a1-s0", 2),
                                       ("end", "ste-w1a1-s0", "done")]
@@ -185,7 +187,7 @@ def test_restore_resumes_only_what_did_not_finish(ray_session):
     assert epochs_of(sink) == {"aqe-w1a1-s0": [1, 2], "ste-w1a1-s0": [1, 2]} and sink.duplicates == []
 
     n_events = len(sink.events)
-    assert run_sweep(spec, sink, experiment_name="restore") == second  # all finished: nothing runs
+    assert run_sweep(spec, sink, experiment_name="restore", hooks=hooks) == second  # all finished: nothing runs
     assert sink.events[n_events:] == []
 
 
@@ -224,8 +226,9 @@ def test_cli_writes_one_json_line_per_event(ray_session, tmp_path):
     out = tmp_path / "results.jsonl"
     assert main([str(spec_file), "--out", str(out), "--storage", str(tmp_path / "tune")]) == 0
     events = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [e["event"] for e in events] == ["start", "epoch", "end"]
-    assert events[-1]["status"] == "done" and events[1]["metrics"]["epoch"] == 1
+    assert [e["event"] for e in events] == ["start", "provenance", "epoch", "end"]
+    assert events[1]["provenance"]["device"] == "cpu"
+    assert events[-1]["status"] == "done" and events[2]["metrics"]["epoch"] == 1
     assert (tmp_path / "tune" / default_experiment_name(spec)).is_dir()
 
 
@@ -240,14 +243,15 @@ def test_storage_may_be_a_uri_checkpoints_and_restore_go_through_it(ray_session)
     retry loads its checkpoint from there, and a rerun restores the finished experiment from it."""
     spec = make_spec(estimators=["ste"])
     key = "ste-w1a1-s0"
-    hooks = Hooks(ray_session, "via-uri")
+    hooks = hooks_for(ray_session, "via-uri")
     hooks.fail(key, 2)
     root = ray_session.storage.parent / "uri-store"
     sink = MemorySink(strict=True)
-    assert run_sweep(spec, sink, storage_path=root.as_uri() + "/", experiment_name="via-uri") == {key: "done"}
+    statuses = run_sweep(spec, sink, storage_path=root.as_uri() + "/", experiment_name="via-uri", hooks=hooks)
+    assert statuses == {key: "done"}
     assert hooks.log(key) == ["start 0", "trained 1", "trained 2", "start 1", "trained 2"]
     assert epochs_of(sink) == {key: [1, 2]}
     assert list((root / "via-uri").glob("*/checkpoint_*/trial_state.pt"))  # written under the URI's path
     n_events = len(sink.events)
-    assert run_sweep(spec, sink, storage_path=root.as_uri(), experiment_name="via-uri") == {key: "done"}
+    assert run_sweep(spec, sink, storage_path=root.as_uri(), experiment_name="via-uri", hooks=hooks) == {key: "done"}
     assert sink.events[n_events:] == [] and hooks.log(key)[-1] == "trained 2"

@@ -138,6 +138,7 @@ class Trial(TypedDict):
     packed_bytes: int | None
     packed_agreement: float | None
     device: str | None
+    provenance: dict | None  # where and with what the latest attempt trained (workers.provenance)
     started_at: str | None
     finished_at: str | None
     error: str | None

@@ -12,12 +12,13 @@ reaching the sink twice.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import ray
 import torch
@@ -28,11 +29,10 @@ from .sinks import ResultSink
 from .spec import ExperimentSpec, TrialSpec, parse_spec
 from .storage import join, resolve_storage
 from .train import run_trial
-from .tune_callback import FINAL_KEY, SinkCallback, SweepBinding, SweepStopped, bound
+from .tune_callback import FINAL_KEY, PROVENANCE_KEY, SinkCallback, SweepBinding, SweepStopped, bound
 
 STATE_FILE = "trial_state.pt"
 CHECKPOINTS_KEPT = 1  # also forces an experiment snapshot after every checkpoint (see run_sweep)
-FAULT_DIR_ENV = "BITBENCH_FAULT_DIR"  # tests only: see _fault_point
 
 
 # -- paths and names -------------------------------------------------------------------------
@@ -51,31 +51,15 @@ def ensure_ray(address: str | None = None) -> None:
 
 
 # -- the trainable (runs in a Ray worker) ----------------------------------------------------
-def _hook_dir() -> Path | None:
-    root = os.environ.get(FAULT_DIR_ENV)
-    return Path(root) / tune.get_context().get_experiment_name() if root else None
+class TrialHooks(Protocol):
+    """What a caller of :func:`run_sweep` may run inside every trial attempt, in its Ray worker (tests trace
+    attempts and inject faults with it; it is pickled to the workers). Exceptions fail the attempt."""
 
+    def started(self, trial_key: str, epoch: int) -> None:
+        """An attempt starts from the checkpoint of ``epoch`` (0: from scratch)."""
 
-def _trace(key: str, line: str) -> None:
-    """Tests only: append ``line`` to ``$BITBENCH_FAULT_DIR/<experiment>/<key>.log``."""
-    d = _hook_dir()
-    if d is not None:
-        d.mkdir(parents=True, exist_ok=True)
-        with open(d / f"{key}.log", "a") as f:
-            f.write(line + "\n")
-
-
-def _fault_point(key: str, epoch: int) -> None:
-    """Tests only: raise once if ``$BITBENCH_FAULT_DIR/<experiment>/<key>.fail@<epoch>`` exists
-    (the file is consumed, so the retry passes)."""
-    d = _hook_dir()
-    if d is None:
-        return
-    try:
-        (d / f"{key}.fail@{epoch}").unlink()
-    except FileNotFoundError:
-        return
-    raise RuntimeError(f"injected fault in epoch {epoch} of {key}")
+    def trained(self, trial_key: str, epoch: int) -> None:
+        """``epoch`` is trained, before it is reported and checkpointed."""
 
 
 def _load_state(checkpoint: tune.Checkpoint | None) -> dict | None:
@@ -85,35 +69,44 @@ def _load_state(checkpoint: tune.Checkpoint | None) -> dict | None:
         return torch.load(Path(d, STATE_FILE), map_location="cpu", weights_only=False)  # our own files
 
 
-def bitbench_trial(config: dict, *, spec_json: str, data_dir: str | None) -> None:
+def bitbench_trial(config: dict, *, spec_json: str, data_dir: str | None, hooks: TrialHooks | None = None) -> None:
     """Tune function trainable: ``config`` = {"trial": TrialSpec dict, "spec_hash": str}.
 
     Resumes from ``tune.get_checkpoint()``, reports every epoch with a checkpoint holding the
-    full resume state, then reports ``{"final": {...}}`` once.
+    full resume state, then reports ``{"final": {...}}`` once. The attempt's first report also
+    carries its provenance (:mod:`workers.provenance`) as JSON text under ``"provenance"`` (one
+    column for Tune's CSV and TensorBoard loggers). ``hooks`` (:class:`TrialHooks`) see the attempt.
     """
     spec = parse_spec(spec_json)
     if config["spec_hash"] != spec.spec_hash():
         raise ValueError("this experiment directory was started with a different spec; use another experiment name")
     trial = TrialSpec.model_validate(config["trial"])
     state = _load_state(tune.get_checkpoint())
-    _trace(trial.key, f"start {state['epoch'] if state else 0}")
+    if hooks is not None:
+        hooks.started(trial.key, state["epoch"] if state else 0)
+
+    unsent: dict[str, str] = {}  # the attempt's provenance, sent with its first report
+
+    def on_start(record: dict) -> None:
+        unsent[PROVENANCE_KEY] = json.dumps(record)
 
     def on_epoch(metrics: dict, epoch_state: dict) -> None:
-        _trace(trial.key, f"trained {metrics['epoch']}")
-        _fault_point(trial.key, metrics["epoch"])
+        if hooks is not None:
+            hooks.trained(trial.key, metrics["epoch"])
         with tempfile.TemporaryDirectory(prefix="bitbench-ckpt-") as d:
             torch.save(epoch_state, Path(d, STATE_FILE))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report({**metrics, **unsent}, checkpoint=tune.Checkpoint.from_directory(d))
+        unsent.clear()
 
-    final = run_trial(spec, trial, on_epoch=on_epoch, resume_state=state, data_dir=data_dir,
+    final = run_trial(spec, trial, on_epoch=on_epoch, on_start=on_start, resume_state=state, data_dir=data_dir,
                       threads=max(1, int(spec.resources.cpu)), packed_check=packed_summary)
-    tune.report({FINAL_KEY: final})
+    tune.report({FINAL_KEY: final, **unsent})
 
 
-def make_trainable(spec: ExperimentSpec, data_dir: str | os.PathLike | None = None):
-    """``bitbench_trial`` with the spec and data directory bound and the spec's resources."""
+def make_trainable(spec: ExperimentSpec, data_dir: str | os.PathLike | None = None, hooks: TrialHooks | None = None):
+    """``bitbench_trial`` with the spec, data directory and hooks bound and the spec's resources."""
     data = str(Path(data_dir).expanduser().resolve()) if data_dir is not None else None
-    fn = tune.with_parameters(bitbench_trial, spec_json=spec.canonical_json(), data_dir=data)
+    fn = tune.with_parameters(bitbench_trial, spec_json=spec.canonical_json(), data_dir=data, hooks=hooks)
     return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
@@ -152,12 +145,13 @@ def run_sweep(
     skip_keys: Iterable[str] = (),
     ray_address: str | None = None,
     data_dir: str | os.PathLike | None = None,
+    hooks: TrialHooks | None = None,
 ) -> dict[str, str]:
     """Run every trial of ``spec`` not in ``skip_keys``; return {trial_key: done | failed |
     cancelled | skipped} for the whole grid.
 
-    Events go to ``sink`` from this process: ``on_trial_start`` per attempt, ``on_epoch`` once
-    per (trial, epoch), ``on_trial_end`` per trial. ``stop_requested`` is polled about twice a
+    Events go to ``sink`` from this process: ``on_trial_start`` and ``on_provenance`` per attempt,
+    ``on_epoch`` once per (trial, epoch), ``on_trial_end`` per trial. ``stop_requested`` is polled about twice a
     second; once True every unfinished trial is stopped and ends "cancelled" (as do trials a
     Ctrl+C leaves unfinished). The experiment lives in ``storage_path/experiment_name``
     (defaults: :func:`resolve_storage`, :func:`default_experiment_name`); if Tune can restore
@@ -166,7 +160,8 @@ def run_sweep(
     the experiment never had). An exception from the sink stops the sweep and is re-raised
     here; the next run restores from the last experiment snapshot, which Tune forces after
     every checkpoint (``num_to_keep=1``), so at most an epoch in flight is trained again and
-    the callback's saved state keeps it from reaching the sink twice.
+    the callback's saved state keeps it from reaching the sink twice. ``hooks`` run in every trial
+    attempt (:class:`TrialHooks`).
     """
     storage = resolve_storage(storage_path)
     name = experiment_name or default_experiment_name(spec)
@@ -184,7 +179,7 @@ def run_sweep(
     # frequent forced snapshots; this is on purpose.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     binding = SweepBinding(sink, stop_requested, device="cuda:0" if spec.resources.gpu > 0 else "cpu")
-    trainable = make_trainable(spec, data_dir)
+    trainable = make_trainable(spec, data_dir, hooks)
     with bound(name, binding):
         if restoring:
             tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
@@ -222,6 +217,9 @@ class ProgressSink:
     def on_trial_start(self, trial_key: str, info: dict) -> None:
         if trial_key not in self.running:
             self.running[trial_key] = self.progress.add_task(f"  {trial_key}", total=self.epochs)
+
+    def on_provenance(self, trial_key: str, provenance: dict) -> None:
+        pass  # not shown: the --out file has it
 
     def on_epoch(self, trial_key: str, metrics: dict) -> None:
         self.on_trial_start(trial_key, {})

@@ -178,6 +178,13 @@ def record_trial_start(s: Session, trial_id: int, *, device: str | None = None) 
     s.commit()
 
 
+def record_provenance(s: Session, trial_id: int, provenance: dict) -> None:
+    """Keep the latest attempt's provenance (``workers.provenance``) and its actual device; commits."""
+    s.execute(update(trials).where(trials.c.id == trial_id).values(
+        provenance=jsonable(provenance), device=provenance.get("device")))
+    s.commit()
+
+
 def record_epoch(s: Session, trial_id: int, metric: dict) -> bool:
     """Store one epoch's metrics exactly once per (trial, epoch) and advance ``epochs_done``;
     commits. Returns False when that epoch was already stored (the row is left unchanged)."""
@@ -187,7 +194,7 @@ def record_epoch(s: Session, trial_id: int, metric: dict) -> bool:
         trial_id=trial_id, epoch=epoch, device=metric.get("device"),
         schedule=jsonable(metric.get("schedule") or {}), **values,
     ).on_conflict_do_nothing(index_elements=["trial_id", "epoch"])
-    inserted = s.execute(stmt).rowcount == 1
+    inserted = s.execute(stmt.returning(metrics.c.id)).first() is not None  # (rowcount is -1 on PostgreSQL)
     s.execute(update(trials).where(trials.c.id == trial_id).values(
         epochs_done=case((trials.c.epochs_done < epoch, epoch), else_=trials.c.epochs_done),
         status=case((trials.c.status == Status.QUEUED, Status.RUNNING), else_=trials.c.status)))
