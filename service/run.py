@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import httpx
+from sqlalchemy.engine import make_url
 
 from service import store
 from service.config import get_settings
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         wait_ready(f"{base}/healthz", children, stop_requested)
-        print(f"\nbitbench is up (database {settings.database_url})\n  API:       {base}/docs\n"
+        shown = make_url(settings.database_url).render_as_string(hide_password=True)
+        print(f"\nbitbench is up (database {shown})\n  API:       {base}/docs\n"
               f"  dashboard: {base}/dashboard\nCtrl-C stops everything.\n", flush=True)
         while not stop_requested.is_set():
             dead = [c for c in children if not c.alive()]
