@@ -60,7 +60,7 @@ def create_router(source: Any) -> APIRouter:
             return respond(request, pages.not_found(f"There is no run {run_id}."))
         trials = source.list_trials(run_id, limit=pages.TRIALS_PER_PAGE, offset=offset)
         page = pages.run_page(record, trials, source.run_results(run_id), urls(request), known_metric(metric),
-                              offset=offset)
+                              offset=offset, limit=pages.TRIALS_PER_PAGE)
         return respond(request, page)
 
     @router.get("/compare", name="dashboard.compare")
@@ -70,7 +70,7 @@ def create_router(source: Any) -> APIRouter:
         except compare.BadSelection as e:
             return respond(request, pages.problem_page("Cannot compare", str(e), 400))
         records = [source.get_run(i) for i in run_ids]
-        missing = [i for i, r in zip(run_ids, records) if r is None]
+        missing = [i for i, r in zip(run_ids, records, strict=True) if r is None]
         if missing:
             return respond(request, pages.not_found(f"There is no run {', '.join(map(str, missing))}."))
         metric = known_metric(metric)
