@@ -369,7 +369,7 @@ def compare_page(runs: list[dict], results: list[list[dict]], boards: list[list[
     ``results[i]`` and ``boards[i]`` are ``runs[i]``'s finished trials and leaderboard rows."""
     y_range = shared_range(results, metric)
     panels = [{"run": run, "figure": compare_figure(run, rs, metric, i, y_range)}
-              for i, (run, rs) in enumerate(zip(runs, results))]
+              for i, (run, rs) in enumerate(zip(runs, results, strict=True))]
     rows = compare.side_by_side(boards)
     groups = [(bits, list(group)) for bits, group in groupby(rows, key=bits_label)]
     body = render_template(

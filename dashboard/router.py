@@ -48,7 +48,7 @@ def create_router(source: Any) -> APIRouter:
         items, total = source.list_runs(**filters, limit=pages.RUNS_PER_PAGE, offset=offset)
         selected = [int(r) for r in run if r.isascii() and r.isdigit()][:compare.MAX_RUNS]  # pre-checked
         return respond(request, pages.runs_page(items, total, urls(request), status=status, offset=offset,
-                                                selected=selected))
+                                                limit=pages.RUNS_PER_PAGE, selected=selected))
 
     def known_metric(metric: str | None) -> str:
         return metric if metric in figures.METRICS else figures.DEFAULT_METRIC

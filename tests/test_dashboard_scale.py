@@ -9,10 +9,10 @@ from contextlib import contextmanager
 
 import pytest
 from fastapi.testclient import TestClient
+from scale_db import BIG_ESTIMATORS, fill
 from sqlalchemy import event
 
 from dashboard import pages
-from scale_db import BIG_ESTIMATORS, fill
 from service.app import create_app
 from service.config import Settings
 
@@ -92,7 +92,7 @@ def test_pages_cost_the_same_statements_whatever_the_trial_count(scaled):
         at_scale = count(template.format(run=big, trial=trial_of[big], other=small))
         small_one = count(template.format(run=small, trial=trial_of[small], other=big))
         assert len(at_scale) == len(small_one) <= 12, (template, at_scale)
-    for path in ("/dashboard/", "/dashboard/leaderboard", "/dashboard/runs/{}".format(big)):
+    for path in ("/dashboard/", "/dashboard/leaderboard", f"/dashboard/runs/{big}"):
         seen = count(path)
         assert len(seen) <= 6, (path, seen)
         assert not any(re.search(r"\bFROM metrics\b", s) for s in seen), (path, seen)  # no metric rows read
