@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -27,13 +28,14 @@ from plotly.offline import get_plotlyjs
 
 from workers.records import ACTIVE, STATUSES
 
-from . import figures
+from . import compare, figures
 from .paper_results import paper_points
 
 ACTIVE_STATUSES = ACTIVE  # a page showing one of these refreshes itself
 KNOWN_STATUSES = STATUSES
 REFRESH_SECONDS = 5
 RUNS_PER_PAGE = 50
+TRIALS_PER_PAGE = 100
 STATIC_TYPES = {"dashboard.css": "text/css; charset=utf-8",
                 "dashboard.js": "text/javascript; charset=utf-8"}
 
@@ -66,8 +68,8 @@ def inline_asset(name: str, tag: str) -> str:
 # ---------------------------------------------------------------- urls
 
 def with_query(path: str, **params: object) -> str:
-    """``path`` plus the non-empty ``params`` as a query string."""
-    query = urlencode({k: v for k, v in params.items() if v not in (None, "")})
+    """``path`` plus the non-empty ``params`` as a query string (a list value repeats its key)."""
+    query = urlencode({k: v for k, v in params.items() if v not in (None, "", [], ())}, doseq=True)
     return f"{path}?{query}" if query else path
 
 
@@ -93,6 +95,9 @@ class Urls:
 
     def leaderboard(self, **query: object) -> str:
         return with_query(f"{self.base}/leaderboard", **query)
+
+    def compare(self, run_ids: list[int] | tuple[int, ...] = (), **query: object) -> str:
+        return with_query(f"{self.base}/compare", run=list(run_ids), **query)
 
     def static(self, name: str) -> str:
         return with_query(f"{self.base}/static/{name}", v=asset_version(name))
@@ -197,7 +202,12 @@ def render_standalone(page: Page) -> str:
 
 def not_found(what: str) -> Page:
     """A 404 page."""
-    return Page("Not found", render_template("not_found.html", what=what), status_code=404)
+    return problem_page("Not found", what, 404)
+
+
+def problem_page(title: str, what: str, status_code: int) -> Page:
+    """A page that only says what is wrong with the request (4xx)."""
+    return Page(title, render_template("not_found.html", title=title, what=what), status_code=status_code)
 
 
 # ---------------------------------------------------------------- pieces of context
@@ -234,36 +244,59 @@ def run_figures(run: dict, results: list[dict], metric: str) -> dict | None:
                                 estimator=label) for i, label in enumerate(labels)]}
 
 
-def pager(urls: Urls, status: str | None, offset: int, limit: int, total: int) -> dict | None:
-    """Links to the newer and older pages of the runs list (None where there is none)."""
+def pager(link: Callable[[int | None], str], offset: int, limit: int, total: int) -> dict | None:
+    """Links to the previous and next pages of a list of ``total`` rows shown ``limit`` at a time
+    (``link(offset)`` is a page's URL, offset None for the first), and which rows this page shows;
+    None when they fit on one page."""
     if total <= limit:
         return None
-    return {"newer": urls.runs(status=status, offset=max(0, offset - limit) or None) if offset > 0 else None,
-            "older": urls.runs(status=status, offset=offset + limit) if offset + limit < total else None,
-            "shown": f"{offset + 1}–{min(offset + limit, total)} of {total}"}
+    return {"newer": link(max(0, offset - limit) or None) if offset > 0 else None,
+            "older": link(offset + limit) if offset + limit < total else None,
+            "shown": f"{offset + 1}–{min(offset + limit, total)} of {total}" if offset < total else f"— of {total}"}
 
 
 # ---------------------------------------------------------------- pages
 
 def runs_page(runs: list[dict], total: int, urls: Urls, *, status: str | None = None,
-              offset: int = 0, limit: int = RUNS_PER_PAGE) -> Page:
-    """All runs, newest first as the source returns them, with a status filter and paging."""
+              offset: int = 0, limit: int = RUNS_PER_PAGE, selected: list[int] | tuple[int, ...] = ()) -> Page:
+    """All runs, newest first as the source returns them, with a status filter and paging; a GET
+    form sends the checked runs to the compare page (``selected`` come checked, and stay selected
+    across pages as hidden inputs where they are not on this one)."""
+    selected = list(dict.fromkeys(selected))
+    shown = {r["id"] for r in runs}
     body = render_template("runs.html", runs=runs, total=total, urls=urls, status=status,
-                           statuses=(None, *KNOWN_STATUSES), pager=pager(urls, status, offset, limit, total),
-                           progress=progress)
+                           statuses=(None, *KNOWN_STATUSES), progress=progress, selected=selected,
+                           hidden=[i for i in selected if i not in shown], max_compare=compare.MAX_RUNS,
+                           pager=pager(lambda o: urls.runs(status=status, offset=o, run=selected), offset, limit,
+                                       total))
     return Page("Runs", body, nav="runs", live=any(r.get("status") in ACTIVE_STATUSES for r in runs))
 
 
 def _run_context(run: dict, trials: list[dict], results: list[dict], metric: str) -> dict:
     return {"run": run, "trials": trials, "figures": run_figures(run, results, metric), "metric": metric,
-            "metrics": figures.METRICS, "progress": progress,
+            "metrics": figures.METRICS, "progress": progress, "trial_total": len(trials), "pager": None,
             "spec": json.dumps(run.get("spec"), indent=2, sort_keys=True, default=str)}
 
 
+def trial_total(run: dict) -> int:
+    """How many trials a run has (its grid's size; else its trials counted by status)."""
+    return int(run.get("trial_count") or sum((run.get("progress") or {}).values()) or 0)
+
+
 def run_page(run: dict, trials: list[dict], results: list[dict], urls: Urls,
-             metric: str = figures.DEFAULT_METRIC) -> Page:
-    """One run: figures and heat maps of ``metric``, trials; live while the run is queued or running."""
-    body = render_template("run.html", **_run_context(run, trials, results, metric), urls=urls, generated=None)
+             metric: str = figures.DEFAULT_METRIC, *, offset: int = 0, limit: int = TRIALS_PER_PAGE) -> Page:
+    """One run: figures and heat maps of ``metric`` over all its finished trials (``results``), and
+    one page of its trials (``trials``: ``limit`` from ``offset``, with a pager); live while the run
+    is queued or running."""
+    total = trial_total(run)
+
+    def link(page_offset: int | None) -> str:
+        shown_metric = None if metric == figures.DEFAULT_METRIC else metric
+        return urls.run(run["id"], metric=shown_metric, offset=page_offset) + "#trials"
+
+    context = {**_run_context(run, trials, results, metric), "trial_total": total,
+               "pager": pager(link, offset, limit, total)}
+    body = render_template("run.html", **context, urls=urls, generated=None)
     return Page(f"Run {run.get('name') or run['id']}", body, nav="runs",
                 live=run.get("status") in ACTIVE_STATUSES)
 
@@ -307,3 +340,40 @@ def trial_page(trial: dict, run: dict | None, urls: Urls) -> Page:
         schedule_keys=sorted({k for m in metrics for k in (m.get("schedule") or {})}))
     return Page(f"Trial {trial.get('key') or trial['id']}", body, nav="runs",
                 live=trial.get("status") in ACTIVE_STATUSES)
+
+
+def compare_figure(run: dict, results: list[dict], metric: str, index: int, y_range: list[float] | None) -> dict | None:
+    """One run's accuracy-vs-bits figure for the compare page (None before any trial finished)."""
+    if not figures.finished(results, metric):
+        return None
+    fig = figures.accuracy_vs_bits(results, metric=metric)
+    if y_range:
+        fig.update_yaxes(range=y_range)
+    return figure(fig, f"acc-vs-bits-{index}", run=run["id"], metric=metric)
+
+
+def shared_range(results: list[list[dict]], metric: str) -> list[float] | None:
+    """One y range for every run's figure: the lowest to the highest trial value, padded."""
+    field = figures.METRICS[metric][0]
+    values = [float(t[field]) for rs in results for t in figures.finished(rs, metric)]
+    if not values:
+        return None
+    pad = 0.1 * (max(values) - min(values)) + 0.01
+    return [max(0.0, min(values) - pad), min(1.0, max(values) + pad)]
+
+
+def compare_page(runs: list[dict], results: list[list[dict]], boards: list[list[dict]], urls: Urls,
+                 metric: str = figures.DEFAULT_METRIC) -> Page:
+    """Runs side by side: each one's accuracy-vs-bits figure of ``metric`` (one y range), their
+    leaderboards merged by bit configuration and estimator, and how their recipes differ.
+    ``results[i]`` and ``boards[i]`` are ``runs[i]``'s finished trials and leaderboard rows."""
+    y_range = shared_range(results, metric)
+    panels = [{"run": run, "figure": compare_figure(run, rs, metric, i, y_range)}
+              for i, (run, rs) in enumerate(zip(runs, results, strict=True))]
+    rows = compare.side_by_side(boards)
+    groups = [(bits, list(group)) for bits, group in groupby(rows, key=bits_label)]
+    body = render_template(
+        "compare.html", urls=urls, runs=runs, panels=panels, groups=groups, metric=metric, metrics=figures.METRICS,
+        differences=compare.recipe_differences([r.get("spec") for r in runs]), recipe_value=compare.recipe_value,
+        protocols=any(r.get("protocol_label") for r in runs), run_ids=[r["id"] for r in runs])
+    return Page("Compare runs", body, nav="runs", live=any(r.get("status") in ACTIVE_STATUSES for r in runs))

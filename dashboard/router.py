@@ -4,9 +4,10 @@
 
     list_runs(**filters) -> (list[Run], total)      # filters: status, limit, offset
     get_run(run_id) -> Run | None
-    list_trials(run_id) -> list[Trial]
+    list_trials(run_id, limit=None, offset=0) -> list[Trial]   # grid order; one page with limit
     get_trial(trial_id) -> Trial + {"metrics": [Metric]} | None
     leaderboard(dataset, model, metric) -> list[LeaderboardRow]   # metric: "final" | "selected"
+    run_leaderboard(run_id, metric) -> list[LeaderboardRow]      # one run's own (the compare page)
     run_results(run_id) -> list[Trial]              # finished trials with final metrics
     datasets_models() -> list[(dataset, model)]
 """
@@ -18,7 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
-from . import figures, pages
+from . import compare, figures, pages
 
 PAGE_HEADERS = {"Cache-Control": "no-store"}
 STATIC_HEADERS = {"Cache-Control": "public, max-age=31536000, immutable"}
@@ -40,22 +41,41 @@ def create_router(source: Any) -> APIRouter:
 
     @router.get("", name="dashboard.home")
     @router.get("/", name="dashboard.runs")
-    def runs(request: Request, status: str | None = None, offset: int = Query(0, ge=0)) -> HTMLResponse:
+    def runs(request: Request, status: str | None = None, offset: int = Query(0, ge=0),
+             run: list[str] = Query([])) -> HTMLResponse:
         status = status if status in pages.KNOWN_STATUSES else None
         filters = {"status": status} if status else {}
         items, total = source.list_runs(**filters, limit=pages.RUNS_PER_PAGE, offset=offset)
-        return respond(request, pages.runs_page(items, total, urls(request), status=status, offset=offset))
+        selected = [int(r) for r in run if r.isascii() and r.isdigit()][:compare.MAX_RUNS]  # pre-checked
+        return respond(request, pages.runs_page(items, total, urls(request), status=status, offset=offset,
+                                                limit=pages.RUNS_PER_PAGE, selected=selected))
 
     def known_metric(metric: str | None) -> str:
         return metric if metric in figures.METRICS else figures.DEFAULT_METRIC
 
     @router.get("/runs/{run_id}", name="dashboard.run")
-    def run(request: Request, run_id: int, metric: str | None = None) -> HTMLResponse:
+    def run(request: Request, run_id: int, metric: str | None = None, offset: int = Query(0, ge=0)) -> HTMLResponse:
         record = source.get_run(run_id)
         if record is None:
             return respond(request, pages.not_found(f"There is no run {run_id}."))
-        page = pages.run_page(record, source.list_trials(run_id), source.run_results(run_id), urls(request),
-                              known_metric(metric))
+        trials = source.list_trials(run_id, limit=pages.TRIALS_PER_PAGE, offset=offset)
+        page = pages.run_page(record, trials, source.run_results(run_id), urls(request), known_metric(metric),
+                              offset=offset, limit=pages.TRIALS_PER_PAGE)
+        return respond(request, page)
+
+    @router.get("/compare", name="dashboard.compare")
+    def compare_runs(request: Request, run: list[str] = Query([]), metric: str | None = None) -> HTMLResponse:
+        try:
+            run_ids = compare.parse_selection(run)
+        except compare.BadSelection as e:
+            return respond(request, pages.problem_page("Cannot compare", str(e), 400))
+        records = [source.get_run(i) for i in run_ids]
+        missing = [i for i, r in zip(run_ids, records, strict=True) if r is None]
+        if missing:
+            return respond(request, pages.not_found(f"There is no run {', '.join(map(str, missing))}."))
+        metric = known_metric(metric)
+        page = pages.compare_page(records, [source.run_results(i) for i in run_ids],
+                                  [source.run_leaderboard(i, metric=metric) for i in run_ids], urls(request), metric)
         return respond(request, page)
 
     @router.get("/runs/{run_id}/report.html", name="dashboard.report")

@@ -36,8 +36,9 @@ class FakeSource:
     def get_run(self, run_id):
         return self.runs.get(run_id)
 
-    def list_trials(self, run_id):
-        return [{k: v for k, v in t.items() if k != "metrics"} for t in self.trials.values() if t["run_id"] == run_id]
+    def list_trials(self, run_id, limit=None, offset=0):
+        rows = [{k: v for k, v in t.items() if k != "metrics"} for t in self.trials.values() if t["run_id"] == run_id]
+        return rows[offset:None if limit is None else offset + limit]
 
     def get_trial(self, trial_id):
         trial = self.trials.get(trial_id)
@@ -45,6 +46,10 @@ class FakeSource:
 
     def run_results(self, run_id):
         return [t for t in self.list_trials(run_id) if t["status"] == "done"]
+
+    def run_leaderboard(self, run_id, metric="final"):
+        run = self.runs[run_id]
+        return FakeSource([run], self.run_results(run_id)).leaderboard(run["dataset"], run["model"], metric)
 
     def datasets_models(self):
         return sorted({(r["dataset"], r["model"]) for r in self.runs.values()

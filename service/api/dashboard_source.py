@@ -33,8 +33,9 @@ class StoreSource:
     def get_run(self, run_id: int) -> dict | None:
         return self._read(store.get_run, run_id) if 1 <= run_id <= MAX_ID else None
 
-    def list_trials(self, run_id: int) -> list[dict]:
-        return self._read(store.list_trials, run_id)
+    def list_trials(self, run_id: int, limit: int | None = None, offset: int = 0) -> list[dict]:
+        """The run's trials in grid order, one page of them with ``limit``."""
+        return self._read(store.list_trials, run_id, limit=limit, offset=min(offset, MAX_ID))
 
     def get_trial(self, trial_id: int) -> dict | None:
         return self._read(store.get_trial, trial_id) if 1 <= trial_id <= MAX_ID else None
@@ -42,6 +43,10 @@ class StoreSource:
     def leaderboard(self, dataset: str | None = None, model: str | None = None,
                     metric: str = store.DEFAULT_RANK_METRIC) -> list[dict]:
         return self._read(store.leaderboard, dataset=dataset, model=model, metric=metric)
+
+    def run_leaderboard(self, run_id: int, metric: str = store.DEFAULT_RANK_METRIC) -> list[dict]:
+        """One run's own leaderboard (the compare page's)."""
+        return self._read(store.leaderboard, run_id=run_id, metric=metric)
 
     def run_results(self, run_id: int) -> list[dict]:
         return self._read(store.run_results, run_id)

@@ -145,9 +145,10 @@ def count_rows(s: Session) -> dict[str, int]:
 
 
 # -- trials and metrics -----------------------------------------------------------------------
-def list_trials(s: Session, run_id: int) -> list[Trial]:
-    """The run's Trial records in grid order."""
-    rows = s.execute(select(trials).where(trials.c.run_id == run_id).order_by(trials.c.id))
+def list_trials(s: Session, run_id: int, *, limit: int | None = None, offset: int = 0) -> list[Trial]:
+    """The run's Trial records in grid order; ``limit``/``offset`` take one page of them."""
+    q = select(trials).where(trials.c.run_id == run_id).order_by(trials.c.id)
+    rows = s.execute(q.limit(limit).offset(offset) if limit is not None else q)
     return [cast(Trial, record(r, TRIAL_KEYS)) for r in rows]
 
 
