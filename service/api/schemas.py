@@ -88,6 +88,8 @@ class MetricOut(_Out):
     train_loss: float | None = None
     train_acc: float | None = None
     val_acc: float | None = None
+    val_acc_soft: float | None = Field(None, description="validation accuracy of the training forward (AQE's soft "
+                                       "mix), for estimators whose training forward differs from eval's; else null")
     test_acc: float | None = None
     test_top5: float | None = Field(None, description="top-5 test accuracy (data sets with at least 6 classes)")
     lr: float | None = None
