@@ -2,12 +2,20 @@
 changing the model, declared per estimator, stored per epoch and drawn beside the hard one."""
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 import estimators
 from service import store
+from dashboard.report import mean_curves
+from service.app import create_app
+from service.config import Settings
+from service.report import build_report
 from service.sink import SqlSink
 from service.tables import metrics, trials
 from workers.models import create_model
@@ -76,7 +84,13 @@ def test_no_soft_accuracy_without_a_soft_estimator():
         assert evaluate_training_forward(model, _val_batches()) is None
 
 
-def test_a_digits_trial_stores_val_acc_soft_for_aqe_and_null_for_ste(session, sessions):
+def _curves(page: str) -> dict:
+    """The trial page's training-curve figure (plotly JSON) from its placeholder's script element."""
+    match = re.search(r'<script type="application/json" id="training-curves-spec">(.*?)</script>', page, re.S)
+    return json.loads(match.group(1).replace("<\\/", "</"))
+
+
+def test_a_digits_trial_stores_val_acc_soft_for_aqe_and_null_for_ste(session, sessions, db_url, tmp_path):
     spec = parse_spec({"name": "soft", "dataset": "digits", "model": "digits_net", "estimators": ["aqe", "ste"],
                        "bits": {"w": 1, "a": 1}, "epochs": 2, "batch_size": 128, "include_full_precision": False})
     run = store.create_run(session, spec)[0]
@@ -98,3 +112,26 @@ def test_a_digits_trial_stores_val_acc_soft_for_aqe_and_null_for_ste(session, se
     assert aqe[1][2] == pytest.approx(aqe[1][1])  # the last epoch's α = 1: soft and hard forward agree
     detail = store.get_trial(session, store.trial_ids(session, run["id"])["aqe-w1a1-s0"])
     assert [m["val_acc_soft"] for m in detail["metrics"]] == [soft for _, _, soft in aqe]
+
+    ids = store.trial_ids(session, run["id"])
+    with TestClient(create_app(Settings(database_url=db_url, api_token=None))) as client:
+        pages = {key: client.get(f"/dashboard/trials/{ids[key]}") for key in ("aqe-w1a1-s0", "ste-w1a1-s0")}
+    assert all(p.status_code == 200 for p in pages.values())
+    soft_traces = {key: [t for t in _curves(p.text)["data"] if t["meta"]["key"] == "val_acc_soft"]
+                   for key, p in pages.items()}
+    assert soft_traces["ste-w1a1-s0"] == [] and "Val acc (training forward)" not in pages["ste-w1a1-s0"].text
+    (trace,) = soft_traces["aqe-w1a1-s0"]
+    assert trace["name"] == "val (training forward)" and trace["line"]["dash"] == "dash"
+    assert trace["x"] == [1, 2] and trace["y"] == pytest.approx([soft for _, _, soft in aqe])
+    assert trace["xaxis"] == "x2"  # the accuracy panel, beside the hard val_acc
+    assert "Val acc (training forward)" in pages["aqe-w1a1-s0"].text
+
+    # the report: the hard val accuracy per estimator, and AQE's training forward dashed beside it
+    fig = mean_curves(store.export_rows(session, run["id"]), "val_acc", dashed="val_acc_soft")
+    assert [(t.name, t.line.dash) for t in fig.data] == [("aqe", "solid"), ("ste", "solid"),
+                                                          ("aqe: val (training forward)", "dash")]
+    assert list(fig.data[2].y) == pytest.approx([soft for _, _, soft in aqe])
+    assert fig.data[2].line.color == fig.data[0].line.color
+    files = build_report(session, run["id"], tmp_path / "report", png=False)
+    assert files["validation_curves.html"].exists()
+    assert "[validation_curves.html](validation_curves.html)" in files["RESULTS.md"].read_text()
