@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 import estimators
-from service import store
 from dashboard.report import mean_curves
+from service import store
 from service.app import create_app
 from service.config import Settings
 from service.report import build_report

@@ -343,7 +343,8 @@ def _run(spec, trial, on_epoch, resume_state, dev, data_dir, packed_check) -> di
             best = {"val_acc": val_acc, "epoch": epoch, "test_acc": test_acc}
         last = {
             "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_acc": val_acc,
-            "val_acc_soft": val_acc_soft, "test_acc": test_acc, "test_top5": test_top5, "lr": float(lr), "epoch_seconds": time.perf_counter() - t0,
+            "val_acc_soft": val_acc_soft, "test_acc": test_acc, "test_top5": test_top5, "lr": float(lr),
+            "epoch_seconds": time.perf_counter() - t0,
             "images_per_s": n / train_s if train_s > 0 else 0.0,
             "weight_flips": estimators.level_change_fraction(levels_before, levels),
             "device": str(dev),
