@@ -31,7 +31,7 @@ def test_weight_counts_per_divisor(divisor):
 
 
 def test_divisor_one_is_the_paper_model():
-    for name, bits in zip(("convnet_a", "convnet_b", "convnet_c", "convnet_d"), CIFAR[1]):
+    for name, bits in zip(("convnet_a", "convnet_b", "convnet_c", "convnet_d"), CIFAR[1], strict=True):
         model = create_model(name)
         assert estimators.weight_storage(model).bits == bits
         assert str(model) == str(create_model(name, options={"width_divisor": 1}))
@@ -61,7 +61,8 @@ def test_options_leave_older_specs_and_their_hash_alone():
     plain = parse_spec(body)
     assert "model_options" not in plain.canonical_json()
     reduced = parse_spec({**body, "model_options": {"width_divisor": 2}})
-    assert reduced.spec_hash() != plain.spec_hash() and '"model_options":{"width_divisor":2}' in reduced.canonical_json()
+    assert reduced.spec_hash() != plain.spec_hash()
+    assert '"model_options":{"width_divisor":2}' in reduced.canonical_json()
     assert parse_spec(reduced.model_dump(mode="json")).spec_hash() == reduced.spec_hash()  # round trip
 
 
