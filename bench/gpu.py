@@ -5,7 +5,9 @@
 convnet_a and resnet20 at W1A1 with aqe on synthetic CIFAR-shaped data (3×32×32, kept on the
 GPU), trained by ``workers.train.run_trial`` exactly as a sweep trial would be. For each share
 count k, k processes train at once on the same GPU; the table gives images/s per trial (median
-over epochs after the first) and their sum. Prints the card's name; exits cleanly (code 0)
+over epochs after the first) and their sum. On a GPU it records each model's images/s of one trial
+alone in bench/gpu_figures.json (``--record``), the figures a dry run's time estimate uses
+(``workers.plan``). Prints the card's name; exits cleanly (code 0)
 without a GPU. Stops starting new cells once --budget-s is spent. ``--device cpu`` runs the same
 code on the CPU (a smoke test of the script, not a benchmark).
 """
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-train", type=int, default=10240)
     p.add_argument("--budget-s", type=float, default=540.0, help="start no new cell after this many seconds")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--record", type=Path, default=ROOT / "bench" / "gpu_figures.json",
+                   help="where to record the single-trial images/s per model (on a GPU only)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--share", type=int, default=1, help=argparse.SUPPRESS)
@@ -88,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| model | trials sharing the GPU | images/s per trial | total images/s | total vs 1 trial |")
     print("|---|---:|---:|---:|---:|", flush=True)
     start = time.monotonic()
+    alone: dict[str, float] = {}
     for model in args.models:
         single = None
         for share in args.shares:
@@ -97,8 +102,14 @@ def main(argv: list[str] | None = None) -> int:
             rates = run_cell(args, model, share)
             total = sum(rates)
             single = single or (total if share == 1 else None)
+            if share == 1:
+                alone[model] = total
             ratio = f"{total / single:.2f}" if single else "–"
             print(f"| {model} | {share} | {statistics.mean(rates):.0f} | {total:.0f} | {ratio} |", flush=True)
+    if args.device == "cuda" and alone:
+        args.record.write_text(json.dumps({"card": card, "torch": torch.__version__, "command": f"python bench/gpu.py "
+                                           f"{cmd}", "batch": args.batch, "images_per_s": alone}, indent=2) + "\n")
+        print(f"\nrecorded {args.record}")
     return 0
 
 

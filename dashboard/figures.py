@@ -186,23 +186,32 @@ def bits_heatmap(trials: Iterable[dict], estimator_label: str, title: str | None
     return fig
 
 
+#: the name of the validation accuracy of the training forward (``val_acc_soft``) in figures
+SOFT_VAL_NAME = "val (training forward)"
+
+
 def training_curves(trial: dict) -> go.Figure:
-    """Per-epoch loss, accuracies, learning rate and schedule values (AQE's α etc.) of one trial."""
+    """Per-epoch loss, accuracies, learning rate and schedule values (AQE's α etc.) of one trial.
+
+    Where the trial recorded ``val_acc_soft`` (an estimator whose training forward differs from
+    eval's, e.g. AQE's soft mix), the accuracy panel also draws it, dashed, as "val (training
+    forward)" beside the hard ``val_acc``: the gap closes as α → 1."""
     metrics = sorted(trial.get("metrics") or [], key=lambda m: m["epoch"])
     epochs = [m["epoch"] for m in metrics]
     fig = make_subplots(rows=3, cols=2, subplot_titles=("Training loss", "Accuracy", "Learning rate",
                                                         "Schedule", "Weight flips (level changes per epoch)"),
                         horizontal_spacing=0.1, vertical_spacing=0.12)
 
-    def series(key: str, name: str, row: int, col: int, getter=None) -> None:
+    def series(key: str, name: str, row: int, col: int, getter=None, **line) -> None:
         values = [getter(m) if getter else m.get(key) for m in metrics]
         if any(v is not None for v in values):
-            fig.add_trace(go.Scatter(x=epochs, y=values, mode="lines+markers", name=text(name),
+            fig.add_trace(go.Scatter(x=epochs, y=values, mode="lines+markers", name=text(name), line=line,
                                      meta={"kind": "metric", "key": key}), row=row, col=col)
 
     series("train_loss", "train loss", 1, 1)
     for key in ("train_acc", "val_acc", "test_acc"):
         series(key, key.replace("_acc", " acc"), 1, 2)
+    series("val_acc_soft", SOFT_VAL_NAME, 1, 2, dash="dash")
     series("lr", "learning rate", 2, 1)
     schedule_keys = sorted({k for m in metrics for k in (m.get("schedule") or {})})
     for key in schedule_keys:

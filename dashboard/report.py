@@ -15,6 +15,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from .figures import (
     FLOAT_LABEL,
+    SOFT_VAL_NAME,
     accuracy_vs_bits,
     bit_config,
     config_label,
@@ -30,31 +31,45 @@ CANDIDATES = ("aqe", "minw_aqe")  # the paper's estimator, and its named method
 LATE_DROP = 0.01
 
 
-def mean_curves(epoch_rows: list[dict], metric: str = "test_acc") -> go.Figure:
-    """Mean ``metric`` per epoch over seeds: one line per estimator, one panel per bit config."""
-    from plotly.subplots import make_subplots
-
+def _by_epoch(epoch_rows: list[dict], metric: str) -> dict[tuple, dict[str, dict[int, list[float]]]]:
+    """{bit config: {estimator label: {epoch: [``metric`` of each seed]}}} over the rows that have it."""
     series: dict[tuple, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in epoch_rows:
         if r.get(metric) is not None:
             series[bit_config(r["w_bits"], r["a_bits"])][r["estimator_label"]][r["epoch"]].append(r[metric])
-    configs = sorted(series, key=config_sort_key)
-    labels = sorted({label for by_label in series.values() for label in by_label})
+    return series
+
+
+def mean_curves(epoch_rows: list[dict], metric: str = "test_acc", dashed: str | None = None,
+                dashed_name: str = SOFT_VAL_NAME) -> go.Figure:
+    """Mean ``metric`` per epoch over seeds: one line per estimator, one panel per bit config; with
+    ``dashed`` (e.g. ``val_acc_soft``) also that metric's mean, dashed in the estimator's colour and
+    named ``label: dashed_name``, for the estimators that recorded it."""
+    from plotly.subplots import make_subplots
+
+    solid, second = _by_epoch(epoch_rows, metric), _by_epoch(epoch_rows, dashed) if dashed else {}
+    configs = sorted(solid, key=config_sort_key)
+    labels = sorted({label for by_label in solid.values() for label in by_label})
     fig = make_subplots(rows=1, cols=max(len(configs), 1), shared_yaxes=True,
                         subplot_titles=[config_label(c) for c in configs])
     shown: set[str] = set()
     for col, config in enumerate(configs, start=1):
-        for label, by_epoch in sorted(series[config].items()):
+        lines = [(label, by_epoch, label, "solid") for label, by_epoch in sorted(solid[config].items())]
+        lines += [(label, by_epoch, f"{label}: {dashed_name}", "dash")
+                  for label, by_epoch in sorted(second.get(config, {}).items()) if label in labels]
+        for label, by_epoch, name, dash in lines:
             epochs = sorted(by_epoch)
             fig.add_trace(go.Scatter(x=epochs, y=[mean(v) for v in (by_epoch[e] for e in epochs)],
-                                     mode="lines", name=label, legendgroup=label, showlegend=label not in shown,
-                                     line=dict(color=_color(labels.index(label))), meta={"kind": "estimator"}),
+                                     mode="lines", name=name, legendgroup=name, showlegend=name not in shown,
+                                     line=dict(color=_color(labels.index(label)), dash=dash),
+                                     meta={"kind": "estimator" if dash == "solid" else "soft", "estimator": label}),
                           row=1, col=col)
-            shown.add(label)
+            shown.add(name)
         fig.update_xaxes(title="epoch", row=1, col=col)
     fig.update_yaxes(title=metric.replace("_", " "), tickformat=".0%", row=1, col=1)
+    what = metric.replace("_", " ") + (f" ({dashed_name}: dashed)" if second else "")
     fig.update_layout(template="plotly_white", height=520, width=max(520, 460 * len(configs)),
-                      title=f"{metric.replace('_', ' ')} by epoch (mean over seeds)")
+                      title=f"{what} by epoch (mean over seeds)")
     return fig
 
 
@@ -188,6 +203,8 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
                                              title=f"{run['dataset']} / {run['model']}: final test accuracy"),
         "training_curves": mean_curves(epoch_rows, "test_acc"),
     }
+    if any(r.get("val_acc_soft") is not None for r in epoch_rows):  # a soft training forward (AQE): the gap closing
+        figures["validation_curves"] = mean_curves(epoch_rows, "val_acc", dashed="val_acc_soft")
     figures["accuracy_vs_bits"].update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, x=0),
                                               margin=dict(t=70, b=150))
     png_error = None
@@ -218,7 +235,7 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
         full_precision={"n": len(fp), "mean_std": mean_std(fp)} if fp else None,
         leaderboard=leaderboard_tables(leaderboard, selected_leaderboard), with_selected=bool(selected_leaderboard),
         late=late_drop_summary(trials), reestimation=reestimation_rows(trials),
-        images=[n for n in figures if f"{n}.png" in files], png_error=png_error)
+        images=[n for n in figures if f"{n}.png" in files], interactive=list(figures), png_error=png_error)
     files["RESULTS.md"] = out / "RESULTS.md"
     files["RESULTS.md"].write_text(md)
     return files

@@ -25,6 +25,8 @@ from .model_tools import (
     level_change_fraction,
     schedule_values,
     set_progress,
+    soft_estimators,
+    training_forward,
     weight_levels,
     weight_storage,
 )
@@ -35,6 +37,6 @@ __all__ = [
     "FLOAT_BITS", "SUPPORTED_BITS", "Estimator", "Param", "QConv2d", "QLinear", "QuantAct", "QUANTIZERS",
     "UnknownNameError", "WeightStorage", "clip_latent_weights", "create_estimator", "estimator_catalog",
     "get_estimator_class", "get_quantizer", "level_change_fraction", "levels", "list_estimators", "make_quantizer",
-    "register_estimator", "schedule_values", "set_progress", "validate_estimator_params", "weight_levels",
-    "weight_storage",
+    "register_estimator", "schedule_values", "set_progress", "soft_estimators", "training_forward",
+    "validate_estimator_params", "weight_levels", "weight_storage",
 ]

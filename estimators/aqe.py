@@ -29,6 +29,7 @@ class AQE(MinwEstimator):
     paper = ("Chen, Liu, Zhang, Hou, Yang, 'Propagating Asymptotic-Estimated Gradients for Low Bitwidth "
              "Quantized Neural Networks', IEEE JSTSP 2020, doi:10.1109/JSTSP.2020.2966327")
     scheduled = True
+    soft_forward = True
     params = {
         **MINW_PARAMS,
         "backward": Param("eq18", "pseudo-gradient: Eq. 18/19, Algorithm 1, or autodiff of the mix",

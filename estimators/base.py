@@ -91,6 +91,9 @@ class Estimator(nn.Module):
       params        user parameters (``Param``), checked by :func:`create_estimator`
       clip_weights  (low, high) range latent weights are clipped to after each step, or None
       scheduled     True when :meth:`set_progress` changes the estimator's behaviour
+      soft_forward  True when :meth:`train_forward`'s output differs from :meth:`hard`'s (a soft or mixed
+                    forward, e.g. AQE's α·Q(x) + (1 − α)·x): the trainer then also measures the
+                    validation accuracy of the training forward (``val_acc_soft``)
     """
 
     name: ClassVar[str] = ""
@@ -98,6 +101,7 @@ class Estimator(nn.Module):
     params: ClassVar[dict[str, Param]] = {}
     clip_weights: ClassVar[tuple[float, float] | None] = (-1.0, 1.0)
     scheduled: ClassVar[bool] = False
+    soft_forward: ClassVar[bool] = False
 
     def __init__(self, bits: int = 1, role: str = "weight", **params: Any):
         super().__init__()

@@ -1,6 +1,8 @@
 """Helpers that act on a whole model: training progress, latent-weight clipping, weight levels, storage."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,32 @@ def schedule_values(model: nn.Module) -> dict[str, float]:
             for k, v in m.schedule_values().items():
                 sums.setdefault(f"{prefix}.{k}", []).append(v)
     return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+def soft_estimators(model: nn.Module) -> list[Estimator]:
+    """The estimators in ``model`` whose training forward differs from their hard one (``soft_forward``)."""
+    return [m for m in model.modules() if isinstance(m, Estimator) and m.soft_forward]
+
+
+@contextmanager
+def training_forward(model: nn.Module) -> Iterator[bool]:
+    """Run ``model``'s *training forward* inside, for measuring it; yields whether it differs from eval's.
+
+    The training forward is the network being trained as it computes in training, without
+    changing it: every :func:`soft_estimators` member runs its ``train_forward`` (AQE's
+    α·Q(x) + (1 − α)·x at the current α), every other module as in ``eval()`` (BatchNorm
+    normalises with its running statistics and updates none, no dropout, the other estimators'
+    hard forward, which equals their training forward's output). No parameter or buffer changes.
+    On exit the model is in eval mode.
+    """
+    soft = soft_estimators(model)
+    model.eval()
+    for m in soft:
+        m.train()
+    try:
+        yield bool(soft)
+    finally:
+        model.eval()
 
 
 @torch.no_grad()

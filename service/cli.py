@@ -1,6 +1,7 @@
 """``bitbench``: the command line client of a bitbench server.
 
     bitbench submit spec.json              # prints the run id
+    bitbench submit --dry-run spec.json    # trial count, GPU time estimate, data files; queues nothing
     bitbench status 3                      # status and progress
     bitbench wait 3                        # progress bar; exit 0 done, 1 failed or cancelled
     bitbench leaderboard --dataset cifar10 --model convnet_a
@@ -188,11 +189,20 @@ def submit(
     spec: Annotated[Path, typer.Argument(metavar="SPEC.json", help="experiment spec (JSON), or a JSON list of specs")],
     idempotency_key: Annotated[str | None, typer.Option(
         help="repeat a submission safely: the same key and spec return the first run")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="validate and expand each spec, queue nothing: print the trial count, the estimated "
+                          "single-GPU time and the data files it needs")] = False,
 ) -> None:
     """Queue an experiment spec (or each spec of a list, as in studies/); prints the run ids."""
     specs = json.loads(_read_spec(spec))
     specs = specs if isinstance(specs, list) else [specs]
     client = _client(ctx)
+    if dry_run:
+        for one in specs:
+            r = client.request("POST", "/runs", params={"dry_run": 1}, content=json.dumps(one).encode(),
+                               headers={"Content-Type": "application/json"})
+            typer.echo(_dry_run_text(client.body(r)))
+        return
     for i, one in enumerate(specs):
         headers = {"Content-Type": "application/json"}
         if idempotency_key:
@@ -202,6 +212,21 @@ def submit(
         again = " (already queued with this idempotency key)" if r.status_code == 200 else ""
         typer.echo(f"run {run['id']}: {run['trial_count']} trials, {run['status']}{again}", err=True)
         typer.echo(run["id"])
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def _dry_run_text(plan: dict) -> str:
+    """A dry run's answer as lines: trials, GPU time estimate, data files (nothing was queued)."""
+    labels = ", ".join(f"{label} {n}" for label, n in plan["trials_by_label"].items())
+    seconds = plan["estimated_gpu_s"]
+    gpu = f"{_duration(seconds)} ({plan['estimate']})" if seconds is not None else f"unknown: {plan['estimate']}"
+    files = "\n".join(f"  {f}" for f in plan["data_files"]) or "  none (bundled or generated data)"
+    return (f"{plan['name']}: {plan['trials']} trials ({labels}) × {plan['epochs']} epochs on "
+            f"{plan['dataset']} / {plan['model']}; nothing queued (dry run)\n"
+            f"estimated single-GPU time: {gpu}\ndata files (under the data directory):\n{files}")
 
 
 def _progress_table(run: dict) -> Table:

@@ -141,6 +141,7 @@ metrics = Table(
     Column("train_loss", Float, nullable=True),
     Column("train_acc", Float, nullable=True),
     Column("val_acc", Float, nullable=True),
+    Column("val_acc_soft", Float, nullable=True),  # the training forward's (AQE's soft mix); None where it is eval's
     Column("test_acc", Float, nullable=True),
     Column("test_top5", Float, nullable=True),  # label among the 5 largest logits (None with < 6 classes)
     Column("lr", Float, nullable=True),

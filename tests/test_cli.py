@@ -133,6 +133,21 @@ def test_submit_prints_the_run_id(server, bitbench, spec_file):
     assert run["name"] == "cli-test" and run["status"] == "queued" and run["trial_count"] == TRIALS
 
 
+def test_submit_dry_run_prints_the_plan_and_queues_nothing(server, bitbench, monkeypatch, tmp_path):
+    monkeypatch.setenv("BITBENCH_GPU_FIGURES", str(tmp_path / "absent.json"))  # the server runs in this process
+    with server.sessions() as s:
+        before = store.count_rows(s)
+    result = bitbench("submit", "--dry-run", Path(__file__).parents[1] / "studies" / "cifar10_paper_table1.json")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert out.count("155 trials (float 5, aqe 75, clipped_ste 75) × 200 epochs") == 4  # models A–D
+    assert "cifar10 / convnet_a" in out and "cifar10 / convnet_d" in out and "nothing queued (dry run)" in out
+    assert out.count("estimated single-GPU time: unknown: no GPU figures recorded") == 4
+    assert out.count("  cifar-10-batches-py/data_batch_1\n") == 4
+    with server.sessions() as s:
+        assert store.count_rows(s) == before
+
+
 def test_submit_with_an_idempotency_key_returns_the_same_run(bitbench, spec_file):
     first = bitbench("submit", spec_file, "--idempotency-key", "cli-k1")
     again = bitbench("submit", spec_file, "--idempotency-key", "cli-k1")

@@ -151,6 +151,7 @@ class Metric(TypedDict):
     train_loss: float | None
     train_acc: float | None
     val_acc: float | None
+    val_acc_soft: float | None
     test_acc: float | None
     test_top5: float | None
     lr: float | None

@@ -30,6 +30,8 @@ import estimators
 from . import spec_schema
 from .data.base import MAX_SEED, DatasetOptions
 from .data.registry import list_datasets, options_model, options_models
+from .model_options import ModelOptions
+from .model_options import options_models as model_options_models
 from .records import FLOAT_LABEL, estimator_label, trial_key
 from .spec_schema import Keywords
 
@@ -66,6 +68,12 @@ def _model_names() -> list[str]:
     from .models import list_models  # on first use: the model zoo is not needed to read a spec
 
     return list_models()
+
+
+def _model_options(name: str) -> type[ModelOptions]:
+    from .models import options_model as model_options_model
+
+    return model_options_model(name)
 
 
 def _method_names() -> list[str]:
@@ -180,8 +188,9 @@ class Resources(_Strict):
                                "device (default: the trial fails and says so)")
 
 
-# every data set's options model: the published schema lists them, an error's loc names the option
+# every data set's (model's) options model: the published schema lists them, an error's loc names the option
 AnyDatasetOptions = Union[tuple(options_models())]
+AnyModelOptions = Union[tuple(model_options_models())]
 
 
 class TrialSpec(_Strict):
@@ -240,6 +249,10 @@ class ExperimentSpec(_Strict):
         default_factory=dict, validate_default=True,
         description="the data set's own options: val_size, train_size, split_seed; synthetic also shape, sizes")
     max_retries: int = Field(2, ge=0, le=10, description="retries of a failed trial (Ray Tune FailureConfig)")
+    model_options: AnyModelOptions = Field(
+        default_factory=dict, validate_default=True,
+        description="the model's own options: convnet_a … convnet_d take width_divisor (divide every conv and FC "
+                    "width by 1, 2, 4, …, 64); other models none")
 
     @field_validator("dataset")
     @classmethod
@@ -263,6 +276,22 @@ class ExperimentSpec(_Strict):
     @field_serializer("dataset_options")
     def _given_options(self, v: DatasetOptions, info: FieldSerializationInfo) -> dict[str, Any]:
         """Only the options given (defaults stay out of the canonical JSON, so of the spec hash)."""
+        return v.model_dump(mode=info.mode, exclude_unset=True)
+
+    @field_validator("model_options", mode="before")
+    @classmethod
+    def _options_of_the_model(cls, v, info: ValidationInfo):
+        """Validate with the options model of ``model``, so that an error's loc names the option."""
+        name = info.data.get("model")
+        if name is None:  # the model is unknown, and its error says so
+            return ModelOptions.model_construct()
+        if isinstance(v, ModelOptions):
+            v = v.model_dump(exclude_unset=True)
+        return _model_options(name).model_validate(v, strict=True) if isinstance(v, dict) else v
+
+    @field_serializer("model_options")
+    def _given_model_options(self, v: ModelOptions, info: FieldSerializationInfo) -> dict[str, Any]:
+        """Only the options given (an empty object, left out of the canonical JSON, while none are)."""
         return v.model_dump(mode=info.mode, exclude_unset=True)
 
     @field_validator("model")
@@ -340,6 +369,7 @@ class ExperimentSpec(_Strict):
         schema = handler(core_schema)
         resolved = handler.resolve_ref_schema(schema)
         spec_schema.dataset_options(resolved, handler.resolve_ref_schema)
+        spec_schema.model_options(resolved, handler.resolve_ref_schema)
         resolved["anyOf"] = [{"required": [f], "properties": {f: {"minItems": 1}}} for f in ("estimators", "methods")]
         return schema
 
@@ -376,7 +406,8 @@ class ExperimentSpec(_Strict):
     #: fields added after specs were first stored (``a.b``: field b of section a): left out of the canonical
     #: JSON while they hold their default, so the hash (and the Tune experiment named by it) of an older spec
     #: never changes
-    ADDED_LATER: ClassVar[tuple[str, ...]] = ("bn_reestimate", "methods", "description", "resources.cpu_fallback")
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("bn_reestimate", "methods", "description", "resources.cpu_fallback",
+                                                  "model_options")
 
     def canonical_json(self) -> str:
         """The normalised spec as canonical JSON (sorted keys, defaults filled but those of

@@ -7,7 +7,8 @@ import, so names registered later are listed too.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import estimators
 
@@ -61,3 +62,14 @@ def dataset_options(schema: dict, resolve: Callable[[dict], dict]) -> None:
     refs = {resolve(ref)["title"]: ref for ref in schema["properties"]["dataset_options"]["anyOf"]}
     cases = {name: refs[options_model(name).__name__] for name in list_datasets()}
     schema["allOf"] = when("dataset", cases, "dataset_options", schema["properties"]["dataset"]["default"])
+
+
+def model_options(schema: dict, resolve: Callable[[dict], dict]) -> None:
+    """``ExperimentSpec``'s extra schema: each model's own options model, by ``model`` (added to ``allOf``)."""
+    from .models import list_models  # on first use, as the spec's names
+    from .models import options_model as model_options_model
+
+    refs = {resolve(ref)["title"]: ref for ref in schema["properties"]["model_options"]["anyOf"]}
+    cases = {name: refs[model_options_model(name).__name__] for name in list_models()}
+    schema["allOf"] = [*schema.get("allOf", []),
+                       *when("model", cases, "model_options", schema["properties"]["model"]["default"])]

@@ -187,6 +187,11 @@ def accuracies(model: nn.Module, batches, *, top5: bool = False) -> tuple[float 
     None unless ``top5``. Top-1: argmax = label (the first maximum on ties); top-5: the label is
     among the 5 largest logits."""
     model.eval()
+    return _hits(model, batches, top5)
+
+
+def _hits(model: nn.Module, batches, top5: bool) -> tuple[float | None, float | None]:
+    """:func:`accuracies` in whatever mode ``model`` is in."""
     hits, n = None, 0
     for xb, yb in batches:
         out = model(xb)
@@ -205,6 +210,16 @@ def accuracies(model: nn.Module, batches, *, top5: bool = False) -> tuple[float 
 def evaluate(model: nn.Module, batches) -> float | None:
     """Top-1 accuracy in eval mode (hard quantizers), or None for an empty split."""
     return accuracies(model, batches)[0]
+
+
+@torch.no_grad()
+def evaluate_training_forward(model: nn.Module, batches) -> float | None:
+    """Top-1 accuracy of the training forward (:func:`estimators.training_forward`: the soft
+    estimators' ``train_forward``, BatchNorm on its running statistics, nothing updated); None
+    when no estimator's training forward differs from its hard one (it would equal
+    :func:`evaluate`) or for an empty split. The model is left in eval mode."""
+    with estimators.training_forward(model) as differs:
+        return _hits(model, batches, False)[0] if differs else None
 
 
 @torch.no_grad()
@@ -380,13 +395,15 @@ def _run(spec, trial, on_epoch, resume_state, dev, data_dir, packed_check) -> di
         _sync(dev)
         train_s = time.perf_counter() - t0
         val_acc, (test_acc, test_top5) = evaluate(model, val_loader), accuracies(model, test_loader, top5=top5)
+        val_acc_soft = evaluate_training_forward(model, val_loader)
         sched.step()
         levels_before, levels = levels, estimators.weight_levels(model)
         if val_acc is not None and (best["val_acc"] is None or val_acc > best["val_acc"]):
             best = {"val_acc": val_acc, "epoch": epoch, "test_acc": test_acc}
         last = {
             "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_acc": val_acc,
-            "test_acc": test_acc, "test_top5": test_top5, "lr": float(lr), "epoch_seconds": time.perf_counter() - t0,
+            "val_acc_soft": val_acc_soft, "test_acc": test_acc, "test_top5": test_top5, "lr": float(lr),
+            "epoch_seconds": time.perf_counter() - t0,
             "images_per_s": n / train_s if train_s > 0 else 0.0,
             "weight_flips": estimators.level_change_fraction(levels_before, levels),
             "device": str(dev),

@@ -10,11 +10,12 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
 from service import report, store
+from workers import plan
 from workers.records import METRIC_KEYS, Run, Status
 
 from .deps import (NO_PARAMETERS_BODY, WRITE_GUARDS, Offset, RowId, SessionDep, SpecBody, http_error, no_parameters,
                    not_found)
-from .schemas import ErrorOut, RunCreated, RunDetail, RunOut, RunPage, RunStatus, TrialOut
+from .schemas import DryRunOut, ErrorOut, RunCreated, RunDetail, RunOut, RunPage, RunStatus, TrialOut
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 # the header of an export with no epochs yet (store.export_rows' columns, less schedule values)
@@ -37,13 +38,18 @@ def _run_or_404(session, run_id: int) -> Run:
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=RunCreated, openapi_extra=_SPEC_BODY,
-             dependencies=WRITE_GUARDS, responses={200: {"model": RunCreated}, **_WRITE_ERRORS})
+             dependencies=WRITE_GUARDS, responses={200: {"model": RunCreated | DryRunOut}, **_WRITE_ERRORS})
 def create_run(
     spec: SpecBody, session: SessionDep, request: Request, response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+    dry_run: Annotated[bool, Query(description="validate and expand the spec, queue nothing: 200 with the trial "
+                                               "count, the estimated GPU time and the data files it needs")] = False,
 ):
     """Queue a sweep: one trial per grid cell. 202 with ``Location``; a repeated
-    ``Idempotency-Key`` with the same body returns the first run (200)."""
+    ``Idempotency-Key`` with the same body returns the first run (200). With ``dry_run`` nothing is
+    written: 200 with :class:`DryRunOut`."""
+    if dry_run:
+        return JSONResponse(DryRunOut(**plan.dry_run(spec)).model_dump(mode="json"))
     try:
         run, created = store.create_run(session, spec, idempotency_key=idempotency_key)
     except store.IdempotencyConflict as e:

@@ -38,6 +38,23 @@ class RunCreated(_Out):
     location: str
 
 
+class DryRunOut(_Out):
+    """What queueing a spec would do (``POST /runs?dry_run=1``; nothing is queued)."""
+
+    name: str
+    dataset: str
+    model: str
+    spec_hash: str
+    trials: int
+    trials_by_label: dict[str, int]
+    epochs: int
+    train_images_per_epoch: int | None = Field(None, description="null where unknown without reading the data")
+    estimated_gpu_s: float | None = Field(None, description="single-GPU training time from bench/gpu.py's recorded "
+                                                            "figures; null when none are recorded (see estimate)")
+    estimate: str = Field(description="how the estimate was made, or why there is none")
+    data_files: list[str] = Field(description="files the data set reads, relative to the data directory")
+
+
 class Progress(_Out):
     done: int = 0
     running: int = 0
@@ -88,6 +105,8 @@ class MetricOut(_Out):
     train_loss: float | None = None
     train_acc: float | None = None
     val_acc: float | None = None
+    val_acc_soft: float | None = Field(None, description="validation accuracy of the training forward (AQE's soft "
+                                       "mix), for estimators whose training forward differs from eval's; else null")
     test_acc: float | None = None
     test_top5: float | None = Field(None, description="top-5 test accuracy (data sets with at least 6 classes)")
     lr: float | None = None

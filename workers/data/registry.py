@@ -17,23 +17,44 @@ from .prepare import held_out_count, make_splits
 DEFAULT_DATA_DIR = Path("~/.cache/bitbench/data")
 
 
+def _nothing(options: DatasetOptions) -> list[str]:
+    return []
+
+
 @dataclass(frozen=True)
 class DataSet:
-    """A registered data set: its builder and the options a spec may set (a pydantic model)."""
+    """A registered data set: its builder, the options a spec may set (a pydantic model), the files
+    it reads under the data directory (``required_files(options)``: paths relative to it, ``[.gz]``
+    where either form will do; none for bundled or generated data) and, where known without reading
+    them, its training pool's size and default validation share (for a dry run's time estimate)."""
 
     build: Callable[[Source], RawData]
     options: type[DatasetOptions] = DatasetOptions
+    required_files: Callable[[DatasetOptions], list[str]] = _nothing
+    pool_size: Callable[[DatasetOptions], int] | None = None
+    default_val: int | float | Callable[[DatasetOptions], int] = 5000
+
+
+def _fixed(n: int) -> Callable[[DatasetOptions], int]:
+    return lambda options: n
 
 
 DATASETS = Registry("dataset")
 for _name, _entry in {
-    "cifar10": DataSet(vision.build_cifar10),
-    "cifar100": DataSet(vision.build_cifar100),
+    "cifar10": DataSet(vision.build_cifar10, required_files=vision.cifar_files("cifar10"),
+                       pool_size=_fixed(vision.POOL_SIZES["cifar10"]), default_val=vision.CIFAR_VAL),
+    "cifar100": DataSet(vision.build_cifar100, required_files=vision.cifar_files("cifar100"),
+                        pool_size=_fixed(vision.POOL_SIZES["cifar100"]), default_val=vision.CIFAR_VAL),
     "digits": DataSet(digits.build),
-    "fashion_mnist": DataSet(vision.build_fashion_mnist),
-    "imagenet": DataSet(folder.build_imagenet, folder.ImagenetOptions),
-    "mnist": DataSet(vision.build_mnist),
-    "synthetic": DataSet(synthetic.build, synthetic.SyntheticOptions),
+    "fashion_mnist": DataSet(vision.build_fashion_mnist, required_files=vision.mnist_files("FashionMNIST"),
+                             pool_size=_fixed(vision.POOL_SIZES["fashion_mnist"]), default_val=vision.MNIST_VAL),
+    "imagenet": DataSet(folder.build_imagenet, folder.ImagenetOptions,
+                        required_files=lambda o: ["imagenet/train/<class>/<image>", "imagenet/val/<class>/<image>"],
+                        default_val=folder.IMAGENET_VAL),
+    "mnist": DataSet(vision.build_mnist, required_files=vision.mnist_files("MNIST"),
+                     pool_size=_fixed(vision.POOL_SIZES["mnist"]), default_val=vision.MNIST_VAL),
+    "synthetic": DataSet(synthetic.build, synthetic.SyntheticOptions, pool_size=lambda o: o.n_train + o.n_val,
+                         default_val=lambda o: o.n_val),
 }.items():
     DATASETS.register(_name)(_entry)
 
@@ -51,6 +72,23 @@ def options_model(name: str) -> type[DatasetOptions]:
 def options_models() -> list[type[DatasetOptions]]:
     """The distinct options models of the registered data sets, in name order."""
     return list(dict.fromkeys(options_model(n) for n in list_datasets()))
+
+
+def required_files(name: str, options: DatasetOptions) -> list[str]:
+    """The files data set ``name`` reads, relative to the data directory (:class:`DataSet`)."""
+    return DATASETS.get(name).required_files(options)
+
+
+def train_images(name: str, options: DatasetOptions) -> int | None:
+    """Training images per epoch of data set ``name`` with ``options`` (its pool less validation, or
+    ``train_size``), or None where the pool's size is not known without reading the data."""
+    entry = DATASETS.get(name)
+    if entry.pool_size is None:
+        return None
+    pool = entry.pool_size(options)
+    default = entry.default_val(options) if callable(entry.default_val) else entry.default_val
+    n = pool - held_out_count(default if options.val_size is None else options.val_size, pool)
+    return n if options.train_size is None else min(n, options.train_size)
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:

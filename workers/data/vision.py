@@ -20,6 +20,13 @@ IDX_FILES = (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
 )
+#: (folder, files) of torchvision's python-version CIFAR batches (the same as torchvision's lists; a test holds them)
+CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")),
+    "cifar100": ("cifar-100-python", ("train", "test", "meta")),
+}
+#: the training pools, before validation is taken from them
+POOL_SIZES = {"mnist": 60_000, "fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
 _ENV_HINTS = [
     "set BITBENCH_DATA_DIR (or pass data_dir=...) to a directory that holds it",
     "pass download=True (or set BITBENCH_ALLOW_DOWNLOAD=1) to fetch it from the internet",
@@ -153,3 +160,16 @@ def build_cifar10(src: Source) -> RawData:
 def build_cifar100(src: Source) -> RawData:
     """CIFAR-100 (fine labels) from ``data_dir/cifar-100-python/``."""
     return _cifar(_tv().CIFAR100, "cifar100", 100, src)
+
+
+# --- what each needs on disk (a dry run lists it) ------------------------------------------------
+
+def mnist_files(folder: str) -> Callable[[object], list[str]]:
+    """``required_files(options)`` of an MNIST-like set in ``data_dir/<folder>/raw`` (gzipped or not)."""
+    return lambda options: [f"{folder}/raw/{f}[.gz]" for f in IDX_FILES]
+
+
+def cifar_files(name: str) -> Callable[[object], list[str]]:
+    """``required_files(options)`` of CIFAR ``name``: its batches under the data directory."""
+    folder, files = CIFAR_FILES[name]
+    return lambda options: [f"{folder}/{f}" for f in files]

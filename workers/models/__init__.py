@@ -13,8 +13,8 @@ Modules: ``registry`` (register/list/create), ``blocks`` (layer factory and bloc
 """
 from . import alexnet, convnet, densenet, resnet, small, vgg  # noqa: F401  (registration)
 from .blocks import QuantConfig, conv_block, linear_block, plain_convnet
-from .registry import MODELS, create_model, list_models, register_model
+from .registry import MODELS, create_model, list_models, options_model, register_model
 from .trial import trial_model
 
-__all__ = ["MODELS", "QuantConfig", "conv_block", "create_model", "linear_block", "list_models", "plain_convnet",
-           "register_model", "trial_model"]
+__all__ = ["MODELS", "QuantConfig", "conv_block", "create_model", "linear_block", "list_models", "options_model",
+           "plain_convnet", "register_model", "trial_model"]

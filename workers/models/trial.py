@@ -1,4 +1,5 @@
-"""The model of one trial: the spec's model at the trial's bit widths, estimator and first/last-layer rule.
+"""The model of one trial: the spec's model with its options at the trial's bit widths, estimator and first/last-layer
+rule.
 
 Shared by the trainer (``workers.train``) and the packed export of a checkpoint
 (``workers.packed.export_checkpoint``), which both rebuild exactly this model.
@@ -23,4 +24,4 @@ def trial_model(spec: ExperimentSpec, trial: TrialSpec, *, num_classes: int,
     quant = {} if trial.is_float else {"estimator": trial.estimator, "estimator_params": dict(trial.estimator_params)}
     first_last_float = spec.first_last_float if trial.first_last_float is None else trial.first_last_float
     return create_model(spec.model, num_classes=num_classes, input_shape=tuple(input_shape), w_bits=trial.w_bits,
-                        a_bits=trial.a_bits, first_last_float=first_last_float, **quant)
+                        a_bits=trial.a_bits, first_last_float=first_last_float, options=spec.model_options, **quant)
