@@ -1,0 +1,164 @@
+"""Protocols (workers.protocol): the leaderboard never pools trials trained under different recipes,
+and counts one trial per (estimator, bits, seed) within one protocol: on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import update
+
+from service import store
+from service.db import make_engine, migrate, session_factory
+from service.sink import SqlSink
+from service.tables import runs, trials
+from workers.protocol import PROTOCOL_VERSION, protocol
+from workers.spec import parse_spec
+
+pytestmark = pytest.mark.timeout(120)
+
+BASE = {"name": "p", "estimators": ["ste"], "bits": [{"w": 1, "a": 1}], "seeds": [0, 1], "epochs": 5,
+        "include_full_precision": False}
+
+
+def spec(**over):
+    return parse_spec({**BASE, **over})
+
+
+def of(s) -> str:
+    return protocol(s.model_dump(mode="json")).id
+
+
+# -- the identity ---------------------------------------------------------------------------------
+def test_what_a_study_compares_is_not_part_of_the_protocol():
+    same = [spec(), spec(name="other", description="x", seeds=[7], estimators=["aqe", "ste"],
+                     bits=[{"w": 2, "a": 2}], include_full_precision=True, resources={"cpu": 4.0}, max_retries=0),
+            spec(optimizer={"name": "adam", "lr": 0.01, "momentum": 0.5}),  # Adam ignores momentum
+            spec(dataset_options={"val_size": None})]  # null: the data set's default, as absent
+    assert {of(s) for s in same} == {of(spec())}
+    constant = spec(lr_schedule={"name": "constant"})
+    assert of(spec(lr_schedule={"name": "constant", "gamma": 0.5})) == of(constant) != of(spec())  # gamma unused
+
+
+@pytest.mark.parametrize("over", [
+    {"epochs": 6}, {"batch_size": 64}, {"optimizer": {"name": "sgd", "lr": 0.01}}, {"optimizer": {"lr": 0.02}},
+    {"optimizer": {"weight_decay": 1e-4}}, {"lr_schedule": {"name": "cosine"}}, {"lr_schedule": {"gamma": 0.9}},
+    {"dataset_options": {"train_size": 500}}, {"dataset_options": {"split_seed": 3}}, {"first_last_float": True},
+    {"bn_reestimate": True}, {"dataset": "mnist"}, {"model": "convnet_a"}])
+def test_everything_that_changes_a_measurement_is(over):
+    assert of(spec(**over)) != of(spec())
+
+
+def test_label_reads_the_recipe_and_the_version_is_part_of_the_id():
+    s = parse_spec({**BASE, "dataset": "fashion_mnist", "model": "fashion_net", "epochs": 10,
+                    "lr_schedule": {"name": "cosine"}, "dataset_options": {"train_size": 20000}})
+    assert protocol(s.model_dump(mode="json")).label == (
+        "fashion_mnist/fashion_net · 10 ep · adam 0.01 cosine · bs 128 · 20k train")
+    stored = s.model_dump(mode="json")
+    assert protocol(stored, version=PROTOCOL_VERSION + 1).id != protocol(stored).id
+    assert protocol(stored, version=PROTOCOL_VERSION + 1).label.endswith(f" · v{PROTOCOL_VERSION + 1}")
+
+
+def test_the_protocol_and_the_migration_import_no_torch():
+    code = ("import sys, importlib.util; import workers.protocol; "
+            "spec = importlib.util.spec_from_file_location('m', 'service/migrations/versions/0006_protocol.py'); "
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_method_with_its_own_first_last_policy_has_its_own_protocol(session):
+    """dorefa (the method) keeps first and last layers float: its trials are not ranked with the
+    spec's estimators, whose layers are all quantized."""
+    run, _ = store.create_run(session, spec(methods=[{"name": "dorefa", "bits": [{"w": 1, "a": 1}]}],
+                                            include_full_precision=True))
+    by_key = {t["key"]: t for t in store.list_trials(session, run["id"])}
+    assert by_key["ste-w1a1-s0"]["protocol"] == by_key["float-w32a32-s0"]["protocol"] == run["protocol"]
+    assert by_key["dorefa-w1a1-s0"]["protocol"] != run["protocol"]
+    assert by_key["dorefa-w1a1-s0"]["protocol_label"] == run["protocol_label"] + " · first/last float"
+
+
+# -- the leaderboard ------------------------------------------------------------------------------
+def finish(sessions, run_id, accs: dict[str, float]) -> None:
+    sink = SqlSink(sessions, run_id)
+    for key, acc in accs.items():
+        sink.on_trial_end(key, "done", {"final_test_acc": acc}, None)
+
+
+@pytest.mark.parametrize("over", [{"epochs": 200}, {"optimizer": {"name": "sgd", "lr": 0.1}},
+                                  {"dataset_options": {"train_size": 1000}}, {"first_last_float": True}])
+def test_runs_that_differ_in_their_recipe_never_share_a_row(session, sessions, over):
+    a = store.create_run(session, spec())[0]
+    b = store.create_run(session, spec(**over))[0]
+    finish(sessions, a["id"], {"ste-w1a1-s0": 0.60, "ste-w1a1-s1": 0.62})
+    finish(sessions, b["id"], {"ste-w1a1-s0": 0.90, "ste-w1a1-s1": 0.92})
+    board = store.leaderboard(session)
+    assert sorted((r["protocol"], r["n"], round(r["mean"], 6), r["rank"]) for r in board) == sorted(
+        [(a["protocol"], 2, 0.61, 1), (b["protocol"], 2, 0.91, 1)])
+    assert {r["protocol_label"] for r in board} == {a["protocol_label"], b["protocol_label"]}
+    only_b = store.leaderboard(session, protocol=b["protocol"])
+    assert [(r["protocol"], r["mean"]) for r in only_b] == [(b["protocol"], pytest.approx(0.91))]
+
+
+def test_the_same_seed_twice_in_one_protocol_counts_once_the_latest(session, sessions):
+    """Two runs of one recipe both train seed 0: the later finished trial counts, the other is set aside."""
+    first = store.create_run(session, spec())[0]
+    second = store.create_run(session, spec(name="again", seeds=[0, 2]))[0]
+    assert first["protocol"] == second["protocol"]
+    finish(sessions, second["id"], {"ste-w1a1-s0": 0.50, "ste-w1a1-s2": 0.70})
+    finish(sessions, first["id"], {"ste-w1a1-s0": 0.80, "ste-w1a1-s1": 0.90})
+    [row] = store.leaderboard(session)
+    assert (row["n"], row["set_aside"]) == (3, 1)
+    assert row["mean"] == pytest.approx(statistics.mean([0.80, 0.90, 0.70]))  # seed 0 of the first run: latest
+    assert row["std"] == pytest.approx(statistics.stdev([0.80, 0.90, 0.70]), rel=1e-6)
+    # the second run's seed 0 finishes again, later: now it counts
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    session.execute(update(trials).where(trials.c.run_id == second["id"], trials.c.key == "ste-w1a1-s0")
+                    .values(finished_at=later))
+    session.commit()
+    [row] = store.leaderboard(session)
+    assert (row["n"], row["set_aside"], row["mean"]) == (3, 1, pytest.approx(statistics.mean([0.50, 0.90, 0.70])))
+    # one run alone has no repeats
+    assert [(r["n"], r["set_aside"]) for r in store.leaderboard(session, run_id=first["id"])] == [(2, 0)]
+
+
+def test_protocols_lists_the_choices_of_a_dataset(session, sessions):
+    a = store.create_run(session, spec())[0]
+    b = store.create_run(session, spec(epochs=50))[0]
+    c = store.create_run(session, spec(dataset="mnist"))[0]
+    for run in (a, b, c):
+        finish(sessions, run["id"], {"ste-w1a1-s0": 0.5})
+    assert store.protocols(session, dataset="digits", model="digits_net") == sorted(
+        [(a["protocol"], a["protocol_label"]), (b["protocol"], b["protocol_label"])], key=lambda p: p[1])
+    assert store.protocols(session) == sorted(
+        [(r["protocol"], r["protocol_label"]) for r in (a, b, c)], key=lambda p: p[1])
+
+
+# -- the migration ----------------------------------------------------------------------------------
+def test_migration_0006_computes_the_protocol_of_stored_runs(db_url):
+    """Runs stored before 0006 get the protocol a new run of their spec gets; a method trial its own."""
+    with_method = spec(methods=[{"name": "dorefa", "bits": [{"w": 1, "a": 1}]}])
+    old = {"plain": spec(), "sgd": spec(optimizer={"name": "sgd", "lr": 0.1}), "method": with_method}
+    eng = make_engine(db_url)
+    migrate(eng, "0005")
+    with eng.begin() as conn:
+        for name, s in old.items():
+            stored = s.model_dump(mode="json")
+            rid = conn.execute(runs.insert().values(
+                name=name, status="done", dataset=s.dataset, model=s.model, spec=stored, spec_hash=s.spec_hash(),
+                created_at=datetime.now(), trial_count=len(s.trials())).returning(runs.c.id)).scalar_one()
+            conn.execute(trials.insert(), [
+                {"run_id": rid, "key": t.key, "estimator": t.estimator, "estimator_label": t.label,
+                 "estimator_params": {}, "w_bits": t.w_bits, "a_bits": t.a_bits, "seed": t.seed, "status": "done"}
+                for t in s.trials()])
+    migrate(eng)
+    with session_factory(eng)() as s:
+        for name, sp in old.items():
+            run = next(r for r in store.list_runs(s, limit=10)[0] if r["name"] == name)
+            fresh = store.create_run(s, sp.model_copy(update={"name": name + "-new"}))[0]
+            assert (run["protocol"], run["protocol_label"]) == (fresh["protocol"], fresh["protocol_label"])
+            got = {t["key"]: t["protocol"] for t in store.list_trials(s, run["id"])}
+            assert got == {t["key"]: t["protocol"] for t in store.list_trials(s, fresh["id"])}
+    eng.dispose()
