@@ -14,6 +14,7 @@ from service import store
 from service.db import make_engine, migrate, session_factory
 from service.sink import SqlSink
 from service.tables import runs, trials
+from tests.test_api import make_api  # noqa: F401  (fixture)
 from workers.protocol import PROTOCOL_VERSION, protocol
 from workers.spec import parse_spec
 
@@ -162,3 +163,24 @@ def test_migration_0006_computes_the_protocol_of_stored_runs(db_url):
             got = {t["key"]: t["protocol"] for t in store.list_trials(s, run["id"])}
             assert got == {t["key"]: t["protocol"] for t in store.list_trials(s, fresh["id"])}
     eng.dispose()
+
+
+# -- the API ---------------------------------------------------------------------------------------
+def test_get_leaderboard_by_protocol_and_a_malformed_one_is_a_422(make_api):  # noqa: F811
+    api = make_api()
+    short = api.post_run({**BASE, "epochs": 5})
+    long = api.post_run({**BASE, "name": "long", "epochs": 200})
+    for run, acc in ((short, 0.6), (long, 0.9)):
+        sink = api.sink(run["id"])
+        for seed in (0, 1):
+            sink.on_trial_end(f"ste-w1a1-s{seed}", "done", {"final_test_acc": acc}, None)
+    rows = api.get("/leaderboard").json()
+    assert sorted((r["protocol_label"], r["n"], r["set_aside"]) for r in rows) == [
+        ("digits/digits_net · 200 ep · adam 0.01 exp 0.98 · bs 128", 2, 0),
+        ("digits/digits_net · 5 ep · adam 0.01 exp 0.98 · bs 128", 2, 0)]
+    pid = api.get(f"/runs/{long['id']}").json()["protocol"]
+    assert [(r["protocol"], r["mean"]) for r in api.get("/leaderboard", params={"protocol": pid}).json()] == [
+        (pid, pytest.approx(0.9))]
+    for bad in ("xyz", pid.upper(), pid + "0", "' OR 1=1 --"):
+        r = api.get("/leaderboard", params={"protocol": bad})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "protocol"], bad
