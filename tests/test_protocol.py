@@ -2,6 +2,7 @@
 and counts one trial per (estimator, bits, seed) within one protocol: on SQLite and PostgreSQL."""
 from __future__ import annotations
 
+import re
 import statistics
 import subprocess
 import sys
@@ -184,3 +185,26 @@ def test_get_leaderboard_by_protocol_and_a_malformed_one_is_a_422(make_api):  # 
     for bad in ("xyz", pid.upper(), pid + "0", "' OR 1=1 --"):
         r = api.get("/leaderboard", params={"protocol": bad})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "protocol"], bad
+
+
+def test_the_leaderboard_page_chooses_a_protocol_and_says_what_it_set_aside(make_api):  # noqa: F811
+    api = make_api()
+    short = api.post_run({**BASE, "epochs": 5})
+    again = api.post_run({**BASE, "name": "again", "epochs": 5, "seeds": [0]})
+    long = api.post_run({**BASE, "name": "long", "epochs": 200})
+    for run, acc in ((short, 0.6), (again, 0.65), (long, 0.9)):
+        for key in [t["key"] for t in api.trials(run["id"])]:
+            api.sink(run["id"]).on_trial_end(key, "done", {"final_test_acc": acc}, None)
+    ids = {name: api.get(f"/runs/{r['id']}").json()["protocol"] for name, r in (("short", short), ("long", long))}
+    page = api.get("/dashboard/leaderboard", params={"dataset": "digits", "model": "digits_net",
+                                                    "protocol": ids["long"]}).text
+    options = re.findall(r'<option value="([0-9a-f]{16})"( selected)?>([^<]*)</option>', page)
+    assert sorted(options) == sorted([(ids["long"], " selected", "digits/digits_net · 200 ep · adam 0.01 exp 0.98 · bs 128"),
+                                      (ids["short"], "", "digits/digits_net · 5 ep · adam 0.01 exp 0.98 · bs 128")])
+    assert 'id="leaderboard-set-aside"' not in page and f'data-protocol="{ids["long"]}"' in page
+    page = api.get("/dashboard/leaderboard", params={"dataset": "digits", "model": "digits_net",
+                                                    "protocol": ids["short"]}).text
+    assert 'data-set-aside="1"' in page and "1 repeat set aside" in page
+    assert re.findall(r'data-estimator="([^"]*)"', page) == ["ste"]
+    fallback = api.get("/dashboard/leaderboard", params={"protocol": "nope"}).text  # unknown: the first by label
+    assert re.search(r'<option value="[0-9a-f]{16}" selected>digits/digits_net · 200 ep', fallback)
