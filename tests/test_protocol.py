@@ -208,3 +208,21 @@ def test_the_leaderboard_page_chooses_a_protocol_and_says_what_it_set_aside(make
     assert re.findall(r'data-estimator="([^"]*)"', page) == ["ste"]
     fallback = api.get("/dashboard/leaderboard", params={"protocol": "nope"}).text  # unknown: the first by label
     assert re.search(r'<option value="[0-9a-f]{16}" selected>digits/digits_net · 200 ep', fallback)
+
+
+def test_the_report_names_the_run_protocol_and_a_method_protocol_of_its_own(session, sessions, tmp_path):
+    from service.report import build_report
+
+    run = store.create_run(session, spec(methods=[{"name": "dorefa", "bits": [{"w": 1, "a": 1}]}]))[0]
+    finish(sessions, run["id"], {"ste-w1a1-s0": 0.6, "ste-w1a1-s1": 0.7, "dorefa-w1a1-s0": 0.8, "dorefa-w1a1-s1": 0.8})
+    md = build_report(session, run["id"], tmp_path / "r", png=False)["RESULTS.md"].read_text()
+    assert f"Protocol: {run['protocol_label']} (`{run['protocol']}`);\na named method's own: " \
+           f"{run['protocol_label']} · first/last float" in md
+    # one table per protocol at W1A1, each with its own rank 1
+    assert "### W1A1 · digits/digits_net · 5 ep · adam 0.01 exp 0.98 · bs 128\n" in md
+    assert "### W1A1 · digits/digits_net · 5 ep · adam 0.01 exp 0.98 · bs 128 · first/last float\n" in md
+    page = store.get_run(session, run["id"])
+    from dashboard import pages
+    body = pages.render_main(pages.report_page(page, store.list_trials(session, run["id"]),
+                                               store.run_results(session, run["id"])))
+    assert f'data-protocol="{run["protocol"]}">{run["protocol_label"]}<' in body
