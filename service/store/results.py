@@ -155,12 +155,14 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
               .subquery())
     counted = ranked.c.pick == 1
     y = case((counted, ranked.c.x))
-    keys = (ranked.c.protocol, ranked.c.protocol_label, ranked.c.dataset, ranked.c.model, ranked.c.w_bits,
-            ranked.c.a_bits, ranked.c.estimator_label)
+    keys = (ranked.c.protocol, ranked.c.w_bits, ranked.c.a_bits, ranked.c.estimator_label)
+    # a protocol names its data set and model (and has one label): carried, not grouped by
+    named = (func.max(ranked.c.protocol_label).label("protocol_label"), func.max(ranked.c.dataset).label("dataset"),
+             func.max(ranked.c.model).label("model"))
     spread = (func.stddev_samp(y) if dialect(s) == "postgresql" else func.avg(y * y)).label("spread")
     packed = (func.avg(case((counted, ranked.c.packed_bytes))).label("packed_bytes"),
               func.min(case((counted, ranked.c.packed_agreement))).label("packed_agreement"))
-    q = (select(*keys, func.count(y).label("n"), func.count().label("total"), func.avg(y).label("mean"), spread,
+    q = (select(*keys, *named, func.count(y).label("n"), func.count().label("total"), func.avg(y).label("mean"), spread,
                 *packed)
          .group_by(*keys))
     rows: list[dict] = []
