@@ -320,12 +320,22 @@ def choose_dataset_model(pairs: list[tuple[str, str]], dataset: str | None,
     return pairs[0] if pairs else (None, None)
 
 
+def choose_protocol(protocols: list[tuple[str, str]], protocol: str | None) -> str | None:
+    """The requested protocol if the dataset and model have it, else the first (by label), else None."""
+    ids = [p for p, _ in protocols]
+    return protocol if protocol in ids else (ids[0] if ids else None)
+
+
 def leaderboard_page(rows: list[dict], pairs: list[tuple[str, str]], dataset: str | None,
-                     model: str | None, urls: Urls, metric: str = figures.DEFAULT_METRIC) -> Page:
-    """Estimators ranked by ``metric`` per bit configuration, in the order the source returns them."""
+                     model: str | None, urls: Urls, metric: str = figures.DEFAULT_METRIC, *,
+                     protocols: list[tuple[str, str]] | None = None, protocol: str | None = None) -> Page:
+    """Estimators ranked by ``metric`` per bit configuration within one protocol (``protocols``: the
+    dataset and model's ``(id, label)`` choices), in the order the source returns them."""
     body = render_template("leaderboard.html", urls=urls, dataset=dataset, model=model, metric=metric,
                            metrics=figures.METRICS, datasets=list(dict.fromkeys(d for d, _ in pairs)),
                            models=[m for d, m in pairs if d == dataset], have_pairs=bool(pairs),
+                           protocols=protocols or [], protocol=protocol,
+                           set_aside=sum(int(r.get("set_aside") or 0) for r in rows),
                            groups=[(bits, list(group)) for bits, group in groupby(rows, key=bits_label)])
     return Page("Leaderboard", body, nav="leaderboard")
 

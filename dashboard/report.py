@@ -101,18 +101,20 @@ _templates.filters.update(pct=_pct, points=_points, number=_number)
 
 
 def leaderboard_tables(rows: list[dict], selected: list[dict] | None = None) -> list[dict]:
-    """One table per bit configuration (in config order): ``{"bits", "rows"}``, rows by rank, each
+    """One table per bit configuration (in config order) and protocol (a run's named method may train
+    under a protocol of its own; the title then names it): ``{"bits", "rows"}``, rows by rank, each
     with ``best`` (best of more than one) and ``selected``, its row in the leaderboard by the
     validation-selected accuracy (None where it has none or ``selected`` is not given)."""
     by_config: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        by_config[bit_config(r["w_bits"], r["a_bits"])].append(r)
-    chosen = {(r["w_bits"], r["a_bits"], r["estimator_label"]): r for r in selected or []}
-    return [{"bits": config_label(config),
-             "rows": [{**r, "best": bool(r.get("best")) and len(by_config[config]) > 1,
-                       "selected": chosen.get((r["w_bits"], r["a_bits"], r["estimator_label"]))}
-                      for r in sorted(by_config[config], key=lambda r: r["rank"])]}
-            for config in sorted(by_config, key=config_sort_key)]
+        by_config[(bit_config(r["w_bits"], r["a_bits"]), r.get("protocol_label", ""))].append(r)
+    several = len({label for _, label in by_config}) > 1
+    chosen = {(r.get("protocol"), r["w_bits"], r["a_bits"], r["estimator_label"]): r for r in selected or []}
+    return [{"bits": config_label(config) + (f" · {label}" if several else ""),
+             "rows": [{**r, "best": bool(r.get("best")) and len(by_config[(config, label)]) > 1,
+                       "selected": chosen.get((r.get("protocol"), r["w_bits"], r["a_bits"], r["estimator_label"]))}
+                      for r in sorted(by_config[(config, label)], key=lambda r: r["rank"])]}
+            for config, label in sorted(by_config, key=lambda k: (config_sort_key(k[0]), k[1]))]
 
 
 def _last_epoch(t: dict) -> float | None:

@@ -6,7 +6,8 @@
     get_run(run_id) -> Run | None
     list_trials(run_id, limit=None, offset=0) -> list[Trial]   # grid order; one page with limit
     get_trial(trial_id) -> Trial + {"metrics": [Metric]} | None
-    leaderboard(dataset, model, metric) -> list[LeaderboardRow]   # metric: "final" | "selected"
+    leaderboard(dataset, model, protocol, metric) -> list[LeaderboardRow]   # metric: "final" | "selected"
+    protocols(dataset, model) -> list[(protocol, label)]   # the protocols with finished results
     run_leaderboard(run_id, metric) -> list[LeaderboardRow]      # one run's own (the compare page)
     run_results(run_id) -> list[Trial]              # finished trials with final metrics
     datasets_models() -> list[(dataset, model)]
@@ -98,12 +99,16 @@ def create_router(source: Any) -> APIRouter:
 
     @router.get("/leaderboard", name="dashboard.leaderboard")
     def leaderboard(request: Request, dataset: str | None = None, model: str | None = None,
-                    metric: str | None = None) -> HTMLResponse:
+                    protocol: str | None = None, metric: str | None = None) -> HTMLResponse:
         pairs = [tuple(p) for p in source.datasets_models()]
         dataset, model = pages.choose_dataset_model(pairs, dataset, model)
         metric = known_metric(metric)
-        rows = source.leaderboard(dataset=dataset, model=model, metric=metric) if dataset is not None else []
-        return respond(request, pages.leaderboard_page(rows, pairs, dataset, model, urls(request), metric))
+        protocols = [tuple(p) for p in source.protocols(dataset=dataset, model=model)] if dataset is not None else []
+        protocol = pages.choose_protocol(protocols, protocol)
+        rows = (source.leaderboard(dataset=dataset, model=model, protocol=protocol, metric=metric)
+                if protocol is not None else [])
+        return respond(request, pages.leaderboard_page(rows, pairs, dataset, model, urls(request), metric,
+                                                       protocols=protocols, protocol=protocol))
 
     @router.get("/static/{name}", name="dashboard.static")
     def static(name: str) -> Response:

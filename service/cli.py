@@ -286,8 +286,9 @@ def wait(
 
 
 def _cell(row: dict) -> tuple:
-    """A leaderboard row's grid cell: data set, model, weight and activation bits."""
-    return row["dataset"], row["model"], row["w_bits"], row["a_bits"]
+    """A leaderboard row's grid cell: data set, model, protocol, weight and activation bits."""
+    return row["dataset"], row["model"], row.get("protocol_label", ""), row.get("protocol", ""), row["w_bits"], \
+        row["a_bits"]
 
 
 def _pct(x: float | None) -> str:
@@ -299,20 +300,27 @@ def leaderboard(
     ctx: typer.Context,
     dataset: Annotated[str | None, typer.Option(help="only this data set")] = None,
     model: Annotated[str | None, typer.Option(help="only this model")] = None,
+    protocol: Annotated[str | None, typer.Option(
+        help="only this protocol (its id, as the tables' captions show)")] = None,
     metric: Annotated[RankMetric, typer.Option(
         help="final: the trained network's test accuracy; selected: at the best validation epoch")
     ] = RankMetric[DEFAULT_RANK_METRIC],
 ) -> None:
-    """Estimators ranked by mean test accuracy (final or validation-selected), per bit configuration."""
-    rows = _client(ctx).get("/leaderboard", dataset=dataset, model=model, metric=metric.value)
+    """Estimators ranked by mean test accuracy (final or validation-selected), per protocol and bit
+    configuration: one table per protocol (the recipe: data set, model, epochs, optimizer, ...)."""
+    rows = _client(ctx).get("/leaderboard", dataset=dataset, model=model, protocol=protocol, metric=metric.value)
     out = Console()
     if not rows:
-        scope = " / ".join(x for x in (dataset, model) if x) or "any data set"
+        scope = " / ".join(x for x in (dataset, model, protocol) if x) or "any data set"
         out.print(f"no finished trials for {scope} yet", highlight=False)
         return
     rows = sorted(rows, key=lambda r: (*_cell(r), r["rank"]))
-    for (ds, mdl), group in groupby(rows, key=lambda r: _cell(r)[:2]):
-        table = Table(title=escape(f"{ds} / {mdl} — {METRIC_TITLES[metric.value]}"), title_justify="left")
+    for (_, _, label, pid), group in groupby(rows, key=lambda r: _cell(r)[:4]):
+        group = list(group)
+        set_aside = sum(r.get("set_aside", 0) for r in group)
+        caption = f"protocol {pid}" + (f"; {set_aside} older repeat(s) of a seed set aside" if set_aside else "")
+        table = Table(title=escape(f"{label} — {METRIC_TITLES[metric.value]}"), title_justify="left",
+                      caption=escape(caption), caption_justify="left")
         for name, justify in (("bits", "left"), ("rank", "right"), ("estimator", "left"), ("mean", "right"),
                               ("± std", "right"), ("95% CI", "right"), ("n", "right")):
             table.add_column(name, justify=justify, overflow="fold")

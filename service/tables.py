@@ -95,9 +95,13 @@ runs = Table(
     Column("finished_at", UTCDateTime, nullable=True),
     Column("error", Text, nullable=True),
     Column("trial_count", Integer, nullable=False),
+    # the run's protocol (workers.protocol: its spec's, with the spec's first_last_float) and its label
+    Column("protocol", String(16), nullable=False),
+    Column("protocol_label", String(300), nullable=False),
     _status_check("status"),
     Index(None, "status", "created_at", "id"),  # the queue: oldest queued first; listing by status
     Index(None, "dataset", "model"),
+    Index(None, "protocol"),
 )
 
 trials = Table(
@@ -127,9 +131,14 @@ trials = Table(
     Column("started_at", UTCDateTime, nullable=True),
     Column("finished_at", UTCDateTime, nullable=True),
     Column("error", Text, nullable=True),
+    # the trial's protocol: its run's, but where a named method's first/last-layer policy differs
+    Column("protocol", String(16), nullable=False),
+    Column("protocol_label", String(300), nullable=False),
     UniqueConstraint("run_id", "key"),  # also the index for a run's trials
     _status_check("status"),
     Index(None, "w_bits", "a_bits"),
+    # the leaderboard: one trial per (protocol, estimator label, bits, seed), the latest finished
+    Index(None, "protocol", "estimator_label", "w_bits", "a_bits", "seed"),
     Index(None, "status"),
 )
 

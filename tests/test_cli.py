@@ -272,12 +272,17 @@ def test_leaderboard_table_grouped_by_bits(server, bitbench, run_id):
     result = bitbench("leaderboard", "--dataset", "digits", "--model", "digits_net")
     assert result.exit_code == 0, result.output
     out = result.stdout
-    assert "digits / digits_net" in out
-    for needle in ("W1A1", "W2A1", "float", "aqe[backward=alg1]", "ste", "95% CI"):
-        assert needle in out
     rows = server.get("/leaderboard?dataset=digits&model=digits_net").json()
     assert len(rows) == 5  # 2 estimators × 2 bit cells + float
+    assert rows[0]["protocol_label"].startswith("digits/digits_net · ") and rows[0]["protocol_label"] in out
+    assert f"protocol {rows[0]['protocol']}" in out  # the table's caption: what --protocol takes
+    for needle in ("W1A1", "W2A1", "float", "aqe[backward=alg1]", "ste", "95% CI"):
+        assert needle in out
     assert f"{100 * rows[0]['mean']:.2f}" in out
+    only = bitbench("leaderboard", "--protocol", rows[0]["protocol"])
+    assert only.exit_code == 0 and rows[0]["protocol_label"] in only.stdout
+    other = bitbench("leaderboard", "--protocol", "0" * 16)
+    assert other.exit_code == 0 and other.stdout.strip() == f"no finished trials for {'0' * 16} yet"
 
 
 def test_export_csv_and_json(server, bitbench, run_id, tmp_path):

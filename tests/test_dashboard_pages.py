@@ -49,13 +49,18 @@ class FakeSource:
 
     def run_leaderboard(self, run_id, metric="final"):
         run = self.runs[run_id]
-        return FakeSource([run], self.run_results(run_id)).leaderboard(run["dataset"], run["model"], metric)
+        return FakeSource([run], self.run_results(run_id)).leaderboard(run["dataset"], run["model"], metric=metric)
 
     def datasets_models(self):
         return sorted({(r["dataset"], r["model"]) for r in self.runs.values()
                        if any(t["status"] == "done" for t in self.run_results(r["id"]))})
 
-    def leaderboard(self, dataset, model, metric="final"):
+    def protocols(self, dataset, model):
+        """One protocol per (dataset, model) here."""
+        return [(f"{dataset}-{model}", f"{dataset}/{model} · 3 ep")] if (dataset, model) in self.datasets_models() else []
+
+    def leaderboard(self, dataset, model, protocol=None, metric="final"):
+        assert protocol in (None, *(p for p, _ in self.protocols(dataset, model)))
         field = {"final": "final_test_acc", "selected": "selected_test_acc"}[metric]
         groups = defaultdict(list)
         for run in self.runs.values():

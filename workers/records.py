@@ -111,6 +111,8 @@ class Run(TypedDict):
     finished_at: str | None
     error: str | None
     trial_count: int
+    protocol: str
+    protocol_label: str
     cancel_requested: bool
     progress: Progress
 
@@ -142,6 +144,8 @@ class Trial(TypedDict):
     started_at: str | None
     finished_at: str | None
     error: str | None
+    protocol: str
+    protocol_label: str
 
 
 class Metric(TypedDict):
@@ -175,8 +179,11 @@ class TrialResult(Trial):
 
 
 class LeaderboardRow(TypedDict):
-    """One estimator at one (dataset, model, w_bits, a_bits): its ``metric`` over seeds."""
+    """One estimator at one (protocol, w_bits, a_bits): its ``metric`` over seeds, one trial per seed (the
+    latest finished); ``set_aside`` counts the older repeats of a seed left out."""
 
+    protocol: str
+    protocol_label: str
     dataset: str
     model: str
     w_bits: int
@@ -184,6 +191,7 @@ class LeaderboardRow(TypedDict):
     estimator_label: str
     metric: str
     n: int
+    set_aside: int
     mean: float
     std: float | None
     ci_low: float | None

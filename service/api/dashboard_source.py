@@ -40,9 +40,13 @@ class StoreSource:
     def get_trial(self, trial_id: int) -> dict | None:
         return self._read(store.get_trial, trial_id) if 1 <= trial_id <= MAX_ID else None
 
-    def leaderboard(self, dataset: str | None = None, model: str | None = None,
+    def leaderboard(self, dataset: str | None = None, model: str | None = None, protocol: str | None = None,
                     metric: str = store.DEFAULT_RANK_METRIC) -> list[dict]:
-        return self._read(store.leaderboard, dataset=dataset, model=model, metric=metric)
+        return self._read(store.leaderboard, dataset=dataset, model=model, protocol=protocol, metric=metric)
+
+    def protocols(self, dataset: str | None = None, model: str | None = None) -> list[tuple[str, str]]:
+        """``(protocol, label)`` pairs with finished results of the dataset and model (the page's choices)."""
+        return self._read(store.protocols, dataset=dataset, model=model)
 
     def run_leaderboard(self, run_id: int, metric: str = store.DEFAULT_RANK_METRIC) -> list[dict]:
         """One run's own leaderboard (the compare page's)."""

@@ -83,6 +83,10 @@ class RunOut(_Out):
     finished_at: datetime | None = None
     error: str | None = None
     trial_count: int
+    protocol: str = Field(description="the protocol id (workers.protocol): what its trials measure, but "
+                          "the estimators, bits and seeds")
+    protocol_label: str = Field(description="the protocol, readable: data set/model · epochs · optimizer "
+                                "schedule · batch size · options")
     cancel_requested: bool = False
     progress: Progress
 
@@ -144,6 +148,9 @@ class TrialOut(_Out):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     error: str | None = None
+    protocol: str = Field(description="the trial's protocol: its run's, or a named method's own where its "
+                          "first/last-layer policy differs")
+    protocol_label: str
 
 
 class TrialDetail(TrialOut):
@@ -151,6 +158,10 @@ class TrialDetail(TrialOut):
 
 
 class LeaderboardRow(_Out):
+    protocol: str = Field(description="the protocol id (workers.protocol): what its trials measure, but "
+                          "the estimators, bits and seeds")
+    protocol_label: str = Field(description="the protocol, readable: data set/model · epochs · optimizer "
+                                "schedule · batch size · options")
     dataset: str
     model: str
     w_bits: int
@@ -158,7 +169,8 @@ class LeaderboardRow(_Out):
     estimator_label: str
     metric: RankMetric = Field(description="final: the trained network's test accuracy; selected: the test "
                                "accuracy at the epoch with the best validation accuracy")
-    n: int
+    n: int = Field(description="seeds counted: one trial per seed, the latest finished")
+    set_aside: int = Field(0, description="older finished trials of a counted seed, left out")
     mean: float | None
     std: float | None = None
     ci_low: float | None = None

@@ -40,6 +40,7 @@ from .results import (
     datasets_models,
     export_rows,
     leaderboard,
+    protocols,
     report_archive,
     results_fingerprint,
     run_results,
@@ -49,7 +50,8 @@ from .results import (
 __all__ = [
     "DEFAULT_RANK_METRIC", "IdempotencyConflict", "cancel_requested", "claim_run", "count_rows", "create_run",
     "datasets_models", "export_rows", "finish_run", "get_run", "get_trial", "heartbeat", "leaderboard", "list_runs",
-    "list_trials", "record_epoch", "record_provenance", "record_trial_end", "record_trial_start", "release_run", "report_archive",
+    "list_trials", "protocols", "record_epoch", "record_provenance", "record_trial_end", "record_trial_start",
+    "release_run", "report_archive",
     "request_cancel", "requeue_stale", "results_fingerprint", "run_by_spec_hash", "run_results", "save_report_archive",
     "trial_ids", "trial_metrics",
 ]

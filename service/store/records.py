@@ -8,6 +8,7 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from workers.protocol import protocol
 from workers.records import (
     ACTIVE,
     FINISHED,
@@ -72,16 +73,21 @@ def create_run(s: Session, spec, *, idempotency_key: str | None = None) -> tuple
         if existing is not None:
             return existing, False
     cells = spec.trials()
+    stored = spec.model_dump(mode="json")
+    of_spec = protocol(stored)
+    # a named method's trial with its own first/last-layer policy has a protocol of its own
+    own = {p: protocol(stored, first_last_float=p) for p in {t.first_last_float for t in cells} - {None}}
     try:
         run_id = s.execute(runs.insert().values(
             name=spec.name, status=Status.QUEUED, dataset=spec.dataset, model=spec.model,
-            spec=spec.model_dump(mode="json"), spec_hash=spec_hash, idempotency_key=idempotency_key,
-            created_at=utcnow(), trial_count=len(cells),
+            spec=stored, spec_hash=spec_hash, idempotency_key=idempotency_key,
+            created_at=utcnow(), trial_count=len(cells), protocol=of_spec.id, protocol_label=of_spec.label,
         ).returning(runs.c.id)).scalar_one()
         s.execute(trials.insert(), [
             {"run_id": run_id, "key": t.key, "estimator": t.estimator, "estimator_label": t.label,
              "estimator_params": dict(t.estimator_params), "w_bits": t.w_bits, "a_bits": t.a_bits,
-             "seed": t.seed, "status": Status.QUEUED, "attempts": 0, "epochs_done": 0}
+             "seed": t.seed, "status": Status.QUEUED, "attempts": 0, "epochs_done": 0,
+             "protocol": (p := own.get(t.first_last_float, of_spec)).id, "protocol_label": p.label}
             for t in cells
         ])
         s.commit()

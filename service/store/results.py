@@ -8,7 +8,7 @@ import json
 import math
 from typing import cast
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from workers.records import (
@@ -69,6 +69,18 @@ def datasets_models(s: Session, *, metric: str = DEFAULT_RANK_METRIC) -> list[tu
     return [(r.dataset, r.model) for r in s.execute(q)]
 
 
+def protocols(s: Session, *, dataset: str | None = None, model: str | None = None,
+              metric: str = DEFAULT_RANK_METRIC) -> list[tuple[str, str]]:
+    """The ``(protocol, label)`` pairs with a finished result of ``metric`` (of ``dataset`` / ``model``),
+    sorted by label: the leaderboard page's protocol choices."""
+    q = (select(trials.c.protocol, trials.c.protocol_label).distinct()
+         .select_from(trials.join(runs, runs.c.id == trials.c.run_id))
+         .where(*_finished_results(metric), *([runs.c.dataset == dataset] if dataset is not None else []),
+                *([runs.c.model == model] if model is not None else []))
+         .order_by(trials.c.protocol_label, trials.c.protocol))
+    return [(r.protocol, r.protocol_label) for r in s.execute(q)]
+
+
 # -- report archives --------------------------------------------------------------------------
 def results_fingerprint(s: Session, run_id: int) -> tuple[str, str] | None:
     """``(status, SHA-256 hex)`` of what a run's report is drawn from, None for an unknown run.
@@ -108,34 +120,50 @@ def save_report_archive(s: Session, run_id: int, png: bool, fingerprint: str, bo
 
 
 # -- leaderboard ------------------------------------------------------------------------------
-def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = None,
+def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = None, protocol: str | None = None,
                 run_id: int | None = None, metric: str = DEFAULT_RANK_METRIC) -> list[LeaderboardRow]:
-    """Estimators ranked by mean test accuracy over seeds, per dataset × model × bits.
+    """Estimators ranked by mean test accuracy over seeds, per protocol × bits (``workers.protocol``:
+    trials trained under different recipes are never pooled).
 
     ``metric`` (:data:`workers.records.RANK_METRIC_FIELDS`): ``final``, the trained network's test accuracy, or
     ``selected``, the test accuracy at the epoch with the best validation accuracy; each row
     says which.
 
-    Count, mean and spread are aggregated in SQL over ``done`` trials (with the mean packed
-    export size and the lowest packed-engine agreement, where trials have them); the 95% interval is
-    ``mean ± t(0.975, n−1)·std/√n`` (:func:`dashboard.stats.t_interval`) clipped to [0, 1] (sample std;
-    None when n < 2) and rank 1 is the best mean within its (dataset, model, w_bits, a_bits) (ties share
-    a rank; ``best`` marks rank 1).
-    Rows come ordered by dataset, model, then w_bits + a_bits (the float reference last),
-    w_bits, a_bits, rank. ``run_id`` restricts it to one run (a study's report)."""
+    Within a protocol one trial per (estimator label, w_bits, a_bits, seed) counts: the latest
+    finished (``ROW_NUMBER()`` by finish time, then id, descending); ``set_aside`` counts the older
+    repeats left out. Count, mean and spread of the counted trials are aggregated in SQL over ``done``
+    trials (with the mean packed export size and the lowest packed-engine agreement, where trials
+    have them); the 95% interval is ``mean ± t(0.975, n−1)·std/√n`` (:func:`dashboard.stats.t_interval`)
+    clipped to [0, 1] (sample std; None when n < 2) and rank 1 is the best mean within its
+    (protocol, w_bits, a_bits) (ties share a rank; ``best`` marks rank 1).
+    Rows come ordered by dataset, model, protocol label, then w_bits + a_bits (the float reference
+    last), w_bits, a_bits, rank. ``run_id`` restricts it to one run's trials (a study's report)."""
     from dashboard.stats import t_interval  # on first use: the dashboard package loads plotly
 
     x = _rank_metric(metric)
-    keys = (runs.c.dataset, runs.c.model, trials.c.w_bits, trials.c.a_bits, trials.c.estimator_label)
-    spread = (func.stddev_samp(x) if dialect(s) == "postgresql" else func.avg(x * x)).label("spread")
-    packed = (func.avg(trials.c.packed_bytes).label("packed_bytes"),
-              func.min(trials.c.packed_agreement).label("packed_agreement"))
-    q = (select(*keys, func.count(x).label("n"), func.avg(x).label("mean"), spread, *packed)
-         .select_from(trials.join(runs, runs.c.id == trials.c.run_id))
-         .where(*_finished_results(metric),
-                *([runs.c.dataset == dataset] if dataset is not None else []),
-                *([runs.c.model == model] if model is not None else []),
-                *([runs.c.id == run_id] if run_id is not None else []))
+    cell = (trials.c.protocol, trials.c.estimator_label, trials.c.w_bits, trials.c.a_bits)
+    latest = func.row_number().over(partition_by=(*cell, trials.c.seed),
+                                    order_by=(trials.c.finished_at.desc().nulls_last(), trials.c.id.desc()))
+    ranked = (select(*cell, trials.c.protocol_label, runs.c.dataset, runs.c.model, x.label("x"),
+                     trials.c.packed_bytes, trials.c.packed_agreement, latest.label("pick"))
+              .select_from(trials.join(runs, runs.c.id == trials.c.run_id))
+              .where(*_finished_results(metric),
+                     *([runs.c.dataset == dataset] if dataset is not None else []),
+                     *([runs.c.model == model] if model is not None else []),
+                     *([trials.c.protocol == protocol] if protocol is not None else []),
+                     *([runs.c.id == run_id] if run_id is not None else []))
+              .subquery())
+    counted = ranked.c.pick == 1
+    y = case((counted, ranked.c.x))
+    keys = (ranked.c.protocol, ranked.c.w_bits, ranked.c.a_bits, ranked.c.estimator_label)
+    # a protocol names its data set and model (and has one label): carried, not grouped by
+    named = (func.max(ranked.c.protocol_label).label("protocol_label"), func.max(ranked.c.dataset).label("dataset"),
+             func.max(ranked.c.model).label("model"))
+    spread = (func.stddev_samp(y) if dialect(s) == "postgresql" else func.avg(y * y)).label("spread")
+    packed = (func.avg(case((counted, ranked.c.packed_bytes))).label("packed_bytes"),
+              func.min(case((counted, ranked.c.packed_agreement))).label("packed_agreement"))
+    q = (select(*keys, *named, func.count(y).label("n"), func.count().label("total"), func.avg(y).label("mean"), spread,
+                *packed)
          .group_by(*keys))
     rows: list[dict] = []
     for r in s.execute(q):
@@ -148,14 +176,15 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
                 std = math.sqrt(max(float(r.spread) - mean * mean, 0.0) * n / (n - 1))
             low, high = t_interval(mean, std, n)
             ci_low, ci_high = max(low, 0.0), min(high, 1.0)  # an accuracy stays in [0, 1]
-        rows.append({"dataset": r.dataset, "model": r.model, "w_bits": r.w_bits, "a_bits": r.a_bits,
-                     "estimator_label": r.estimator_label, "metric": metric, "n": n, "mean": mean, "std": std,
-                     "ci_low": ci_low, "ci_high": ci_high,
+        rows.append({"protocol": r.protocol, "protocol_label": r.protocol_label, "dataset": r.dataset,
+                     "model": r.model, "w_bits": r.w_bits, "a_bits": r.a_bits,
+                     "estimator_label": r.estimator_label, "metric": metric, "n": n, "set_aside": int(r.total) - n,
+                     "mean": mean, "std": std, "ci_low": ci_low, "ci_high": ci_high,
                      "packed_bytes": None if r.packed_bytes is None else round(float(r.packed_bytes)),
                      "packed_agreement": None if r.packed_agreement is None else float(r.packed_agreement)})
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["dataset"], row["model"], row["w_bits"], row["a_bits"]), []).append(row)
+        groups.setdefault((row["protocol"], row["w_bits"], row["a_bits"]), []).append(row)
     for group in groups.values():
         group.sort(key=lambda g: -g["mean"])
         for i, row in enumerate(group):
@@ -163,6 +192,6 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
             row["rank"] = group[i - 1]["rank"] if same else i + 1
             row["best"] = row["rank"] == 1
 
-    rows.sort(key=lambda row: (row["dataset"], row["model"], *config_sort_key((row["w_bits"], row["a_bits"])),
-                               row["rank"], row["estimator_label"]))
+    rows.sort(key=lambda row: (row["dataset"], row["model"], row["protocol_label"], row["protocol"],
+                               *config_sort_key((row["w_bits"], row["a_bits"])), row["rank"], row["estimator_label"]))
     return cast(list[LeaderboardRow], rows)
