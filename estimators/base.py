@@ -91,6 +91,8 @@ class Estimator(nn.Module):
       params        user parameters (``Param``), checked by :func:`create_estimator`
       clip_weights  (low, high) range latent weights are clipped to after each step, or None
       scheduled     True when :meth:`set_progress` changes the estimator's behaviour
+      grids         the quantizer grids (``estimators.grids``) it can quantize to, its own first;
+                    with more than one, a ``grid`` parameter chooses
     """
 
     name: ClassVar[str] = ""
@@ -98,6 +100,7 @@ class Estimator(nn.Module):
     params: ClassVar[dict[str, Param]] = {}
     clip_weights: ClassVar[tuple[float, float] | None] = (-1.0, 1.0)
     scheduled: ClassVar[bool] = False
+    grids: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, bits: int = 1, role: str = "weight", **params: Any):
         super().__init__()
@@ -122,6 +125,16 @@ class Estimator(nn.Module):
                 f"estimator {cls.name!r} has no parameter {', '.join(map(repr, sorted(unknown)))}; known: {known}"
             )
         return {k: p.check(cls.name, k, params.get(k, p.default)) for k, p in cls.params.items()}
+
+    @classmethod
+    def grid_for(cls, params: dict[str, Any]) -> str:
+        """The grid an instance built with ``params`` quantizes to: their ``grid``, else the estimator's own."""
+        return params.get("grid") or cls.grids[0]
+
+    @property
+    def grid(self) -> str:
+        """The quantizer grid this instance quantizes to (``estimators.grids``)."""
+        return self.grid_for(self.hparams)
 
     # -- schedule -------------------------------------------------------------------------
     @property
@@ -203,6 +216,7 @@ def estimator_catalog() -> list[dict[str, Any]]:
                 "formula": inspect.cleandoc(cls.__doc__ or ""),
                 "scheduled": cls.scheduled,
                 "clips_weights": cls.clip_weights is not None,
+                "grids": list(cls.grids),
                 "params": {
                     k: {"default": p.default, "doc": p.doc, "choices": list(p.choices) if p.choices else None,
                         "low": p.low, "high": p.high}

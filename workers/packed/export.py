@@ -147,6 +147,8 @@ def _encoding(q: Estimator | None, name: str) -> dict:
             f"{name}: estimator {q.name!r} quantizes to levels the packed format has no code for (packed export "
             "needs MINW-Net's sign / ternary / powers-of-two without a scale: aqe, ste, clipped_ste, approx_sign, "
             "ede, reste)")
+    if q.quantizer not in ("sign", "ternary", "pow2"):  # a MINW estimator on another grid (estimators.grids)
+        raise UnsupportedModelError(f"{name}: {q.name!r} quantizes to the {q.grid!r} grid, which has no packed code")
     if q.quantizer == "sign":
         return {"enc": "sign", "bits": 1, "unit": 1.0, "max_int": 1}
     if q.quantizer == "ternary":
