@@ -16,7 +16,7 @@ from .grids import FIXED_GRIDS
 
 #: how activation statistics are taken (see :class:`MinwEstimator`)
 ACT_STATS = ("per_sample", "per_batch", "running")
-DEFAULT_ACT_STATS = "per_sample"
+DEFAULT_ACT_STATS = "running"
 #: BatchNorm's default momentum, for the running estimate
 DEFAULT_ACT_MOMENTUM = 0.1
 

@@ -183,3 +183,11 @@ def test_running_estimate_follows_the_models_dtype(dtype):
     x = batches(1, dtype=dtype)[0]
     y = est(x)
     assert y.dtype == dtype and est.running_stat.dtype == dtype
+
+
+def test_default_is_the_running_estimate():
+    """Chosen by docs/results/activation_statistics: accuracies within noise, and only the running estimate makes a
+    prediction independent of its batch with constant thresholds."""
+    for name in ("aqe", "ste", "clipped_ste", "approx_sign", "ede", "reste", "xnor"):
+        assert E.create_estimator(name, bits=2, role="activation").act_stats == "running"
+        assert E.create_estimator(name, bits=2, role="weight").act_stats is None  # weights: per tensor
