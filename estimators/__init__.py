@@ -18,6 +18,7 @@ from .base import (
     register_estimator,
     validate_estimator_params,
 )
+from .grids import GRIDS, list_grids
 from .layers import QConv2d, QLinear, QuantAct, make_quantizer
 from .model_tools import (
     WeightStorage,
@@ -34,9 +35,9 @@ from .quantizers import QUANTIZERS, get_quantizer, levels
 from .registry import UnknownNameError
 
 __all__ = [
-    "FLOAT_BITS", "SUPPORTED_BITS", "Estimator", "Param", "QConv2d", "QLinear", "QuantAct", "QUANTIZERS",
+    "FLOAT_BITS", "GRIDS", "SUPPORTED_BITS", "Estimator", "Param", "QConv2d", "QLinear", "QuantAct", "QUANTIZERS",
     "UnknownNameError", "WeightStorage", "clip_latent_weights", "create_estimator", "estimator_catalog",
-    "get_estimator_class", "get_quantizer", "level_change_fraction", "levels", "list_estimators", "make_quantizer",
-    "register_estimator", "schedule_values", "set_progress", "soft_estimators", "training_forward",
+    "get_estimator_class", "get_quantizer", "level_change_fraction", "levels", "list_estimators", "list_grids",
+    "make_quantizer", "register_estimator", "schedule_values", "set_progress", "soft_estimators", "training_forward",
     "validate_estimator_params", "weight_levels", "weight_storage",
 ]

@@ -1,7 +1,6 @@
 """AQE, the Asymptotic-Quantized Estimator (Chen et al., IEEE JSTSP 2020)."""
 from __future__ import annotations
 
-
 import torch
 
 from .base import Param, register_estimator, surrogate
@@ -17,12 +16,21 @@ class AQE(MinwEstimator):
     backward, by ``backward``:
       eq18      ∂L/∂x = 2α · ∂L/∂x̂ · 1[|x| ≤ 1]               (Eq. 18/19, Theorem 1; default)
       alg1      ∂L/∂x = ∂L/∂x̂ · 1[|x| ≤ 1]                    (Algorithm 1)
-      autodiff  ∂L/∂x = (1 − α) · ∂L/∂x̂                      (autodiff of the mix, sign' = 0)
+      autodiff  ∂L/∂x = (1 − α) · ∂L/∂x̂                      (autodiff of the mix, Q' = 0 between Q's steps)
     α by ``schedule`` at epoch e of E (the paper gives none):
       exp       α_e = α₀·(α₁/α₀)^(e/E)  = 0.5·2^(e/E) by default (the authors' n-BQ-NN code)
       linear    α_e = α₀ + (α₁ − α₀)·e/E
-      constant  α_e = α₀  (α = ½ with alg1 or eq18 is the clipped STE's gradient)
-    Q: sign (1 bit), ternary Δ = 0.7·mean|x| (2 bits), powers of two (≥3 bits).
+      constant  α_e = α₀  (α = ½ with alg1 or eq18 is the clipped STE's gradient, on any grid)
+    Q by ``grid``: minw (the paper's: sign at 1 bit, ternary Δ = 0.7·mean|x| at 2 bits, powers of
+    two at ≥3 bits, Eq. 4, 21, 22), uniform (DoReFa's levels: 2^k on [−1, 1] for weights, on [0, 1]
+    for activations) or uniform_signed (2^k on [−1, 1] for both).
+    Any hard Q: Q enters the forward only; the backward rules are the same for every Q, as the paper
+    uses the sign rule for its ternary and powers-of-two Q ("h_i … can be chosen from Eq (4), Eq (21)
+    and Eq (22)"). 1[|x| ≤ 1] is the HardTanh range the inputs live in (activations after HardTanh,
+    latent weights clipped to [−1, 1]), not a property of Q. (Theorem 1's smoothing over z ~ U[−1, 1]
+    would give α·Σ_j J_j·1[|x − t_j| ≤ 1] for a staircase Q with jumps J_j at t_j, which is 2α·1[|x| ≤ 1]
+    only for sign; it is not used.) On DoReFa's unsigned activation levels Q(x) = 0 for x < 0, so
+    there the mix is (1 − α)·x and eq18 / alg1 still pass the gradient on [−1, 0).
     """
 
     name = "aqe"

@@ -94,6 +94,8 @@ class Estimator(nn.Module):
       soft_forward  True when :meth:`train_forward`'s output differs from :meth:`hard`'s (a soft or mixed
                     forward, e.g. AQE's α·Q(x) + (1 − α)·x): the trainer then also measures the
                     validation accuracy of the training forward (``val_acc_soft``)
+      grids         the quantizer grids (``estimators.grids``) it can quantize to, its own first;
+                    with more than one, a ``grid`` parameter chooses
     """
 
     name: ClassVar[str] = ""
@@ -102,6 +104,7 @@ class Estimator(nn.Module):
     clip_weights: ClassVar[tuple[float, float] | None] = (-1.0, 1.0)
     scheduled: ClassVar[bool] = False
     soft_forward: ClassVar[bool] = False
+    grids: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, bits: int = 1, role: str = "weight", **params: Any):
         super().__init__()
@@ -126,6 +129,16 @@ class Estimator(nn.Module):
                 f"estimator {cls.name!r} has no parameter {', '.join(map(repr, sorted(unknown)))}; known: {known}"
             )
         return {k: p.check(cls.name, k, params.get(k, p.default)) for k, p in cls.params.items()}
+
+    @classmethod
+    def grid_for(cls, params: dict[str, Any]) -> str:
+        """The grid an instance built with ``params`` quantizes to: their ``grid``, else the estimator's own."""
+        return params.get("grid") or cls.grids[0]
+
+    @property
+    def grid(self) -> str:
+        """The quantizer grid this instance quantizes to (``estimators.grids``)."""
+        return self.grid_for(self.hparams)
 
     # -- schedule -------------------------------------------------------------------------
     @property
@@ -212,6 +225,7 @@ def estimator_catalog() -> list[dict[str, Any]]:
                 "formula": inspect.cleandoc(cls.__doc__ or ""),
                 "scheduled": cls.scheduled,
                 "clips_weights": cls.clip_weights is not None,
+                "grids": list(cls.grids),
                 "params": {
                     k: {"default": p.default, "doc": p.doc, "choices": list(p.choices) if p.choices else None,
                         "low": p.low, "high": p.high}

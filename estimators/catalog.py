@@ -27,7 +27,9 @@ def catalog_markdown() -> str:
         out.append(f"#### `{e['name']}`\n")
         out.append("```text\n" + e["formula"].strip() + "\n```\n")
         out.append(f"*{e['paper']}*" + (" · scheduled per epoch" if e["scheduled"] else "")
-                   + (" · latent weights clipped to [−1, 1]" if e["clips_weights"] else "") + "\n")
+                   + (" · latent weights clipped to [−1, 1]" if e["clips_weights"] else "")
+                   + " · grid" + ("s" if len(e["grids"]) > 1 else "") + ": " + ", ".join(f"`{g}`" for g in e["grids"])
+                   + "\n")
         if e["params"]:
             out.append("| parameter | default | meaning |\n|---|---|---|")
             for k, p in e["params"].items():

@@ -40,6 +40,7 @@ class DoReFa(Estimator):
     name = "dorefa"
     paper = "Zhou, Wu, Ni, Zhou, Wen, Zou, 'DoReFa-Net: Training Low Bitwidth Convolutional Neural Networks with Low Bitwidth Gradients', arXiv:1606.06160, 2016"
     clip_weights = None
+    grids = ("uniform",)
 
     def train_forward(self, x):
         return dorefa_weight(x, self.bits) if self.role == "weight" else dorefa_activation(x, self.bits)

@@ -127,6 +127,7 @@ class DSQ(Estimator):
     name = "dsq"
     paper = "Gong, Liu, Jiang, Li, Hu, Lin, Yu, Yan, 'Differentiable Soft Quantization: Bridging Full-Precision and Low-Bit Neural Networks', ICCV 2019"
     params = {"alpha_init": Param(0.2, "initial characteristic variable α ∈ (0, 1)", low=1e-3, high=0.99)}
+    grids = ("uniform_signed",)
 
     def __init__(self, bits=1, role="weight", **params):
         super().__init__(bits=bits, role=role, **params)

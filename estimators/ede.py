@@ -1,4 +1,8 @@
-"""IR-Net's Error Decay Estimator (EDE) and ReSTE's rectified STE: annealed pseudo-gradients."""
+"""IR-Net's Error Decay Estimator (EDE) and ReSTE's rectified STE: annealed pseudo-gradients.
+
+Q is MINW-Net's (sign / ternary / powers of two by bits) or the ``grid``'s; the pseudo-gradient,
+derived for sign, is applied unchanged to every Q.
+"""
 from __future__ import annotations
 
 import math

@@ -19,6 +19,7 @@ class EWGS(Estimator):
     name = "ewgs"
     paper = "Lee, Kim, Ham, 'Network Quantization with Element-wise Gradient Scaling', CVPR 2021"
     params = {"delta": Param(1e-3, "scaling factor δ ≥ 0 (δ = 0 is the clipped STE)", low=0.0, high=10.0)}
+    grids = ("uniform_signed",)
 
     def hard(self, x):
         return Qz.uniform(x, self.bits, signed=True)

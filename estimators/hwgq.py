@@ -7,6 +7,7 @@ from functools import lru_cache
 import torch
 
 from .base import Param, register_estimator, surrogate
+from .minw import LEVEL_PARAMS
 from .xnor import XNOR
 
 LLOYD_TOL = 1e-11
@@ -114,8 +115,9 @@ class HWGQ(XNOR):
     name = "hwgq"
     paper = ("Cai, He, Sun, Vasconcelos, 'Deep Learning with Low Precision by Half-wave Gaussian Quantization', "
              "CVPR 2017")
-    params = {
-        **XNOR.params,
+    grids = ("half_normal",)
+    params = {  # XNOR's but the grid and activation statistics, which the half-normal levels don't use
+        **LEVEL_PARAMS, "scale": XNOR.params["scale"],
         "levels": Param("uniform", "activation levels on the half-normal: Lloyd-optimal uniform step (the "
                         "authors' released configs) or non-uniform Lloyd–Max", choices=("uniform", "lloyd")),
     }

@@ -46,6 +46,7 @@ class LQNets(Estimator):
     paper = ("Zhang, Yang, Ye, Hua, 'LQ-Nets: Learned Quantization for Highly Accurate and Compact Deep "
              "Neural Networks', ECCV 2018")
     clip_weights = None
+    grids = ("learned_basis",)
     params = {
         "momentum": Param(0.9, "moving-average factor m of the basis: v ← m·v + (1 − m)·v*", low=0.0, high=1.0),
     }

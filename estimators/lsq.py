@@ -37,6 +37,7 @@ class LSQ(Estimator):
     name = "lsq"
     paper = "Esser, McKinstry, Bablani, Appuswamy, Modha, 'Learned Step Size Quantization', ICLR 2020"
     clip_weights = None
+    grids = ("learned_step",)
 
     def __init__(self, bits=1, role="weight", **params):
         super().__init__(bits=bits, role=role, **params)

@@ -2,8 +2,9 @@
 
 :class:`MinwEstimator` holds what AQE and the sign-family baselines (STE, clipped STE,
 ApproxSign, EDE, ReSTE, XNOR) share: the hard quantizer ``Q`` chosen by bit width (Chen et al.,
-Eq. 4, 21, 22), its parameters, and per-tensor statistics for weights / per-sample statistics
-for activations. Subclasses give the training forward and the pseudo-gradient.
+Eq. 4, 21, 22) or by ``grid`` (``estimators.grids``), its parameters, and its statistics: per
+tensor for weights, per sample / per batch / running for activations (``act_stats``).
+Subclasses give the training forward and the pseudo-gradient.
 """
 from __future__ import annotations
 
@@ -11,6 +12,15 @@ import torch
 
 from . import quantizers as Qz
 from .base import Estimator, Param, surrogate
+from .grids import FIXED_GRIDS
+
+#: how activation statistics are taken (see :class:`MinwEstimator`)
+ACT_STATS = ("per_sample", "per_batch", "running")
+DEFAULT_ACT_STATS = "per_sample"  # "running" measured as good (docs/results/activation_statistics); it becomes
+#                                    the default once the packed engine takes its constant thresholds
+#: BatchNorm's default momentum, for the running estimate
+DEFAULT_ACT_MOMENTUM = 0.1
+
 
 def increasing_fractions(value) -> list[float]:
     """A list of strictly increasing numbers in (0, 1] (how many the bit width needs is checked
@@ -23,34 +33,105 @@ def increasing_fractions(value) -> list[float]:
     return [float(v) for v in value]
 
 
-MINW_PARAMS = {
+#: the parameters of MINW-Net's levels (ternary's and powers of two's thresholds)
+LEVEL_PARAMS = {
     "delta_ratio": Param(0.7, "ternary threshold Δ = delta_ratio·mean|x| (TWN's rule)", low=0.0, high=1.0),
     "pow2_thresholds": Param(
         None, "≥3-bit powers-of-two thresholds as increasing fractions of max|x| (default 0.02, 0.07, 0.14 at 3 bits)",
         validate=increasing_fractions,
     ),
 }
+MINW_PARAMS = {
+    **LEVEL_PARAMS,
+    "grid": Param("minw", "levels Q quantizes to: minw (sign / ternary / powers of two), uniform (DoReFa's), "
+                  "uniform_signed (EWGS's, DSQ's); the pseudo-gradient is the same on every grid",
+                  choices=FIXED_GRIDS),
+    "act_stats": Param(DEFAULT_ACT_STATS, "activations' mean|x| (ternary) and max|x| (powers of two): per sample, "
+                       "per batch (the authors' code), or a running estimate in training, frozen in eval",
+                       choices=ACT_STATS),
+    "act_momentum": Param(DEFAULT_ACT_MOMENTUM, "act_stats=running: s ← (1 − m)·s + m·s_batch per training batch",
+                          low=1e-4, high=1.0),
+}
 
 
 class MinwEstimator(Estimator):
-    """Base for estimators whose hard quantizer Q is MINW-Net's: sign / ternary / pow2 by bits."""
+    """Base for estimators whose hard quantizer Q is MINW-Net's: sign / ternary / pow2 by bits.
+
+    ``grid`` swaps Q for another fixed grid (``uniform``: DoReFa's levels, ``uniform_signed``:
+    EWGS's and DSQ's); a subclass's training forward and pseudo-gradient stay what they are.
+
+    Q's statistic s (ternary Δ = delta_ratio·s, s = mean|x|; powers of two: thresholds t_j·s,
+    s = max|x|) is taken over the whole tensor for weights (TWN), and for activations by ``act_stats``:
+      per_sample  over each sample (every dimension but the first): a prediction needs no other
+                  sample, but inference needs a float reduction per image
+      per_batch   over the whole batch, in training and eval (the authors' n-BQ-NN code): a
+                  prediction depends on the rest of its batch
+      running     training: s_r ← (1 − m)·s_r + m·s_batch before each batch's forward (s_r = s_batch
+                  at the first), and Q uses s_r; eval: s_r frozen, so Q's thresholds are constants of
+                  the layer (batch-independent). m = ``act_momentum``. s_r is the buffer
+                  ``running_stat`` (with ``running_stat_set``), saved in the state dict; a state dict
+                  without it loads (the estimate restarts at the next training batch), and before any
+                  training batch eval uses the batch's own s.
+    No gradient flows through s in any mode. Sign (1 bit) and the uniform grids use no statistic.
+    """
 
     params = MINW_PARAMS
+    grids = FIXED_GRIDS
 
     def __init__(self, bits: int = 1, role: str = "weight", **params):
         super().__init__(bits=bits, role=role, **params)
-        self.quantizer = Qz.minw_quantizer(bits)
-        self._dims = None if role == "weight" else "sample"
+        self.quantizer = Qz.grid_quantizer(self.hparams.get("grid", "minw"), bits, role)
+        self.act_stats = self.hparams.get("act_stats", "per_sample") if role == "activation" else None
+        self._dims = "sample" if self.act_stats == "per_sample" else None
+        self.tracks_running_stat = self.act_stats == "running" and self.quantizer in ("ternary", "pow2")
+        if self.tracks_running_stat:
+            self.register_buffer("running_stat", torch.tensor(0.0))
+            self.register_buffer("running_stat_set", torch.tensor(False))
         if self.quantizer == "pow2":  # fail at construction, not at the first batch
             Qz.pow2(torch.ones(1), bits=bits, thresholds=self.hparams["pow2_thresholds"])
 
+    # -- statistics ------------------------------------------------------------------------------
+    def batch_stat(self, x: torch.Tensor) -> torch.Tensor:
+        """s over the whole tensor: mean|x| (ternary) or max|x| (powers of two)."""
+        return x.abs().mean() if self.quantizer == "ternary" else x.abs().amax()
+
+    @torch.no_grad()
+    def track(self, x: torch.Tensor) -> None:
+        """One training batch's update of the running statistic (no host sync)."""
+        batch = self.batch_stat(x.detach()).to(self.running_stat.dtype)
+        m = self.hparams["act_momentum"]
+        self.running_stat.copy_(torch.where(self.running_stat_set, self.running_stat.lerp(batch, m), batch))
+        self.running_stat_set.fill_(True)
+
+    def _given_stat(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The running statistic Q uses (the batch's before any training batch), or None to take it over dims."""
+        if not self.tracks_running_stat:
+            return None
+        return torch.where(self.running_stat_set, self.running_stat.to(x.dtype), self.batch_stat(x.detach()))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.tracks_running_stat:  # a checkpoint from before act_stats=running: keep the unset estimate
+            for name in ("running_stat", "running_stat_set"):
+                state_dict.setdefault(prefix + name, getattr(self, name))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- quantization ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.tracks_running_stat:
+            self.track(x)
+        return super().forward(x)
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Q(x): the MINW-Net hard quantizer for this bit width (no gradient of its own)."""
-        if self.quantizer == "sign":
+        """Q(x): the hard quantizer of this grid and bit width (no gradient of its own)."""
+        q = self.quantizer
+        if q == "sign":
             return Qz.sign(x)
-        if self.quantizer == "ternary":
-            return Qz.ternary(x, self.hparams["delta_ratio"], dims=self._dims)
-        return Qz.pow2(x, self.bits, self.hparams["pow2_thresholds"], dims=self._dims)
+        if q == "ternary":
+            return Qz.ternary(x, self.hparams["delta_ratio"], dims=self._dims, mean_abs=self._given_stat(x))
+        if q == "pow2":
+            return Qz.pow2(x, self.bits, self.hparams["pow2_thresholds"], dims=self._dims,
+                           max_abs=self._given_stat(x))
+        return Qz.uniform(x, self.bits, signed=q == "uniform_signed")
 
     def hard(self, x):
         return self.quantize(x)
@@ -59,7 +140,13 @@ class MinwEstimator(Estimator):
         return Qz.levels(self.quantizer, self.bits)
 
     def packed_encoding(self) -> str | None:
-        return self.quantizer  # unscaled sign / ternary / powers of two
+        """Unscaled sign / ternary / powers of two; None for another grid, and for activations whose
+        statistics are not per sample (the packed engine computes thresholds per image)."""
+        if self.quantizer not in ("sign", "ternary", "pow2"):
+            return None
+        if self.role != "weight" and self.quantizer != "sign" and self.hparams["act_stats"] != "per_sample":
+            return None
+        return self.quantizer
 
     def pseudo_grad(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """∂L/∂x given x and ∂L/∂y. A subclass sets ``pseudo_grad = None`` for the identity."""

@@ -5,9 +5,10 @@ training and what gradient flows back is the business of an estimator (``estimat
 Every quantizer here is registered by name, has a ``levels(bits)`` set that its output always
 lies in (up to a per-tensor or per-channel scale where noted), and is pure torch.
 
-Statistics (ternary's Δ, powers-of-two's max|x|) are taken over ``dims``: ``None`` means the
-whole tensor (weights), ``"sample"`` means every dimension but the first (activations, so that a
-sample's quantization does not depend on the rest of its batch).
+Statistics (ternary's mean|x|, powers-of-two's max|x|) are taken over ``dims``: ``None`` means the
+whole tensor (weights; activations per batch), ``"sample"`` means every dimension but the first
+(activations, so that a sample's quantization does not depend on the rest of its batch); or they
+are given (``mean_abs`` / ``max_abs``: a running estimate, see ``estimators.minw``).
 """
 from __future__ import annotations
 
@@ -52,9 +53,11 @@ def sign(x: torch.Tensor) -> torch.Tensor:
 
 
 @QUANTIZERS.register("ternary")
-def ternary(x: torch.Tensor, delta_ratio: float = 0.7, dims=None) -> torch.Tensor:
-    """TWN ternary: 0 if |x| ≤ Δ else sign(x), Δ = delta_ratio·mean|x| (TWN: 0.7). Levels {−1, 0, 1}."""
-    delta = delta_ratio * _mean_abs(x, dims)
+def ternary(x: torch.Tensor, delta_ratio: float = 0.7, dims=None, mean_abs: torch.Tensor | None = None) -> torch.Tensor:
+    """TWN ternary: 0 if |x| ≤ Δ else sign(x), Δ = delta_ratio·mean|x| (TWN: 0.7). Levels {−1, 0, 1}.
+
+    mean|x| over ``dims``, or ``mean_abs`` when given (broadcastable to x)."""
+    delta = delta_ratio * (_mean_abs(x, dims) if mean_abs is None else mean_abs)
     return torch.where(x.abs() > delta, sign(x), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
@@ -76,17 +79,19 @@ def pow2_thresholds(bits: int) -> tuple[float, ...]:
 
 
 @QUANTIZERS.register("pow2")
-def pow2(x: torch.Tensor, bits: int = 3, thresholds: Sequence[float] | None = None, dims=None) -> torch.Tensor:
+def pow2(x: torch.Tensor, bits: int = 3, thresholds: Sequence[float] | None = None, dims=None,
+         max_abs: torch.Tensor | None = None) -> torch.Tensor:
     """Powers of two (MINW-Net Eq. 22, n-BQ-NN staircase): levels {0, ±2^−(q−1), …, ±½, ±1}.
 
-    q = 2^(bits−1) − 1. With M = max|x| and thresholds t_0 < t_1 < … < t_{q−1} (fractions of M):
+    q = 2^(bits−1) − 1. With M = max|x| (over ``dims``, or ``max_abs`` when given) and thresholds
+    t_0 < t_1 < … < t_{q−1} (fractions of M):
     |x| < t_0·M → 0; t_j·M ≤ |x| < t_{j+1}·M → sign(x)·2^−(q−1−j); |x| ≥ t_{q−1}·M → sign(x).
     """
     t = tuple(thresholds) if thresholds is not None else pow2_thresholds(bits)
     q = 2 ** (bits - 1) - 1
     if len(t) != q or any(b <= a for a, b in zip(t, t[1:])) or t[0] <= 0:
         raise ValueError(f"pow2 at {bits} bits needs {q} increasing positive thresholds, got {t}")
-    m = _max_abs(x, dims)
+    m = _max_abs(x, dims) if max_abs is None else max_abs
     a = x.abs()
     edges = torch.tensor(t, dtype=x.dtype, device=x.device)
     # index j = number of edges at or below |x|/M; level = 2^-(q-j) for j ≥ 1, 0 for j = 0
@@ -111,6 +116,22 @@ def uniform(x: torch.Tensor, bits: int, signed: bool = False) -> torch.Tensor:
 def minw_quantizer(bits: int) -> str:
     """The MINW-Net quantizer for a bit width: 1 → sign, 2 → ternary, ≥3 → pow2."""
     return "sign" if bits == 1 else "ternary" if bits == 2 else "pow2"
+
+
+def grid_quantizer(grid: str, bits: int, role: str) -> str:
+    """The quantizer (a name of :func:`levels`) a fixed grid (``estimators.grids``) uses for a bit width and role.
+
+    minw:           sign (1 bit), ternary (2), pow2 (≥3), for weights and activations alike
+    uniform:        DoReFa's exactly: weights sign (1 bit) / uniform_signed (≥2), activations uniform ([0, 1])
+    uniform_signed: uniform_signed ([−1, 1]) for weights and activations (EWGS's, DSQ's)
+    """
+    if grid == "minw":
+        return minw_quantizer(bits)
+    if grid == "uniform":
+        return "uniform" if role == "activation" else "sign" if bits == 1 else "uniform_signed"
+    if grid == "uniform_signed":
+        return "uniform_signed"
+    raise ValueError(f"grid {grid!r} has no fixed quantizer; fixed grids: minw, uniform, uniform_signed")
 
 
 def levels(name: str, bits: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Straight-through estimators with a hard forward: STE, clipped STE (BNN), ApproxSign (Bi-Real).
 
 At 2 and 3 bits the forward is the MINW-Net ternary / powers-of-two quantizer and the same
-pseudo-gradient is applied to the input, as for sign.
+pseudo-gradient is applied to the input, as for sign; so on the other grids (``grid``:
+uniform, uniform_signed), where Q is a uniform staircase.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .minw import MinwEstimator, clipped_grad
 class STE(MinwEstimator):
     """Straight-through estimator (identity).
 
-    forward:  y = Q(x)                      (Q = sign / ternary / pow2 by bits)
+    forward:  y = Q(x)                      (Q = sign / ternary / pow2 by bits, or the ``grid``'s)
     backward: ∂L/∂x = ∂L/∂y                 (everywhere, no clipping)
     """
 

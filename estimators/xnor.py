@@ -36,7 +36,8 @@ class XNOR(MinwEstimator):
                        to [−1, 1], so the mask only matters for unclipped inputs)
     activations (either scale): y = Q(x), ∂L/∂x = ∂L/∂y · 1[|x| ≤ 1]  (the K = mean|A| map is
     left out, as in most re-implementations: BN after every conv absorbs a per-channel scale)
-    Q: sign (1 bit), ternary (2 bits), powers of two (≥3 bits), as MINW-Net's.
+    Q: sign (1 bit), ternary (2 bits), powers of two (≥3 bits), as MINW-Net's, or the ``grid``'s
+    (the 1/n term is sign's on every grid, as at 2 and 3 bits).
     """
 
     name = "xnor"

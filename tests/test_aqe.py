@@ -19,7 +19,7 @@ def test_training_forward_is_the_convex_mix(bits, quantizer):
 
 @pytest.mark.parametrize("bits", [1, 2, 3])
 def test_eval_forward_is_the_hard_quantizer(bits):
-    est = E.create_estimator("aqe", bits=bits, role="activation").eval()
+    est = E.create_estimator("aqe", bits=bits, role="activation", act_stats="per_sample").eval()
     x = torch.randn(4, 50)
     want = {1: Qz.sign(x), 2: Qz.ternary(x, dims="sample"), 3: Qz.pow2(x, bits=3, dims="sample")}[bits]
     assert torch.equal(est(x), want)

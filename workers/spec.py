@@ -61,6 +61,7 @@ class _Strict(BaseModel):
 Bits = Annotated[int, Field(description="1–8, or 32 for float"), Keywords(enum=list(ALLOWED_BITS))]
 BitsList = Annotated[list[Bits], Keywords(minItems=1, uniqueItems=True)]
 EstimatorName = Annotated[str, Keywords(enum=estimators.list_estimators)]
+GridName = Annotated[str, Keywords(enum=estimators.list_grids)]
 Seed = Annotated[int, Keywords(minimum=0, maximum=MAX_SEED)]  # checked, with one message, by _unique_seeds
 
 
@@ -215,6 +216,13 @@ class TrialSpec(_Strict):
         """The estimator label (the key's first part): the method's name, else the estimator's label."""
         return self.method or estimator_label(self.estimator, self.estimator_params)
 
+    @property
+    def grid(self) -> str | None:
+        """The quantizer grid the trial's estimator quantizes to (``estimators.grids``); None for float."""
+        if self.is_float:
+            return None
+        return estimators.get_estimator_class(self.estimator).grid_for(self.estimator_params)
+
 
 class ExperimentSpec(_Strict):
     """A sweep: (estimators × bits + named methods at their own cells) × seeds on one dataset and
@@ -230,6 +238,11 @@ class ExperimentSpec(_Strict):
     methods: Annotated[list[Union[MethodName, MethodChoice]], Keywords(uniqueItems=True)] = Field(
         default_factory=list, description="named published methods (GET /catalog), each at its own bit cells "
                                           "and with its own first/last-layer policy")
+    quantizer: GridName | None = Field(
+        None, description="one quantizer grid for every estimator of `estimators` (GET /catalog lists the grids "
+        "each can use: minw = sign / ternary / powers of two, uniform = DoReFa's levels, uniform_signed = EWGS's), "
+        "so that they are ranked on the same levels; an estimator that cannot use it is refused. Named methods "
+        "keep their own. Absent: each estimator's own grid")
     bits: Union[BitsConfig, Annotated[list[BitsConfig], Keywords(minItems=1, uniqueItems=True)]] = Field(
         default_factory=lambda: [BitsConfig(w=1, a=1)])
     include_full_precision: bool = True
@@ -309,6 +322,24 @@ class ExperimentSpec(_Strict):
             return [{"name": e} if isinstance(e, str) else e for e in v]
         return v
 
+    @field_validator("quantizer")
+    @classmethod
+    def _every_estimator_can_use_it(cls, v, info: ValidationInfo):
+        if v is None:
+            return v
+        if v not in estimators.list_grids():
+            raise ValueError(f"unknown quantizer grid {v!r}; known: {', '.join(estimators.list_grids())}")
+        chosen = info.data.get("estimators") or []
+        cannot = {e.name: estimators.get_estimator_class(e.name).grids for e in chosen
+                  if v not in estimators.get_estimator_class(e.name).grids}
+        if cannot:
+            raise ValueError("; ".join(f"estimator {name!r} cannot quantize to the {v!r} grid, only to "
+                                       f"{', '.join(grids)}" for name, grids in cannot.items()))
+        if own := [e.label for e in chosen if "grid" in e.params]:
+            raise ValueError(f"{', '.join(own)} set their own grid: choose the grid per estimator or for every "
+                             "estimator with quantizer, not both")
+        return v
+
     @field_validator("methods")
     @classmethod
     def _unique_methods(cls, v):
@@ -349,7 +380,7 @@ class ExperimentSpec(_Strict):
         if not self.estimators and not self.methods:
             raise ValueError("list at least one estimator or method")
         cells = set(self.bit_cells())
-        dupes = sorted({m.name for m in self.methods for e in self.estimators if e.label == m.name
+        dupes = sorted({m.name for m in self.methods for e in self.estimator_choices() if e.label == m.name
                         and cells & {(w, a) for w, a, _ in m.settings()}})
         if dupes:
             raise ValueError(f"an estimator and a method share the label {', '.join(map(repr, dupes))} at the same "
@@ -374,6 +405,17 @@ class ExperimentSpec(_Strict):
         return schema
 
     # -- grid -------------------------------------------------------------------------------
+    def estimator_choices(self) -> list[EstimatorChoice]:
+        """``estimators`` as trained: the spec's ``quantizer`` becomes the ``grid`` parameter of each
+        estimator whose own grid it is not (so it shows in the label: ``aqe[grid=uniform]``)."""
+        out = []
+        for e in self.estimators:
+            if self.quantizer is None or self.quantizer == estimators.get_estimator_class(e.name).grids[0]:
+                out.append(e)
+            else:
+                out.append(EstimatorChoice(name=e.name, params={**e.params, "grid": self.quantizer}))
+        return out
+
     def bit_cells(self) -> list[tuple[int, int]]:
         return [c for b in (self.bits if isinstance(self.bits, list) else [self.bits]) for c in b.cells()]
 
@@ -391,7 +433,7 @@ class ExperimentSpec(_Strict):
             if self.include_full_precision:
                 out.append(TrialSpec(key=trial_key(FLOAT_ESTIMATOR, FLOAT, FLOAT, seed), estimator=FLOAT_ESTIMATOR,
                                      w_bits=FLOAT, a_bits=FLOAT, seed=seed))
-            for est in self.estimators:
+            for est in self.estimator_choices():
                 for w, a in self.bit_cells():
                     out.append(TrialSpec(key=trial_key(est.label, w, a, seed), estimator=est.name,
                                          estimator_params=dict(est.params), w_bits=w, a_bits=a, seed=seed))
@@ -407,7 +449,7 @@ class ExperimentSpec(_Strict):
     #: JSON while they hold their default, so the hash (and the Tune experiment named by it) of an older spec
     #: never changes
     ADDED_LATER: ClassVar[tuple[str, ...]] = ("bn_reestimate", "methods", "description", "resources.cpu_fallback",
-                                                  "model_options")
+                                                  "model_options", "quantizer")
 
     def canonical_json(self) -> str:
         """The normalised spec as canonical JSON (sorted keys, defaults filled but those of
