@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def fill(url: str, *, trials_wanted: int, epochs: int, seed: int = 0) -> dict:
             n += run["trial_count"]
             i += 1
         ids = s.execute(select(trials.c.id, trials.c.w_bits).order_by(trials.c.id)).all()
-        start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        start = datetime(2026, 1, 1, tzinfo=UTC)
         s.execute(update(trials).where(trials.c.id == bindparam("tid")).values(
             status="done", epochs_done=epochs, final_test_acc=bindparam("acc"), final_val_acc=bindparam("acc"),
             finished_at=bindparam("at")),
@@ -112,7 +112,7 @@ def _bulk_metrics(engine, trial_ids, epochs, rng, chunk=100_000) -> None:
         else:
             sql = f"INSERT INTO {metrics.name} ({cols}) VALUES ({', '.join('?' * len(METRIC_COLUMNS))})"
             rows = _metric_rows(trial_ids, epochs, rng)
-            while batch := [r for _, r in zip(range(chunk), rows)]:
+            while batch := [r for _, r in zip(range(chunk), rows, strict=False)]:
                 cur.executemany(sql, batch)
         raw.commit()
     finally:

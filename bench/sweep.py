@@ -65,7 +65,8 @@ def _train_one(spec_json: str, trial_json: str) -> int:
 def process_pool(spec: ExperimentSpec, cpus: int) -> float:
     t0 = time.perf_counter()
     with ProcessPoolExecutor(cpus, mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = [pool.submit(_train_one, spec.canonical_json(), t.model_dump_json()) for t in longest_first(spec.trials())]
+        jobs = [pool.submit(_train_one, spec.canonical_json(), t.model_dump_json())
+                for t in longest_first(spec.trials())]
         assert sum(j.result() for j in jobs) == spec.trial_count() * spec.epochs
     return time.perf_counter() - t0
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.repeats):
         runs.append((one_after_another(spec, 1), one_after_another(spec, args.cpus),
                      process_pool(spec, args.cpus), *through_ray(spec, args.cpus)))
-    seq, all_threads, pool, tuned, ray_init = (statistics.median(col) for col in zip(*runs))
+    seq, all_threads, pool, tuned, ray_init = (statistics.median(col) for col in zip(*runs, strict=False))
 
     cmd = shlex.join(sys.argv[1:] if argv is None else argv)
     print(f"`python bench/sweep.py {cmd}` ({spec.trial_count()} digits trials × {args.epochs} epochs, "

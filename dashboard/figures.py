@@ -128,7 +128,7 @@ def _add_mean_trace(fig: go.Figure, trials: list[dict], metric: str, name: str, 
     fig.add_trace(go.Scatter(
         x=[config_label(c) for c in order], y=[m for m, _ in stats],
         error_y=dict(type="data", array=[s for _, s in stats], visible=True, thickness=1.5, width=5),
-        customdata=[[s, len(groups[c])] for c, (_, s) in zip(order, stats)],
+        customdata=[[s, len(groups[c])] for c, (_, s) in zip(order, stats, strict=False)],
         mode="lines+markers", name=name, meta=meta,
         hovertemplate="%{x}: %{y:.2%} ± %{customdata[0]:.2%} (n=%{customdata[1]})",
         **style,

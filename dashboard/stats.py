@@ -61,7 +61,7 @@ def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) 
     d_i = a_i − b_i,  mean ± t(1 − (1−c)/2, n−1)·sd(d)/√n,  p from the paired t-test.
     """
     n = len(a)
-    d = [x - y for x, y in zip(a, b)]
+    d = [x - y for x, y in zip(a, b, strict=False)]
     diff, sd = mean(d), sample_std(d)
     out = {"n": n, "diff": diff, "ci_low": None, "ci_high": None, "p_value": None, "significant": False}
     if sd is not None:

@@ -8,8 +8,9 @@ quantizer's output, ``scale(x)·level`` with every level in ``level_set()``.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn

@@ -24,7 +24,8 @@ class EDE(MinwEstimator):
     """
 
     name = "ede"
-    paper = "Qin, Gong, Liu, Bai, Song, Yu, 'Forward and Backward Information Retention for Accurate Binary Neural Networks' (IR-Net), CVPR 2020"
+    paper = ("Qin, Gong, Liu, Bai, Song, Yu, 'Forward and Backward Information Retention for Accurate Binary "
+             "Neural Networks' (IR-Net), CVPR 2020")
     scheduled = True
     params = {
         **MINW_PARAMS,
@@ -65,7 +66,8 @@ class ReSTE(MinwEstimator):
     """
 
     name = "reste"
-    paper = "Wu, Shen, Wang, Li, Zhang, 'Estimator Meets Equilibrium Perspective: A Rectified Straight Through Estimator for Binary Neural Networks Training', ICCV 2023"
+    paper = ("Wu, Shen, Wang, Li, Zhang, 'Estimator Meets Equilibrium Perspective: A Rectified Straight Through "
+             "Estimator for Binary Neural Networks Training', ICCV 2023")
     scheduled = True
     params = {
         **MINW_PARAMS,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -75,7 +75,7 @@ def _uniform_step(n: int) -> torch.Tensor:
     raise RuntimeError(f"uniform Lloyd on the half-normal did not converge for {n} levels")
 
 
-@lru_cache(maxsize=None)
+@cache
 def half_normal_levels(n: int, kind: str = "uniform") -> tuple[float, ...]:
     """The n positive levels q_1 < … < q_n minimising E[(Q(x) − x)²] for x ~ N(0, 1), x > 0,
     with Q(x) = q_i on (t_{i−1}, t_i], t_0 = 0, t_i = (q_i + q_{i+1})/2, t_n = ∞ (Lloyd's conditions).

@@ -7,7 +7,7 @@ learnable quantizer parameters (PACT's α, LSQ's step, DSQ's α) are per layer a
 """
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from torch import nn
 
 from .base import FLOAT_BITS, Estimator, create_estimator
 
-EstimatorArg = Union[str, tuple[str, dict[str, Any]]]
+EstimatorArg = str | tuple[str, dict[str, Any]]
 
 
 def make_quantizer(estimator: EstimatorArg, bits: int, role: str, params: dict | None = None) -> Estimator | None:

@@ -8,6 +8,8 @@ Subclasses give the training forward and the pseudo-gradient.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from . import quantizers as Qz
@@ -28,7 +30,7 @@ def increasing_fractions(value) -> list[float]:
     if not isinstance(value, (list, tuple)) or not value or any(
             isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
         raise ValueError("expected a non-empty list of numbers")
-    if value[0] <= 0 or value[-1] > 1 or any(b <= a for a, b in zip(value, value[1:])):
+    if value[0] <= 0 or value[-1] > 1 or any(b <= a for a, b in zip(value, value[1:], strict=False)):
         raise ValueError("expected strictly increasing fractions in (0, 1]")
     return [float(v) for v in value]
 
@@ -76,7 +78,9 @@ class MinwEstimator(Estimator):
     """
 
     params = MINW_PARAMS
-    grids = FIXED_GRIDS
+    grids: ClassVar[tuple[str, ...]] = FIXED_GRIDS
+    running_stat: torch.Tensor  # buffers of act_stats=running (typed for the type checker)
+    running_stat_set: torch.Tensor
 
     def __init__(self, bits: int = 1, role: str = "weight", **params):
         super().__init__(bits=bits, role=role, **params)

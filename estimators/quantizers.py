@@ -12,7 +12,7 @@ are given (``mean_abs`` / ``max_abs``: a running estimate, see ``estimators.minw
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -89,7 +89,7 @@ def pow2(x: torch.Tensor, bits: int = 3, thresholds: Sequence[float] | None = No
     """
     t = tuple(thresholds) if thresholds is not None else pow2_thresholds(bits)
     q = 2 ** (bits - 1) - 1
-    if len(t) != q or any(b <= a for a, b in zip(t, t[1:])) or t[0] <= 0:
+    if len(t) != q or any(b <= a for a, b in zip(t, t[1:], strict=False)) or t[0] <= 0:
         raise ValueError(f"pow2 at {bits} bits needs {q} increasing positive thresholds, got {t}")
     m = _max_abs(x, dims) if max_abs is None else max_abs
     a = x.abs()

@@ -1,7 +1,8 @@
 """Name → object registries (timm-style ``register`` / ``get`` / ``names``)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class UnknownNameError(ValueError):

@@ -21,8 +21,9 @@ class STE(MinwEstimator):
     """
 
     name = "ste"
-    paper = "Bengio, Léonard, Courville, 'Estimating or propagating gradients through stochastic neurons', arXiv:1308.3432, 2013"
-    pseudo_grad = None
+    paper = ("Bengio, Léonard, Courville, 'Estimating or propagating gradients through stochastic neurons', "
+             "arXiv:1308.3432, 2013")
+    pseudo_grad = None  # type: ignore[assignment]  # None: the incoming gradient, untouched (base.surrogate)
 
 
 @register_estimator

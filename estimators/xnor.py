@@ -41,7 +41,8 @@ class XNOR(MinwEstimator):
     """
 
     name = "xnor"
-    paper = "Rastegari, Ordonez, Redmon, Farhadi, 'XNOR-Net: ImageNet Classification Using Binary Convolutional Neural Networks', ECCV 2016"
+    paper = ("Rastegari, Ordonez, Redmon, Farhadi, 'XNOR-Net: ImageNet Classification Using Binary Convolutional "
+             "Neural Networks', ECCV 2016")
     params = {
         **MINW_PARAMS,
         "scale": Param("filter", "weight scale α: XNOR-Net's per-filter mean|W|, or TWN's per-layer least-squares "

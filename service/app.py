@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from contextlib import asynccontextmanager
 
-from dashboard import create_router as create_dashboard_router
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import RedirectResponse, Response
@@ -17,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dashboard import create_router as create_dashboard_router
 from service import db
 from service.api import api_router
 from service.api.dashboard_source import StoreSource

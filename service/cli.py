@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import time
-from enum import Enum
+from enum import Enum, StrEnum
 from itertools import groupby
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import httpx
 import typer
@@ -41,7 +41,7 @@ app = typer.Typer(name="bitbench", no_args_is_help=True, add_completion=False,
                   help="Queue and follow bitbench sweeps over HTTP.")
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     csv = "csv"
     json = "json"
 
@@ -315,14 +315,16 @@ def leaderboard(
         out.print(f"no finished trials for {scope} yet", highlight=False)
         return
     rows = sorted(rows, key=lambda r: (*_cell(r), r["rank"]))
-    for (_, _, label, pid), group in groupby(rows, key=lambda r: _cell(r)[:4]):
-        group = list(group)
+    for (_, _, label, pid), cell_rows in groupby(rows, key=lambda r: _cell(r)[:4]):
+        group = list(cell_rows)
         set_aside = sum(r.get("set_aside", 0) for r in group)
         caption = f"protocol {pid}" + (f"; {set_aside} older repeat(s) of a seed set aside" if set_aside else "")
         table = Table(title=escape(f"{label} — {METRIC_TITLES[metric.value]}"), title_justify="left",
                       caption=escape(caption), caption_justify="left")
-        for name, justify in (("bits", "left"), ("rank", "right"), ("estimator", "left"), ("mean", "right"),
-                              ("± std", "right"), ("95% CI", "right"), ("n", "right")):
+        columns: tuple[tuple[str, Literal["left", "right"]], ...] = (
+            ("bits", "left"), ("rank", "right"), ("estimator", "left"), ("mean", "right"), ("± std", "right"),
+            ("95% CI", "right"), ("n", "right"))
+        for name, justify in columns:
             table.add_column(name, justify=justify, overflow="fold")
         for i, (_, cells) in enumerate(groupby(group, key=_cell)):
             if i:

@@ -19,7 +19,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -35,7 +35,7 @@ def _sqlite_path(url) -> Path | None:
     return Path(db).expanduser().resolve()
 
 
-def make_engine(url: str, **kwargs) -> Engine:
+def make_engine(url: str | URL, **kwargs) -> Engine:
     """An Engine for ``url`` with bitbench's connection settings (see module doc)."""
     u = make_url(url)
     if u.drivername in ("postgres", "postgresql"):

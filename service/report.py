@@ -38,11 +38,11 @@ import time
 import weakref
 import zipfile
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -202,7 +202,9 @@ class ReportService:
         with self.sessions() as s:
             state = store.results_fingerprint(s, run_id)
             records = load_records(s, run_id) if state is not None else None
-        return None if records is None else (records, state[0], _fingerprint(state[1]))
+        if records is None or state is None:
+            return None
+        return records, state[0], _fingerprint(state[1])
 
     def _save(self, run_id: int, png: bool, fingerprint: str, body: bytes) -> None:
         with self.sessions() as s:

@@ -29,6 +29,7 @@ from service import store
 from service.config import get_settings
 from service.db import make_engine, migrate, session_factory
 from service.demo import demo_spec
+from workers.records import Run
 
 GRACE_S = 30.0  # the dispatcher hands its run back to the queue and shuts Ray down
 READY_S = 60.0
@@ -40,7 +41,7 @@ class Child:
     proc: subprocess.Popen
 
     @classmethod
-    def start(cls, name: str, *args: str) -> "Child":
+    def start(cls, name: str, *args: str) -> Child:
         return cls(name, subprocess.Popen([sys.executable, *args], start_new_session=True))
 
     def alive(self) -> bool:
@@ -65,7 +66,7 @@ def free_port(host: str, start: int, tries: int = 100) -> int:
     raise RuntimeError(f"no free port in {start}–{start + tries - 1} on {host}")
 
 
-def queue_demo(sessions) -> tuple[dict, bool]:
+def queue_demo(sessions) -> tuple[Run, bool]:
     """Queue the demo unless a run with the same spec hash exists; returns ``(run, created)``."""
     spec = demo_spec()
     with sessions() as s:

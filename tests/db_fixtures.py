@@ -82,7 +82,7 @@ class TempPostgres:
             tail = log.read_text()[-3000:] if log.exists() else ""
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}{tail}")
 
-    def start(self) -> "TempPostgres":
+    def start(self) -> TempPostgres:
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
                   "--locale=C", "--no-sync")
         opts = (f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off "

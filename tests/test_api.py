@@ -277,7 +277,7 @@ def test_export_csv_and_json(api):
     assert j.status_code == 200 and j.headers["content-disposition"].endswith(f'{run["id"]}.json"')
     data = j.json()
     assert len(data) == len(rows)
-    for from_csv, from_json in zip(rows, data):
+    for from_csv, from_json in zip(rows, data, strict=False):
         assert from_csv == {k: "" if from_json.get(k) is None else str(from_json[k]) for k in from_csv}
     assert [(d["trial_key"], d["epoch"], d["test_acc"]) for d in data][-1] == ("aqe-w1a1-s1", 3, 0.45)
 

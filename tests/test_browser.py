@@ -19,9 +19,9 @@ from urllib.parse import urlparse
 
 import pytest
 import uvicorn
+from test_dashboard_pages import BIT_CONFIGS, ESTIMATORS, SCRIPT_NAME, make_app, sample_source
 
 from dashboard import pages
-from test_dashboard_pages import BIT_CONFIGS, ESTIMATORS, SCRIPT_NAME, make_app, sample_source
 
 pytestmark = pytest.mark.browser
 

@@ -5,13 +5,13 @@ are functional only: the page renders, the pager counts right, the figures draw 
 from __future__ import annotations
 
 import pytest
+from scale_db import BIG_ESTIMATORS, fill
+from test_browser import browser, page, plot_traces, problems, serve  # noqa: F401  (fixtures)
 
 from dashboard import pages
-from scale_db import BIG_ESTIMATORS, fill
 from service.app import create_app
 from service.config import Settings
 from service.db import make_engine
-from test_browser import browser, page, plot_traces, problems, serve  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from test_browser import browser, page, plot_traces, problems, screenshot, serve  # noqa: F401  (fixtures)
 
 from service import store
 from service.app import create_app
 from service.config import Settings
 from service.sink import SqlSink
-from test_browser import browser, page, plot_traces, problems, screenshot, serve  # noqa: F401  (fixtures)
 from workers.spec import parse_spec
 from workers.train import run_trial
 
@@ -48,7 +48,8 @@ def test_run_page_of_the_real_app(page, served, problems, tmp_path):
     traces = [t for t in plot_traces(page, "acc-vs-bits") if t["kind"] == "estimator"]
     assert sorted(t["name"] for t in traces) == ["aqe", "ste"]
     assert all(t["x"] == ["W1A1", "W2A2"] for t in traces)
-    api = {(t["estimator_label"], t["w_bits"]): t["final_test_acc"] for t in httpx.get(f"{url}/runs/{run_id}/trials").json()}
+    trials = httpx.get(f"{url}/runs/{run_id}/trials").json()
+    api = {(t["estimator_label"], t["w_bits"]): t["final_test_acc"] for t in trials}
     for t in traces:
         assert t["y"] == pytest.approx([api[(t["name"], 1)], api[(t["name"], 2)]])
     assert page.locator("#run-name").inner_text() == NAME  # shown as text, and no dialog fired

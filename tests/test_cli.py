@@ -332,7 +332,8 @@ def test_a_busy_server_is_asked_again_after_its_retry_after(monkeypatch, capsys)
 
     client = cli.Client("http://bitbench.test", None)
     client.http = httpx.Client(base_url="http://bitbench.test", transport=httpx.MockTransport(handler))
-    busy = httpx.Response(503, headers={"Retry-After": "2"}, json={"detail": [{"loc": [], "msg": "busy", "type": "renders_busy"}]})
+    busy = httpx.Response(503, headers={"Retry-After": "2"},
+                          json={"detail": [{"loc": [], "msg": "busy", "type": "renders_busy"}]})
     answers[:] = [busy, httpx.Response(503, headers={"Retry-After": "900"}, json={"detail": []}),
                   httpx.Response(200, content=b"zip")]
     assert client.request("GET", "/runs/1/report").content == b"zip"

@@ -46,7 +46,7 @@ def scipy_lloyd_max(n):
         q = np.sort(q)
         edges = [0.0, *((q[1:] + q[:-1]) / 2), math.inf]
         return sum(integrate.quad(lambda x, c=c: (x - c) ** 2 * 2 * stats.norm.pdf(x), a, b)[0]
-                   for c, a, b in zip(q, edges, edges[1:]))
+                   for c, a, b in zip(q, edges, edges[1:], strict=False))
 
     res = optimize.minimize(distortion, np.linspace(0.3, 2.0, n), method="L-BFGS-B",
                             options={"ftol": 1e-15, "gtol": 1e-10})
@@ -69,7 +69,7 @@ def test_hwgq_lloyd_converges_at_every_supported_width():
     for bits in E.SUPPORTED_BITS:
         for kind in ("uniform", "lloyd"):
             q = half_normal_levels(2**bits - 1, kind)
-            assert len(q) == 2**bits - 1 and all(b > a > 0 for a, b in zip(q, q[1:]))
+            assert len(q) == 2**bits - 1 and all(b > a > 0 for a, b in zip(q, q[1:], strict=False))
 
 
 def test_hwgq_activation_forward_by_hand():

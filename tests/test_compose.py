@@ -167,7 +167,7 @@ def test_ray_worker_gpus_shm_and_scaling(services):
 
 
 def test_dispatcher_joins_ray_and_shares_tune_storage_with_the_workers(services):
-    dispatcher, worker = services["dispatcher"], services["ray-worker"]
+    dispatcher = services["dispatcher"]
     assert environment(dispatcher)["RAY_ADDRESS"] == "ray-head:6379"
     assert "python -m service.dispatcher" in words(dispatcher["command"])
     mounts = {s: dict(v.split(":")[:2] for v in services[s]["volumes"]) for s in ("dispatcher", "ray-worker")}

@@ -57,7 +57,8 @@ class FakeSource:
 
     def protocols(self, dataset, model):
         """One protocol per (dataset, model) here."""
-        return [(f"{dataset}-{model}", f"{dataset}/{model} · 3 ep")] if (dataset, model) in self.datasets_models() else []
+        known = (dataset, model) in self.datasets_models()
+        return [(f"{dataset}-{model}", f"{dataset}/{model} · 3 ep")] if known else []
 
     def leaderboard(self, dataset, model, protocol=None, metric="final"):
         assert protocol in (None, *(p for p, _ in self.protocols(dataset, model)))
@@ -77,7 +78,7 @@ class FakeSource:
                          "ci_high": mean + 2 * std, "packed_bytes": 3584 * w if w < 32 else None,
                          "packed_agreement": 0.999 if w < 32 else None})
         rows.sort(key=lambda r: (r["w_bits"] + r["a_bits"], r["w_bits"], -r["mean"]))
-        for (w, a), group in _groupby(rows, lambda r: (r["w_bits"], r["a_bits"])):
+        for _, group in _groupby(rows, lambda r: (r["w_bits"], r["a_bits"])):
             for rank, r in enumerate(group, 1):
                 r.update(rank=rank, best=rank == 1)
         return rows

@@ -67,7 +67,7 @@ def mnist_arrays(n_train: int = 30, n_test: int = 10, offset: int = 0):
 
 
 def write_mnist(folder: Path, arrays, gz: bool = False) -> None:
-    for name, array in zip(vision.IDX_FILES, arrays):
+    for name, array in zip(vision.IDX_FILES, arrays, strict=False):
         write_idx(folder / name, array, gz=gz)
 
 
@@ -278,7 +278,7 @@ def test_cifar10_real_format_round_trips(tmp_path):
     val_fp = fingerprints(splits, splits.val_x)
     assert sorted(train_fp + val_fp) == list(range(20))
     labels = {fp: y for fp, y in zip(pixels(splits, splits.train_x)[:, 0, 0, 0].tolist(),
-                                     splits.train_y.tolist())}
+                                     splits.train_y.tolist(), strict=False)}
     assert all(y == fp % 10 for fp, y in labels.items())
     assert splits.train_x.mean((0, 2, 3)).abs().max() < 1e-5
 
@@ -534,11 +534,11 @@ def test_loader_augmentation_is_deterministic_and_keeps_labels():
         return [(xb.clone(), yb) for xb, yb in loader]
 
     a, b = epoch(5), epoch(5)
-    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=False))
     xb, yb = a[0]
     assert xb.shape == (16, 3, 8, 8)
     assert not torch.equal(xb, x[yb])  # augmented...
-    for out, i in zip(xb, yb):  # ...but each sample is still a shifted (maybe mirrored) copy
+    for out, i in zip(xb, yb, strict=False):  # ...but each sample is still a shifted (maybe mirrored) copy
         src = x[i]
         assert any(torch.equal(out, shifted(s, dy, dx)) for s in (src, src.flip(-1))
                    for dy in range(-2, 3) for dx in range(-2, 3))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -127,7 +126,7 @@ def test_a_gcs_probe_is_a_tcp_connect():
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
-        address = "127.0.0.1:%d" % listener.getsockname()[1]
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
         assert dispatcher_module.reachable(address)
     assert not dispatcher_module.reachable(address)
     assert dispatcher_module.gcs_address() is None or ":" in dispatcher_module.gcs_address()

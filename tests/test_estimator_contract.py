@@ -57,7 +57,8 @@ def test_eval_output_is_deterministic_and_ignores_training_schedule(name):
 def test_unknown_things_raise_errors_that_list_what_exists():
     with pytest.raises(E.UnknownNameError, match=r"unknown estimator 'sgn'; known: approx_sign, aqe, "):
         E.create_estimator("sgn")
-    with pytest.raises(E.UnknownNameError, match=r"estimator 'aqe' has no parameter 'alpah'; known: act_momentum, act_stats, alpha_end, "):
+    with pytest.raises(E.UnknownNameError,
+                       match=r"estimator 'aqe' has no parameter 'alpah'; known: act_momentum, act_stats, alpha_end, "):
         E.create_estimator("aqe", alpah=0.3)
     with pytest.raises(ValueError, match=r"does not support 9 bits; supported: 1–8 \(32 = float"):
         E.create_estimator("ste", bits=9)

@@ -91,7 +91,7 @@ def ref_xnor_twn(x, g, est):
     return ref_clipped(x, g, est)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def half_normal_uniform_step(n):
     """argmin_Δ E[(Q(x) − x)²] for x ~ half-normal, Q = nearest of Δ, 2Δ, …, nΔ (0 < x ≤ 1.5Δ → Δ),
     by numerical integration and a bounded scalar minimiser (independent of the Lloyd iteration)."""
@@ -100,7 +100,7 @@ def half_normal_uniform_step(n):
     def distortion(d):
         edges = [0.0] + [(i + 0.5) * d for i in range(1, n)] + [math.inf]
         return sum(integrate.quad(lambda x, c=(i + 1) * d: (x - c) ** 2 * 2 * stats.norm.pdf(x), a, b)[0]
-                   for i, (a, b) in enumerate(zip(edges, edges[1:])))
+                   for i, (a, b) in enumerate(zip(edges, edges[1:], strict=False)))
 
     return optimize.minimize_scalar(distortion, bounds=(0.01, 2.0), method="bounded",
                                     options={"xatol": 1e-10}).x

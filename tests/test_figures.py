@@ -10,7 +10,6 @@ import pytest
 from dashboard import figures
 from dashboard.paper_results import paper_points
 
-
 _IDS = count(1)
 
 
@@ -84,7 +83,8 @@ def test_paper_markers_only_at_the_runs_configs():
     paper = {t.meta["estimator"]: t for t in traces(fig, "paper")}
     assert sorted(paper) == ["aqe", "float"]
     # Table I, Model A: W1A1 (M=1, N=1) 0.884, W1A2 (M=2, N=1) 0.891, W2A1 (M=1, N=2) 0.889, W3A3 0.906
-    assert dict(zip(paper["aqe"].x, paper["aqe"].y)) == {"W1A1": 0.884, "W1A2": 0.891, "W2A1": 0.889, "W3A3": 0.906}
+    expected = {"W1A1": 0.884, "W1A2": 0.891, "W2A1": 0.889, "W3A3": 0.906}
+    assert dict(zip(paper["aqe"].x, paper["aqe"].y, strict=True)) == expected
     assert list(paper["float"].y) == [0.918]
     assert len(traces(fig, "estimator")) == 2  # paper traces do not count as estimators
 
@@ -166,7 +166,7 @@ def test_comparison_table_sizes_and_footnotes():
 def test_comparison_points_overlay_the_runs_configs():
     runs = [trial("twn", 2, 32, 0, 0.6), trial("minw_aqe", 1, 1, 0, 0.5), trial("float", 32, 32, 0, 0.7)]
     fig = figures.accuracy_vs_bits(runs, paper_points("imagenet", "resnet18"))
-    paper = {t.meta["estimator"]: dict(zip(t.x, t.y)) for t in traces(fig, "paper")}
+    paper = {t.meta["estimator"]: dict(zip(t.x, t.y, strict=False)) for t in traces(fig, "paper")}
     assert paper == {  # every Table V system at the runs' configurations, none elsewhere (rounded to 1e-6)
         "twn": {"W2A32": 0.618}, "minw_aqe": {"W1A1": 0.5213, "W2A32": 0.6364}, "xnor_net": {"W1A1": 0.512},
         "lq_nets": {"W2A32": 0.68}, "lr_net": {"W2A32": 0.635}, "elq": {"W2A32": 0.6752}, "float": {"float": 0.6954}}

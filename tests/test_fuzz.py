@@ -17,7 +17,7 @@ import tempfile
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, assume, settings
-from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from service import store
 from service.app import create_app

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from estimators import UnknownNameError
+from tests.test_train import train
 from workers.data.folder import IMAGENET_MEAN, IMAGENET_STD, FolderSplits, random_size_box
 from workers.datasets import DatasetMissingError, load_dataset
 from workers.spec import parse_spec
-from tests.test_train import train
 from workers.train import METRIC_KEYS
 
 CLASSES = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331"]
@@ -60,7 +60,7 @@ def expected(label: int) -> torch.Tensor:
 def check_colours(x: torch.Tensor, y: torch.Tensor) -> None:
     """Each image's mean colour is its label's (noise ±20 averages out; JPEG and resizing move it a little)."""
     means = x.mean((2, 3))
-    for m, label in zip(means, y.tolist()):
+    for m, label in zip(means, y.tolist(), strict=False):
         assert torch.allclose(m, expected(label), atol=6 / 255 / min(IMAGENET_STD)), (m, label)
 
 
@@ -125,9 +125,9 @@ def test_train_batches_depend_only_on_the_generator_not_the_workers(root):
 
     ref = run(0, 1)
     for other in (run(0, 1), run(2, 1)):
-        assert all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(ref, other))
+        assert all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(ref, other, strict=False))
     diff = run(0, 2)
-    assert any(not torch.equal(a, b) for (a, _), (b, _) in zip(ref, diff))
+    assert any(not torch.equal(a, b) for (a, _), (b, _) in zip(ref, diff, strict=False))
 
 
 def test_random_size_box_stays_in_the_image_with_the_published_ranges():
@@ -172,7 +172,7 @@ def test_cuda_batches_with_a_cuda_generator(root):
     gen.manual_seed(0)
     again = passes(data.loader("train", 8, generator=gen))
     assert all(xb.is_cuda and yb.is_cuda for xb, yb in one)
-    assert all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(one, again))
+    assert all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(one, again, strict=False))
     assert [y.tolist() for _, y in one] != [y.tolist() for _, y in two]
     check_colours(torch.cat([xb for xb, _ in one]).cpu(), torch.cat([yb for _, yb in one]).cpu())
 

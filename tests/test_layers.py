@@ -1,5 +1,4 @@
 """Quantized layers and the whole-model helpers; gradients flow on real data (digits)."""
-import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits

@@ -7,10 +7,10 @@ import pytest
 
 import estimators
 from estimators.catalog import replace_block
+from workers.datasets import load_dataset
 from workers.methods import END, START, catalog_markdown, get_method, list_methods, method_catalog
 from workers.spec import parse_spec
 from workers.train import build_model, run_trial
-from workers.datasets import load_dataset
 
 REQUIRED = {"bnn", "binaryconnect", "bwn", "xnor_net", "twn", "tnn", "dorefa", "hwgq", "lq_nets", "minw_aqe"}
 SETTINGS = [(name, s) for name in list_methods() for s in get_method(name).settings()]

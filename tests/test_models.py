@@ -74,7 +74,7 @@ def test_parameter_capacity_matches_paper(name):
     width = 128 if name == "convnet_a" else 64
     convs = [3, width, width, 2 * width, 2 * width, 4 * width, 4 * width]
     fc = LAST_FC[name] // 10
-    expect = sum(9 * a * b for a, b in zip(convs, convs[1:])) + 4 * width * 9 * fc + fc * fc + fc * 10
+    expect = sum(9 * a * b for a, b in zip(convs, convs[1:], strict=False)) + 4 * width * 9 * fc + fc * fc + fc * 10
     assert expect == weights
     # At 2 bits the same weights take twice the storage.
     assert weight_storage(create_model(name, w_bits=2, a_bits=2)).bits == 2 * weights

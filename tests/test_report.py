@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 
+from dashboard.stats import detectable_difference
 from service import store
 from service.report import build_report
-from dashboard.stats import detectable_difference
 from service.sink import SqlSink
 from workers.spec import parse_spec
 
@@ -86,9 +86,9 @@ def test_latex_table_is_a_well_formed_tabular(sessions, finished_run, tmp_path):
     with sessions() as s:
         files = build_report(s, finished_run, tmp_path / "r", png=False)
     tex = files["leaderboard.tex"].read_text()
-    body = [l for l in tex.splitlines() if l.endswith(r"\\")]
+    body = [line for line in tex.splitlines() if line.endswith(r"\\")]
     assert tex.startswith(r"\begin{tabular}{lrrr}") and tex.rstrip().endswith(r"\end{tabular}")
-    assert all(l.count("&") == 3 for l in body) and len(body) == 1 + 4  # header + aqe, clipped_ste, float, ste
+    assert all(line.count("&") == 3 for line in body) and len(body) == 1 + 4  # header + aqe, clipped_ste, float, ste
     assert r"clipped\_ste" in tex and r"\textbf{82.00 $\pm$ 2.00}" in tex
     if shutil.which("pdflatex"):
         doc = tmp_path / "t.tex"

@@ -14,11 +14,10 @@ from torch import nn
 
 import estimators
 from estimators import QConv2d, QLinear
+from tests.test_train import train
 from workers.packed import packed_summary
 from workers.spec import parse_spec
 from workers.train import reestimate_batchnorm
-
-from tests.test_train import train
 
 PEAKING = {"name": "peak", "dataset": "digits", "model": "digits_net", "estimators": ["clipped_ste"],
            "bits": [{"w": 1, "a": 1}], "seeds": [0], "epochs": 5, "include_full_precision": False,

@@ -129,7 +129,8 @@ def test_dataset_options_are_checked_against_the_data_sets_own(spec, field, reas
 
 
 def test_dataset_options_of_an_unknown_dataset_add_no_errors_of_their_own():
-    assert [loc for loc, _ in errors({**BASE, "dataset": "imagenet21k", "dataset_options": {"bogus": 1}})] == ["dataset"]
+    bad = {**BASE, "dataset": "imagenet21k", "dataset_options": {"bogus": 1}}
+    assert [loc for loc, _ in errors(bad)] == ["dataset"]
 
 
 def test_dataset_options_become_the_data_sets_model_and_keep_only_what_was_given():

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import estimators
-from workers.spec import parse_spec
 import workers.train
 from estimators.layers import QUANTIZED_LAYERS
-from workers.train import FINAL_KEYS, METRIC_KEYS, accuracies, build_model, build_scheduler, evaluate, run_trial
 from workers.datasets import load_dataset
+from workers.spec import parse_spec
+from workers.train import FINAL_KEYS, METRIC_KEYS, accuracies, build_model, build_scheduler, evaluate, run_trial
 
 TIMING = ("epoch_seconds", "images_per_s")
 
@@ -109,7 +109,7 @@ def test_resume_after_epoch_1_is_bit_exact(over):
     resumed_final, resumed = train(spec, key, resume_state=seen[0][1])
     assert resumed_final == final
     assert [no_timing(m) for m, _ in resumed] == [no_timing(m) for m, _ in seen[1:]]
-    for (_, a), (_, b) in zip(resumed, seen[1:]):
+    for (_, a), (_, b) in zip(resumed, seen[1:], strict=False):
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 

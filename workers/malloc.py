@@ -4,8 +4,8 @@ By default glibc serves blocks from 128 KiB up (the bound adapts, up to 32 MiB) 
 and unmaps them on free, so each batch's activations and gradients page-fault in afresh: ≈290,000
 minor faults and ≈10 % of the epoch time for 4 digits trials × 10 epochs on one CPU thread. With
 ``M_MMAP_THRESHOLD`` = 32 MiB and ``M_TRIM_THRESHOLD`` = 128 MiB they are reused from the heap (the
-faults drop from ≈25,000–36,000 to a few hundred at most in a 2-epoch trial), as jemalloc or tcmalloc would do; resident memory then stays near the
-training peak. No-op where the C library has no ``mallopt`` (musl, macOS).
+faults drop from ≈25,000–36,000 to a few hundred at most in a 2-epoch trial), as jemalloc or tcmalloc would
+do; resident memory then stays near the training peak. No-op where the C library has no ``mallopt`` (musl, macOS).
 """
 from __future__ import annotations
 
@@ -31,5 +31,6 @@ def keep_freed_memory() -> bool:
             _applied = False
         else:
             mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-            _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+            _applied = (bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+                        and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
     return _applied

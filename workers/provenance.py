@@ -3,7 +3,8 @@
 :func:`provenance` returns one JSON-ready dict per trial attempt (docs/CONTRACTS.md)::
 
     {"bitbench": "0.1.0", "git_commit": "25bdfac…" | None, "python": "3.11.9", "torch": "2.14.1+cu130",
-     "ray": "2.60.0" | None, "cuda": "13.0" | None, "cpu": "AMD EPYC 9454 48-Core Processor", "gpu": "NVIDIA H200" | None,
+     "ray": "2.60.0" | None, "cuda": "13.0" | None, "cpu": "AMD EPYC 9454 48-Core Processor",
+     "gpu": "NVIDIA H200" | None,
      "host": "node-3", "ray_node_id": "ab12…" | None, "ray_node_ip": "10.0.0.3" | None, "ray_gpu_ids": [0] | None,
      "cuda_visible_devices": "0" | None, "device": "cuda:0"}
 

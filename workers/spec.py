@@ -95,8 +95,8 @@ def _check_bits(v: int) -> int:
 class BitsConfig(_Strict):
     """One (weights, activations) cell, or lists of each for their cross product."""
 
-    w: Union[Bits, BitsList]
-    a: Union[Bits, BitsList]
+    w: Bits | BitsList
+    a: Bits | BitsList
 
     @field_validator("w", "a")
     @classmethod
@@ -190,8 +190,8 @@ class Resources(_Strict):
 
 
 # every data set's (model's) options model: the published schema lists them, an error's loc names the option
-AnyDatasetOptions = Union[tuple(options_models())]
-AnyModelOptions = Union[tuple(model_options_models())]
+AnyDatasetOptions = Union[tuple(options_models())]  # noqa: UP007 (built at run time)
+AnyModelOptions = Union[tuple(model_options_models())]  # noqa: UP007 (built at run time)
 
 
 class TrialSpec(_Strict):
@@ -233,9 +233,9 @@ class ExperimentSpec(_Strict):
                              "the paper left open and what was chosen")
     dataset: Annotated[str, Keywords(enum=list_datasets)] = "digits"
     model: Annotated[str, Keywords(enum=_model_names)] = "digits_net"
-    estimators: Annotated[list[Union[EstimatorName, EstimatorChoice]], Keywords(uniqueItems=True)] = Field(
+    estimators: Annotated[list[EstimatorName | EstimatorChoice], Keywords(uniqueItems=True)] = Field(
         default_factory=list, description="gradient estimators, each trained at every cell of `bits`")
-    methods: Annotated[list[Union[MethodName, MethodChoice]], Keywords(uniqueItems=True)] = Field(
+    methods: Annotated[list[MethodName | MethodChoice], Keywords(uniqueItems=True)] = Field(
         default_factory=list, description="named published methods (GET /catalog), each at its own bit cells "
                                           "and with its own first/last-layer policy")
     quantizer: GridName | None = Field(
@@ -243,7 +243,7 @@ class ExperimentSpec(_Strict):
         "each can use: minw = sign / ternary / powers of two, uniform = DoReFa's levels, uniform_signed = EWGS's), "
         "so that they are ranked on the same levels; an estimator that cannot use it is refused. Named methods "
         "keep their own. Absent: each estimator's own grid")
-    bits: Union[BitsConfig, Annotated[list[BitsConfig], Keywords(minItems=1, uniqueItems=True)]] = Field(
+    bits: BitsConfig | Annotated[list[BitsConfig], Keywords(minItems=1, uniqueItems=True)] = Field(
         default_factory=lambda: [BitsConfig(w=1, a=1)])
     include_full_precision: bool = True
     seeds: Annotated[list[Seed], Keywords(uniqueItems=True)] = Field(default_factory=lambda: [0], min_length=1,

@@ -17,8 +17,9 @@ import os
 import random
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -242,7 +243,7 @@ def reestimate_batchnorm(model: nn.Module, batches) -> int:
         for xb, _ in batches:
             model(xb)
     finally:
-        for bn, momentum in zip(norms, momenta):
+        for bn, momentum in zip(norms, momenta, strict=False):
             bn.momentum = momentum
             bn.eval()
     return len(norms)

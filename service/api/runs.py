@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
@@ -13,8 +13,17 @@ from service import report, store
 from workers import plan
 from workers.records import METRIC_KEYS, Run, Status
 
-from .deps import (NO_PARAMETERS_BODY, WRITE_GUARDS, Offset, RowId, SessionDep, SpecBody, http_error, no_parameters,
-                   not_found)
+from .deps import (
+    NO_PARAMETERS_BODY,
+    WRITE_GUARDS,
+    Offset,
+    RowId,
+    SessionDep,
+    SpecBody,
+    http_error,
+    no_parameters,
+    not_found,
+)
 from .schemas import DryRunOut, ErrorOut, RunCreated, RunDetail, RunOut, RunPage, RunStatus, TrialOut
 
 router = APIRouter(prefix="/runs", tags=["runs"])
@@ -28,7 +37,7 @@ _SPEC_BODY = {  # the body is parsed by deps.spec_body; this documents it in /do
     "requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/ExperimentSpec"}, "example": _SPEC_EXAMPLE}}},
 }
-_WRITE_ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 413, 415, 422)}
+_WRITE_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (401, 403, 413, 415, 422)}
 
 def _run_or_404(session, run_id: int) -> Run:
     run = store.get_run(session, run_id)

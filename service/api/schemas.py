@@ -4,7 +4,7 @@ field; a test holds them together) with descriptions for /docs."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,7 +12,10 @@ from workers.records import RANK_METRIC_FIELDS, STATUSES
 
 RunStatus = Literal[STATUSES]  # type: ignore[valid-type]
 TrialStatus = RunStatus
-RankMetric = Literal[tuple(RANK_METRIC_FIELDS)]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # the type checker sees a str; pydantic and FastAPI the Literal of the shared names
+    RankMetric = str
+else:
+    RankMetric = Literal[tuple(RANK_METRIC_FIELDS)]
 
 
 class _Out(BaseModel):
@@ -116,7 +119,8 @@ class MetricOut(_Out):
     lr: float | None = None
     epoch_seconds: float | None = None
     images_per_s: float | None = None
-    weight_flips: float | None = Field(None, description="fraction of quantized weights whose level changed in the epoch")
+    weight_flips: float | None = Field(
+        None, description="fraction of quantized weights whose level changed in the epoch")
     device: str | None = None
     schedule: dict[str, Any] = Field(default_factory=dict)
 

@@ -17,7 +17,7 @@ from workers.records import ACTIVE, FINISHED, Run, Status
 from ..errors import public_reason
 from ..tables import runs, trials, utcnow
 from .records import close_open_trials, get_run
-from .sql import dialect
+from .sql import dialect, rowcount
 
 
 def claim_run(s: Session, worker_id: str, *, stale_s: float | None = None) -> Run | None:
@@ -47,8 +47,8 @@ def claim_run(s: Session, worker_id: str, *, stale_s: float | None = None) -> Ru
 
 def heartbeat(s: Session, run_id: int, worker_id: str) -> bool:
     """Refresh the claim; False when ``worker_id`` no longer holds the running run."""
-    ok = s.execute(update(runs).where(runs.c.id == run_id, runs.c.worker_id == worker_id,
-                                      runs.c.status == Status.RUNNING).values(heartbeat_at=utcnow())).rowcount == 1
+    ok = rowcount(s, update(runs).where(runs.c.id == run_id, runs.c.worker_id == worker_id,
+                                        runs.c.status == Status.RUNNING).values(heartbeat_at=utcnow())) == 1
     s.commit()
     return ok
 
@@ -70,8 +70,8 @@ def finish_run(s: Session, run_id: int, status: str, error: str | None = None, *
     conds = [runs.c.id == run_id, runs.c.status.in_(ACTIVE)]
     if worker_id is not None:
         conds.append(runs.c.worker_id == worker_id)
-    changed = s.execute(update(runs).where(*conds).values(status=status, error=public_reason(error),
-                                                          finished_at=now)).rowcount == 1
+    changed = rowcount(s, update(runs).where(*conds).values(status=status, error=public_reason(error),
+                                                            finished_at=now)) == 1
     if changed:
         close_open_trials(s, [run_id], Status.CANCELLED, now)
     s.commit()

@@ -25,7 +25,7 @@ from workers.records import (
 
 from ..errors import public_reason
 from ..tables import metrics, runs, trials, utcnow
-from .sql import jsonable, num, record, upsert_insert
+from .sql import jsonable, num, record, rowcount, upsert_insert
 
 FINAL_COLUMNS = ("final_test_acc", "final_val_acc", "best_val_acc", "selected_test_acc", "selected_epoch",
                  "packed_bytes", "packed_agreement")
@@ -138,8 +138,8 @@ def request_cancel(s: Session, run_id: int) -> Run | None:
     Run record, or None when there is no such run."""
     now = utcnow()
     s.execute(update(runs).where(runs.c.id == run_id, runs.c.status.in_(ACTIVE)).values(cancel_requested=True))
-    if s.execute(update(runs).where(runs.c.id == run_id, runs.c.status == Status.QUEUED)
-                 .values(status=Status.CANCELLED, finished_at=now)).rowcount:
+    if rowcount(s, update(runs).where(runs.c.id == run_id, runs.c.status == Status.QUEUED)
+                .values(status=Status.CANCELLED, finished_at=now)):
         close_open_trials(s, [run_id], Status.CANCELLED, now)
     s.commit()
     return get_run(s, run_id)
@@ -221,7 +221,7 @@ def record_trial_end(s: Session, trial_id: int, status: str, final: dict | None 
         values.update({c: num(final.get(c)) for c in FINAL_COLUMNS})
         for c in INTEGER_FINAL_COLUMNS:
             if values[c] is not None:
-                values[c] = int(values[c])
+                values[c] = int(values[c])  # type: ignore[arg-type]  # num() gave a number
     s.execute(update(trials).where(trials.c.id == trial_id).values(**values))
     s.commit()
 

@@ -174,8 +174,9 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
                 std = float(r.spread)
             else:  # E[x²] − E[x]², made unbiased
                 std = math.sqrt(max(float(r.spread) - mean * mean, 0.0) * n / (n - 1))
-            low, high = t_interval(mean, std, n)
-            ci_low, ci_high = max(low, 0.0), min(high, 1.0)  # an accuracy stays in [0, 1]
+            interval = t_interval(mean, std, n)
+            if interval is not None:
+                ci_low, ci_high = max(interval[0], 0.0), min(interval[1], 1.0)  # an accuracy stays in [0, 1]
         rows.append({"protocol": r.protocol, "protocol_label": r.protocol_label, "dataset": r.dataset,
                      "model": r.model, "w_bits": r.w_bits, "a_bits": r.a_bits,
                      "estimator_label": r.estimator_label, "metric": metric, "n": n, "set_aside": int(r.total) - n,

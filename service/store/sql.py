@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
+from sqlalchemy import CursorResult, Executable
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -51,3 +52,8 @@ def jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def rowcount(s: Session, stmt: Executable) -> int:
+    """Execute an UPDATE or DELETE and return how many rows it matched."""
+    return cast(CursorResult, s.execute(stmt)).rowcount

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Optional, Union
+from typing import Annotated
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
@@ -40,10 +40,10 @@ class DatasetOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    val_size: Optional[Union[Annotated[StrictInt, Field(ge=0)], Annotated[StrictFloat, Field(ge=0, lt=1)]]] = Field(
+    val_size: Annotated[StrictInt, Field(ge=0)] | Annotated[StrictFloat, Field(ge=0, lt=1)] | None = Field(
         None, description="validation samples taken from the training pool, a count or a fraction of it; null: the "
                           "data set's default (5,000 for MNIST-likes and CIFAR, 20% of all digits, synthetic's n_val)")
-    train_size: Optional[int] = Field(
+    train_size: int | None = Field(
         None, ge=1, description="keep a fixed stratified subset of this many training samples (the same for every "
                                 "seed); default all")
     split_seed: int = Field(SPLIT_SEED, ge=0, le=MAX_SEED,

@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-
 from pydantic import Field, model_validator
 
 from .base import DatasetOptions, Source, missing
@@ -209,7 +208,7 @@ class FolderSplits:
                               workers=self.workers, device=self.device, mean=self.mean, std=self.std)
         if not len(labels):
             return torch.empty(0, *self.input_shape, device=self.device), labels.to(self.device)
-        xs, ys = zip(*loader)
+        xs, ys = zip(*loader, strict=False)
         return torch.cat(xs), torch.cat(ys)
 
     def __repr__(self) -> str:

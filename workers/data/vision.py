@@ -2,8 +2,8 @@
 data directory, Debian's ``dataset-fashion-mnist`` as a fallback, download only when allowed."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

@@ -7,8 +7,9 @@ MINW-Net (Chen et al. 2020, Sec. III-E) builds networks from {QConv – pool –
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 from torch import nn
 
@@ -91,7 +92,8 @@ def plain_convnet(q: QuantConfig, input_shape: tuple[int, int, int], num_classes
         h, w = conv_out(h, 3, pad), conv_out(w, 3, pad)
         h, w, c = (h // 2, w // 2, cout) if pool else (h, w, cout)
         if min(h, w) < 1:
-            raise ValueError(f"{name}: input_shape {tuple(input_shape)} is too small (feature map vanishes at conv {i + 1})")
+            raise ValueError(
+                f"{name}: input_shape {tuple(input_shape)} is too small (feature map vanishes at conv {i + 1})")
     fin = c * h * w
     fc = []
     for fout in fcs:

@@ -28,7 +28,8 @@ one-shortcut-per-conv; HardTanh in place of ReLU so activations live in [−1, 1
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
