@@ -22,6 +22,7 @@ from service.api import api_router
 from service.api.dashboard_source import StoreSource
 from service.api_docs import add_docs
 from service.config import Settings, get_settings
+from service.request_log import RequestLog, configure_logging
 from workers.spec import ExperimentSpec
 
 
@@ -130,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = db.make_engine(settings.database_url)
     app.state.session_factory = db.session_factory(app.state.engine)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestLog)  # outermost: it also times and logs the 413s
     app.add_exception_handler(405, method_not_allowed)
     app.include_router(api_router)
     app.include_router(create_dashboard_router(StoreSource(app.state.session_factory)), prefix="/dashboard")
@@ -143,4 +145,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+configure_logging()  # uvicorn configures its own loggers only
 app = create_app()
