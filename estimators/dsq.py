@@ -1,13 +1,14 @@
 """DSQ: differentiable soft quantization (Gong et al., ICCV 2019)."""
 from __future__ import annotations
 
-import math
+from functools import lru_cache
 
 import torch
 from torch import nn
 
 from . import quantizers as Qz
 from .base import Estimator, Param, register_estimator
+from .fused_ops import dot, inside_grad, on_one_thread, zero_where_nan
 
 
 def dsq_soft(x: torch.Tensor, alpha: torch.Tensor, bits: int, low: float = -1.0, high: float = 1.0):
@@ -30,11 +31,36 @@ def dsq_soft(x: torch.Tensor, alpha: torch.Tensor, bits: int, low: float = -1.0,
     return soft, hard
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ a·b as a 0-dim tensor: one fused pass (BLAS dot) when both are contiguous, else mul + sum."""
-    if a.is_contiguous() and b.is_contiguous() and a.dtype in (torch.float32, torch.float64) and a.dtype == b.dtype:
-        return torch.dot(a.view(-1), b.view(-1))
-    return (a * b).sum()
+@lru_cache(maxsize=64)
+def interval_tables(n: int, low: float, high: float, dtype: torch.dtype, device: str):
+    """(edges, mids, levels): :func:`dsq_soft`'s interval arithmetic on [low, high] as three lookups.
+
+    ``bucketize(clip(x), edges, right=True)`` is dsq_soft's interval i of x (edges: the smallest
+    float of each interval but the first, found by stepping through floats with dsq_soft's own
+    rounding, then +inf, so that a NaN lands on index n); ``mids[i]`` is its m_i; and
+    ``levels[i + (n + 1)·signbit(t)]`` is hard(x), the upper level of interval i where t ≥ +0 and
+    the lower where t ≤ −0. Index n of mids and of each half of levels holds NaN.
+    """
+    delta = (high - low) / n
+
+    def interval(v: torch.Tensor) -> int:
+        return int(torch.floor((v - low) / delta).clamp(0, n - 1))
+
+    up, down = torch.tensor(float("inf"), dtype=dtype), torch.tensor(-float("inf"), dtype=dtype)
+    edges = []
+    for j in range(1, n):
+        v = torch.tensor(low + j * delta, dtype=dtype)
+        while interval(v) < j:
+            v = torch.nextafter(v, up)
+        while interval(torch.nextafter(v, down)) >= j:
+            v = torch.nextafter(v, down)
+        edges.append(float(v))
+    i = torch.arange(n, dtype=dtype)
+    nan = torch.full((1,), float("nan"), dtype=dtype)
+    mids = torch.cat([(i + 0.5) * delta + low, nan])  # the roundings of dsq_soft's m
+    levels = torch.cat([low + delta * (i + 1), nan, low + delta * i, nan])  # and of its hard
+    edges = torch.tensor(edges + [float("inf")], dtype=dtype)
+    return edges.to(device), mids.to(device), levels.to(device)
 
 
 class DSQFunction(torch.autograd.Function):
@@ -43,7 +69,7 @@ class DSQFunction(torch.autograd.Function):
     Computes the same forward value as ``soft + (hard - soft).detach()`` (bit for bit: on
     [−1, 1] ``hard − soft`` is exact, so adding ``soft`` back returns ``hard``) with far fewer
     passes over the tensor, and keeps only t = tanh(k(clip(x) − m_i)), d = clip(x) − m_i and
-    the mask of x strictly inside (l, u) for the backward:
+    clip(x) for the backward:
 
       ∂Q_S/∂x = (Δ/2)·s·k·(1 − t²)·1[l < x < u]   (torch's clamp backward: 0 at x = l, u and NaN)
       ∂Q_S/∂α = (Δ/2)·(s²·t + s·(1 − t²)·d·∂k/∂α),   ∂k/∂α = −2 / (Δ·α·(2 − α)),  ∂s/∂α = s²
@@ -54,57 +80,59 @@ class DSQFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @on_one_thread
     def forward(ctx, x, alpha, bits: int, low: float = -1.0, high: float = 1.0):
         n = 2**bits - 1
         delta = (high - low) / n
         k = torch.log(2 / alpha - 1) / delta
         xc = x.clamp(low, high)
         need_x, need_a = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # Fresh full-size buffers cost page faults, so the one scratch buffer becomes the output.
-        buf = torch.empty_like(xc)
-        inside = None
-        if need_x:  # 1[l < x < u] (torch's clamp backward; NaN → False), before buf is reused
-            if low == -high:
-                inside = torch.lt(torch.abs(xc, out=buf), high)
-            else:
-                inside = (xc > low).logical_and_(xc < high)
         if n == 1:  # m and the two levels, rounded in x's dtype as dsq_soft rounds them (host-side scalars)
             zero = torch.zeros((), dtype=x.dtype)
-            m0, lo_lvl, hi_lvl = float((zero + 0.5) * delta + low), float(low + delta * zero), float(low + delta * (zero + 1))
+            m0 = float((zero + 0.5) * delta + low)
+            lo_lvl, hi_lvl = float(low + delta * zero), float(low + delta * (zero + 1))
         if n == 1 and m0 == 0.0 and lo_lvl == -hi_lvl:
             # one interval centred on 0: i = 0, m = +0 so d = xc − m = xc bit for bit, hard = ±hi
             # (i is NaN for NaN x in dsq_soft: clamp(t, hi, hi) keeps that NaN)
             d = xc
             t = torch.mul(xc, k).tanh_()
-            hard = torch.clamp(t, hi_lvl, hi_lvl, out=buf).copysign_(t)
-        else:
-            ih = xc.sub(low).div_(delta).floor_().clamp_(0, n - 1).add_(0.5)  # i + ½ (exact)
-            d = ih.mul(delta).add_(low)  # m_i
+            hard = torch.clamp(t, hi_lvl, hi_lvl).copysign_(t)
+        else:  # i, m_i and the two levels of interval i by lookup (dsq_soft's roundings, see interval_tables)
+            edges, mids, levels = interval_tables(n, low, high, x.dtype, str(x.device))
+            xc = xc.contiguous()  # bucketize copies a strided input
+            i = torch.bucketize(xc, edges, right=True, out_int32=True)
+            d = mids[i]
             d = torch.sub(xc, d, out=d)  # xc − m_i
             t = torch.mul(d, k).tanh_()
-            # i + (sign φ + 1)/2 = (i + ½) ± ½ exactly (s > 0, so sign φ = sign t; NaN stays in ih)
-            half = torch.full((), 0.5, dtype=x.dtype, device=x.device)
-            hard = ih.add_(torch.copysign(half, t, out=buf)).mul_(delta).add_(low)
+            # i + (sign φ + 1)/2: the upper level where t ≥ +0 (s > 0, so sign φ = sign t)
+            hard = levels[torch.add(i, torch.signbit(t), alpha=n + 1)]
         if need_x or need_a:
-            ctx.save_for_backward(t, d if need_a else None, inside, alpha, k)
-            ctx.delta = delta
+            ctx.save_for_backward(t, d if need_a else None, xc if need_x else None, alpha, k)
+            ctx.delta, ctx.low, ctx.high = delta, low, high
         return hard
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @on_one_thread
     def backward(ctx, g):
-        t, d, inside, alpha, k = ctx.saved_tensors
+        t, d, xc, alpha, k = ctx.saved_tensors
         delta = ctx.delta
         s = 1 / (1 - alpha)
         g1t = torch.ops.aten.tanh_backward(g, t)  # g·(1 − t²)
         grad_x = grad_a = None
+        nan_seen = None
         if ctx.needs_input_grad[1]:
+            gt = dot(g, t)
+            nan_seen = bool(torch.isnan(gt))  # a NaN x (or g) shows here; otherwise no check is needed
             dk = -2 / (delta * alpha * (2 - alpha))
-            grad_a = (delta / 2) * (s * s * _dot(g, t) + s * dk * _dot(g1t, d))
+            grad_a = (delta / 2) * (s * s * gt + s * dk * dot(g1t, d))
             grad_a = grad_a.to(alpha.dtype)
         if ctx.needs_input_grad[0]:
-            c = (delta / 2) * s * k
-            grad_x = torch.where(inside, g1t, g1t.new_zeros(()), out=g1t).mul_(c)
+            # 1[l < x < u] = 1[l < clip(x) < u]: torch's clamp backward, in HardTanh's backward kernel
+            grad_x = inside_grad(g1t, xc, ctx.low, ctx.high, out=g1t)
+            if nan_seen if nan_seen is not None else bool(torch.isnan(xc).any()):
+                zero_where_nan(grad_x, xc)
+            grad_x = grad_x.mul_((delta / 2) * s * k)
         return grad_x, grad_a, None, None, None
 
 
@@ -125,7 +153,8 @@ class DSQ(Estimator):
     """
 
     name = "dsq"
-    paper = "Gong, Liu, Jiang, Li, Hu, Lin, Yu, Yan, 'Differentiable Soft Quantization: Bridging Full-Precision and Low-Bit Neural Networks', ICCV 2019"
+    paper = ("Gong, Liu, Jiang, Li, Hu, Lin, Yu, Yan, 'Differentiable Soft Quantization: Bridging Full-Precision "
+             "and Low-Bit Neural Networks', ICCV 2019")
     params = {"alpha_init": Param(0.2, "initial characteristic variable α ∈ (0, 1)", low=1e-3, high=0.99)}
 
     def __init__(self, bits=1, role="weight", **params):
