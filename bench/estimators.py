@@ -3,18 +3,20 @@ conv-block training step at W1A1, W2A2 and W3A3.
 
     python bench/estimators.py [--sections tensor,conv,block] [--only lsq,dsq] [--bits 1,2,3]
                                [--numel 4194304] [--repeats 15] [--block-repeats 25] [--threads 2]
-                               [--baseline DIR] [--default-malloc] [--clock wall|cpu]
+                               [--baseline DIR] [--all-threads] [--default-malloc] [--clock wall|cpu]
 
 Every number is a median over interleaved repeats measured in this one run, so ratios compare
 like with like. The conv step is forward + backward (input and weight gradients) of one conv; the
 block step is conv 3×3 → BatchNorm → HardTanh, forward, backward (input, weights, BN and the
 estimators' learnable parameters) and an SGD step with momentum, against the same block in float.
 ``--baseline DIR`` adds every block row again with the ``estimators`` package found in DIR (e.g. an
-older commit: ``git archive COMMIT estimators | tar -x -C DIR``), loaded side by side in this process,
-so before and after are measured in the same run. glibc keeps freed memory for reuse, as training
-does (``workers.malloc``), unless ``--default-malloc``. ``--clock cpu`` times CPU seconds of the
-process instead of wall time: steadier on a loaded machine at one thread, where the CPU time a step
-takes does not count the time it waits for a core (the numbers to publish are wall time).
+older commit: ``git archive COMMIT estimators | tar -x -C DIR``), loaded side by side in this
+process, so before and after are measured in the same run; ``--all-threads`` adds them again with
+the fused estimators' one-thread rule off (``estimators.fused_ops.one_thread``). glibc keeps freed
+memory for reuse, as training does (``workers.malloc``), unless ``--default-malloc``. ``--clock
+cpu`` times CPU seconds of the process instead of wall time: steadier on a loaded machine at one
+thread, where the CPU time a step takes does not count the time it waits for a core (the numbers
+to publish are wall time).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import estimators as E  # noqa: E402
+from estimators import fused_ops  # noqa: E402
 from workers.malloc import keep_freed_memory  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -137,31 +140,44 @@ def conv_block(channels: int, estimator: str | None, bits: int, package=E) -> nn
     return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.Hardtanh())
 
 
-def block_step(block: nn.Module, x: torch.Tensor, g: torch.Tensor):
-    """One training step: forward, backward (input and every parameter), SGD with momentum."""
+def block_step(block: nn.Module, x: torch.Tensor, g: torch.Tensor, serial_numel: int | None = None):
+    """One training step: forward, backward (input and every parameter), SGD with momentum; with
+    ``serial_numel`` set, the fused estimators' one-thread limit is that during the step."""
     opt = torch.optim.SGD(block.parameters(), lr=1e-3, momentum=0.9)
 
     def run():
-        xx = x.detach().requires_grad_(True)
-        opt.zero_grad(set_to_none=True)
-        block(xx).backward(g)
-        opt.step()
+        saved = fused_ops.SERIAL_NUMEL
+        if serial_numel is not None:
+            fused_ops.SERIAL_NUMEL = serial_numel
+        try:
+            xx = x.detach().requires_grad_(True)
+            opt.zero_grad(set_to_none=True)
+            block(xx).backward(g)
+            opt.step()
+        finally:
+            fused_ops.SERIAL_NUMEL = saved
 
     return run
 
 
 def bench_block(batch: int, channels: int, size: int, repeats: int, names: list[str],
-                bits: list[int], baseline=None) -> list[tuple[str, float, float]]:
+                bits: list[int], baseline=None, parallel: bool = False) -> list[tuple[str, float, float]]:
     """Training step of the conv block for every estimator at WbAb (b in ``bits``) against float,
-    and with the ``baseline`` package's estimators (rows "NAME (baseline)") when given."""
+    with the ``baseline`` package's estimators (rows "NAME (baseline)") when given, and with every
+    intra-op thread for the fused estimators (rows "NAME (all threads)") when ``parallel``."""
     torch.manual_seed(0)
     x = torch.randn(batch, channels, size, size).clamp(-1, 1)  # a HardTanh output, as inside a network
     g = torch.randn(batch, channels, size, size)
     fns = {"float": block_step(conv_block(channels, None, 32), x, g)}
     for name in names:
-        for label, package in [(name, E)] + ([(f"{name} (baseline)", baseline)] if baseline else []):
+        variants = [(name, E, None)]
+        if parallel:
+            variants.append((f"{name} (all threads)", E, 0))
+        if baseline:
+            variants.append((f"{name} (baseline)", baseline, None))
+        for label, package, serial_numel in variants:
             for b in bits:
-                fns[f"{label} W{b}A{b}"] = block_step(conv_block(channels, name, b, package), x, g)
+                fns[f"{label} W{b}A{b}"] = block_step(conv_block(channels, name, b, package), x, g, serial_numel)
     ms = median_ms(fns, repeats)
     ref = ms["float"]
     return [(k, v, v / ref) for k, v in ms.items()]
@@ -204,6 +220,8 @@ def main() -> None:
     ap.add_argument("--bits", default="1,2,3", help="bit widths of the block section, comma-separated")
     ap.add_argument("--baseline", metavar="DIR", help="also time the block with the estimators package in DIR")
     ap.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings as they are")
+    ap.add_argument("--all-threads", action="store_true",
+                    help="also time every fused estimator without its one-thread rule (fused_ops.one_thread)")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time or the process's CPU time")
     a = ap.parse_args()
     global clock
@@ -229,7 +247,7 @@ def main() -> None:
         print(table(bench_conv(a.batch, a.channels, a.size, a.repeats, conv_names), f"conv training step, {shape}"))
         print()
     if "block" in sections:
-        rows = bench_block(a.batch, a.channels, a.size, a.block_repeats, names, bits, baseline)
+        rows = bench_block(a.batch, a.channels, a.size, a.block_repeats, names, bits, baseline, a.all_threads)
         print(block_table(rows, bits, f"conv+BN+HardTanh step, SGD momentum, {shape}"))
 
 

@@ -1,8 +1,6 @@
 """DSQ: differentiable soft quantization (Gong et al., ICCV 2019)."""
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 from torch import nn
 
@@ -29,38 +27,6 @@ def dsq_soft(x: torch.Tensor, alpha: torch.Tensor, bits: int, low: float = -1.0,
     soft = low + delta * (i + (phi + 1) / 2)
     hard = low + delta * (i + (Qz.sign(phi.detach()) + 1) / 2)
     return soft, hard
-
-
-@lru_cache(maxsize=64)
-def interval_tables(n: int, low: float, high: float, dtype: torch.dtype, device: str):
-    """(edges, mids, levels): :func:`dsq_soft`'s interval arithmetic on [low, high] as three lookups.
-
-    ``bucketize(clip(x), edges, right=True)`` is dsq_soft's interval i of x (edges: the smallest
-    float of each interval but the first, found by stepping through floats with dsq_soft's own
-    rounding, then +inf, so that a NaN lands on index n); ``mids[i]`` is its m_i; and
-    ``levels[i + (n + 1)·signbit(t)]`` is hard(x), the upper level of interval i where t ≥ +0 and
-    the lower where t ≤ −0. Index n of mids and of each half of levels holds NaN.
-    """
-    delta = (high - low) / n
-
-    def interval(v: torch.Tensor) -> int:
-        return int(torch.floor((v - low) / delta).clamp(0, n - 1))
-
-    up, down = torch.tensor(float("inf"), dtype=dtype), torch.tensor(-float("inf"), dtype=dtype)
-    edges = []
-    for j in range(1, n):
-        v = torch.tensor(low + j * delta, dtype=dtype)
-        while interval(v) < j:
-            v = torch.nextafter(v, up)
-        while interval(torch.nextafter(v, down)) >= j:
-            v = torch.nextafter(v, down)
-        edges.append(float(v))
-    i = torch.arange(n, dtype=dtype)
-    nan = torch.full((1,), float("nan"), dtype=dtype)
-    mids = torch.cat([(i + 0.5) * delta + low, nan])  # the roundings of dsq_soft's m
-    levels = torch.cat([low + delta * (i + 1), nan, low + delta * i, nan])  # and of its hard
-    edges = torch.tensor(edges + [float("inf")], dtype=dtype)
-    return edges.to(device), mids.to(device), levels.to(device)
 
 
 class DSQFunction(torch.autograd.Function):
@@ -97,15 +63,14 @@ class DSQFunction(torch.autograd.Function):
             d = xc
             t = torch.mul(xc, k).tanh_()
             hard = torch.clamp(t, hi_lvl, hi_lvl).copysign_(t)
-        else:  # i, m_i and the two levels of interval i by lookup (dsq_soft's roundings, see interval_tables)
-            edges, mids, levels = interval_tables(n, low, high, x.dtype, str(x.device))
-            xc = xc.contiguous()  # bucketize copies a strided input
-            i = torch.bucketize(xc, edges, right=True, out_int32=True)
-            d = mids[i]
+        else:
+            ih = xc.sub(low).div_(delta).floor_().clamp_(0, n - 1).add_(0.5)  # i + ½ (exact)
+            d = ih.mul(delta).add_(low)  # m_i
             d = torch.sub(xc, d, out=d)  # xc − m_i
             t = torch.mul(d, k).tanh_()
-            # i + (sign φ + 1)/2: the upper level where t ≥ +0 (s > 0, so sign φ = sign t)
-            hard = levels[torch.add(i, torch.signbit(t), alpha=n + 1)]
+            # i + (sign φ + 1)/2 = (i + ½) ± ½ exactly (s > 0, so sign φ = sign t; NaN stays in ih)
+            half = torch.full((), 0.5, dtype=x.dtype, device=x.device)
+            hard = ih.add_(torch.copysign(half, t)).mul_(delta).add_(low)
         if need_x or need_a:
             ctx.save_for_backward(t, d if need_a else None, xc if need_x else None, alpha, k)
             ctx.delta, ctx.low, ctx.high = delta, low, high

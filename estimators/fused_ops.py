@@ -12,23 +12,27 @@ from contextlib import contextmanager
 
 import torch
 
-#: Tensors with at most this many elements are quantized on one intra-op thread (see :func:`one_thread`).
-SERIAL_MAX_NUMEL = 1 << 22
+#: One intra-op thread for tensors up to SERIAL_NUMEL / (threads − 1) elements (see :func:`one_thread`).
+SERIAL_NUMEL = 1 << 22
 
 
 @contextmanager
 def one_thread(x: torch.Tensor) -> Iterator[None]:
-    """Run the enclosed CPU ops on this thread alone when x has at most :data:`SERIAL_MAX_NUMEL` elements.
+    """Run the enclosed ops on this thread alone when x is a small enough CPU tensor.
 
-    Every ATen op on more than 32,768 elements is an OpenMP parallel region that waits until each
-    intra-op thread has had a core. On a machine busier than its cores (a sweep's trials side by
-    side), that wait is a scheduler slice per op, milliseconds, while one pass over a few MB takes
-    about a millisecond on one core; an estimator is a dozen such ops. ``torch.set_num_threads``
-    is per calling thread for OpenMP and costs well under a microsecond, and the previous count is
-    restored on exit.
+    Every ATen op on more than 32,768 elements is an OpenMP parallel region, which waits until each
+    intra-op thread has had a core. On a machine busier than its cores (this project's 2-core
+    development machine; any oversubscribed host) that wait is a scheduler slice per op, several
+    milliseconds, while a pass over a few MB takes about a millisecond on one core; a fused
+    estimator is 5–20 such ops per step. On an idle machine one thread instead costs the part of
+    the estimator's work the other T − 1 threads would have done, about numel·(1 − 1/T), against a
+    training step that itself takes ∝ 1/T: keeping that loss a bounded fraction of a step gives the
+    limit SERIAL_NUMEL/(T − 1) elements (4 Mi at 2 threads, 1 Mi at 5, 256 Ki at 17).
+    ``torch.set_num_threads`` acts on the calling thread's OpenMP setting and costs well under a
+    microsecond; the previous count is restored on exit. Elementwise results do not depend on it.
     """
     n = torch.get_num_threads()
-    if n == 1 or x.device.type != "cpu" or x.numel() > SERIAL_MAX_NUMEL:
+    if n == 1 or x.device.type != "cpu" or x.numel() > SERIAL_NUMEL // (n - 1):
         yield
         return
     torch.set_num_threads(1)
