@@ -38,8 +38,8 @@ class DoReFaWeight(torch.autograd.Function):
         lo, hi = torch.aminmax(t)
         m2 = 2 * torch.maximum(-lo, hi).clamp_min(1e-12)
         n = 2**bits - 1
-        y = torch.div(t, m2).add_(0.5).mul_(n).round_()  # u·n ≥ 0: round gives +0 as round_ste does
-        y = torch.addcdiv(y.new_full((), -1.0), y, y.new_full((), float(n)), value=2, out=y)  # 2r/n − 1
+        # u·n ≥ 0, so round gives +0 as round_ste does; then 2·r/n − 1 in the composition's order
+        y = torch.div(t, m2).add_(0.5).mul_(n).round_().mul_(2).div_(n).sub_(1)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(t, m2)
         return y
@@ -62,8 +62,7 @@ class DoReFaActivation(torch.autograd.Function):
     @on_one_thread
     def forward(ctx, x, bits: int):
         n = 2**bits - 1
-        r = torch.clamp(x, 0, 1).mul_(n).round_()
-        y = torch.addcdiv(r.new_zeros(()), r, r.new_full((), float(n)), out=r)  # 0 + r/n: −0 → +0
+        y = torch.clamp(x, 0, 1).mul_(n).round_().div_(n).add_(0.0)  # r/n + 0: −0 → +0 as round_ste
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(x)
         return y
