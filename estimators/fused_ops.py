@@ -28,8 +28,9 @@ def one_thread(x: torch.Tensor) -> Iterator[None]:
     the estimator's work the other T − 1 threads would have done, about numel·(1 − 1/T), against a
     training step that itself takes ∝ 1/T: keeping that loss a bounded fraction of a step gives the
     limit SERIAL_NUMEL/(T − 1) elements (4 Mi at 2 threads, 1 Mi at 5, 256 Ki at 17).
-    ``torch.set_num_threads`` acts on the calling thread's OpenMP setting and costs well under a
-    microsecond; the previous count is restored on exit. Elementwise results do not depend on it.
+    ``torch.set_num_threads`` sets the calling thread's OpenMP and MKL counts (and the default a
+    thread starting meanwhile takes up) and costs well under a microsecond; the previous count is
+    restored on exit. Elementwise results do not depend on it; sums may round in another order.
     """
     n = torch.get_num_threads()
     if n == 1 or x.device.type != "cpu" or x.numel() > SERIAL_NUMEL // (n - 1):
