@@ -63,7 +63,6 @@ class EWGS(Estimator):
     forward:  x_n = clip((x + 1)/2, 0, 1),  x_q = round(x_n·(2^b − 1))/(2^b − 1),  y = 2·x_q − 1
     backward: ∂L/∂x = g·(1 + δ·sign(g)·(x_n − x_q))·1[|x| ≤ 1],   g = ∂L/∂y
     δ fixed (the paper's "fixed δ" variant; its Hessian-based δ is not computed here).
-    One :class:`EWGSFunction` in training.
     """
 
     name = "ewgs"
