@@ -5,7 +5,7 @@ import torch
 
 from . import quantizers as Qz
 from .base import Estimator, register_estimator, round_ste
-from .fused_ops import inside_grad, on_one_thread
+from .fused_ops import inside_grad, on_one_thread, one_thread
 
 
 def dorefa_weight_composed(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -82,8 +82,9 @@ def dorefa_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     k ≥ 2: 2·quantize_k(tanh(W) / (2·max|tanh W|) + ½) − 1, one :class:`DoReFaWeight`.
     """
     if bits == 1:
-        scale = w.detach().abs().mean()
-        return w + (Qz.sign(w) * scale - w).detach()
+        with one_thread(w):  # a few small ops: no parallel regions (see fused_ops.one_thread)
+            scale = w.detach().abs().mean()
+            return w + (Qz.sign(w) * scale - w).detach()
     return DoReFaWeight.apply(w, bits)
 
 
