@@ -1,13 +1,27 @@
-"""Estimator cost on the CPU: forward + backward of every estimator, and a W1A1 QConv2d step.
+"""Estimator cost on the CPU: forward + backward of every estimator, a W1A1 QConv2d step, and a
+conv-block training step at W1A1, W2A2 and W3A3.
 
-    python bench/estimators.py [--numel 4194304] [--repeats 15] [--markdown]
+    python bench/estimators.py [--sections tensor,conv,block] [--only lsq,dsq] [--bits 1,2,3]
+                               [--numel 4194304] [--repeats 15] [--block-repeats 25] [--threads 2]
+                               [--baseline DIR] [--all-threads] [--default-malloc] [--clock wall|cpu]
 
 Every number is a median over interleaved repeats measured in this one run, so ratios compare
-like with like. A training step is forward + backward (input and weight gradients) of one conv.
+like with like. The conv step is forward + backward (input and weight gradients) of one conv; the
+block step is conv 3×3 → BatchNorm → HardTanh, forward, backward (input, weights, BN and the
+estimators' learnable parameters) and an SGD step with momentum, against the same block in float.
+``--baseline DIR`` adds every block row again with the ``estimators`` package found in DIR (e.g. an
+older commit: ``git archive COMMIT estimators | tar -x -C DIR``), loaded side by side in this
+process, so before and after are measured in the same run; ``--all-threads`` adds them again with
+the fused estimators' one-thread rule off (``estimators.fused_ops.one_thread``). glibc keeps freed
+memory for reuse, as training does (``workers.malloc``), unless ``--default-malloc``. ``--clock
+cpu`` times CPU seconds of the process instead of wall time: steadier on a loaded machine at one
+thread, where the CPU time a step takes does not count the time it waits for a core (the numbers
+to publish are wall time).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import statistics
 import sys
@@ -21,6 +35,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import estimators as E  # noqa: E402
+from estimators import fused_ops  # noqa: E402
+from workers.malloc import keep_freed_memory  # noqa: E402
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
 
 
 def median_ms(fns: dict[str, callable], repeats: int) -> dict[str, float]:
@@ -30,9 +49,9 @@ def median_ms(fns: dict[str, callable], repeats: int) -> dict[str, float]:
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t = clock()
             fn()
-            times[k].append((time.perf_counter() - t) * 1e3)
+            times[k].append((clock() - t) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -44,13 +63,13 @@ def fwd_bwd(module, x, g):
     return run
 
 
-def bench_estimators(numel: int, repeats: int) -> list[tuple[str, float, float]]:
+def bench_estimators(numel: int, repeats: int, names: list[str]) -> list[tuple[str, float, float]]:
     """(name, ms, ratio to a plain hardtanh forward+backward) for every estimator at 1 bit."""
     torch.manual_seed(0)
     x = torch.randn(numel)
     g = torch.randn(numel)
     fns = {"hardtanh (reference)": fwd_bwd(nn.Hardtanh(), x, g)}
-    for name in E.list_estimators():
+    for name in names:
         fns[name] = fwd_bwd(E.create_estimator(name, bits=1, role="activation"), x, g)
     ms = median_ms(fns, repeats)
     ref = ms["hardtanh (reference)"]
@@ -87,19 +106,98 @@ def conv_step(layer, x, g):
     return run
 
 
-def bench_conv(batch: int, channels: int, size: int, repeats: int) -> list[tuple[str, float, float]]:
-    """Training step of W1A1 QConv2d (ste, aqe, clipped_ste) against nn.Conv2d of the same shape."""
+def bench_conv(batch: int, channels: int, size: int, repeats: int, names: list[str]) -> list[tuple[str, float, float]]:
+    """Training step of W1A1 QConv2d (``names``) against nn.Conv2d of the same shape."""
     torch.manual_seed(0)
     x = torch.randn(batch, channels, size, size).clamp(-1, 1)
     g = torch.randn(batch, channels, size, size)
     fns = {"nn.Conv2d (float)": conv_step(nn.Conv2d(channels, channels, 3, padding=1, bias=False), x, g)}
     fns["naive autograd sign (baseline)"] = conv_step(NaiveConv(channels, channels, 3, padding=1, bias=False), x, g)
-    for name in ("ste", "aqe", "clipped_ste"):
+    for name in names:
         layer = E.QConv2d(channels, channels, 3, padding=1, w_bits=1, a_bits=1, estimator=name)
         fns[f"QConv2d W1A1 {name}"] = conv_step(layer, x, g)
     ms = median_ms(fns, repeats)
     ref = ms["nn.Conv2d (float)"]
     return [(k, v, v / ref) for k, v in ms.items()]
+
+
+def load_estimators(directory: str, alias: str = "estimators_baseline"):
+    """The ``estimators`` package in ``directory``, imported under ``alias`` (beside this one)."""
+    root = Path(directory) / "estimators"
+    spec = importlib.util.spec_from_file_location(alias, root / "__init__.py", submodule_search_locations=[str(root)])
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"no estimators package in {directory}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def conv_block(channels: int, estimator: str | None, bits: int, package=E) -> nn.Sequential:
+    """conv 3×3 (no bias) → BatchNorm → HardTanh; float when ``estimator`` is None."""
+    conv = (nn.Conv2d(channels, channels, 3, padding=1, bias=False) if estimator is None else
+            package.QConv2d(channels, channels, 3, padding=1, w_bits=bits, a_bits=bits, estimator=estimator))
+    return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.Hardtanh())
+
+
+def block_step(block: nn.Module, x: torch.Tensor, g: torch.Tensor, serial_numel: int | None = None):
+    """One training step: forward, backward (input and every parameter), SGD with momentum; with
+    ``serial_numel`` set, the fused estimators' one-thread limit is that during the step."""
+    opt = torch.optim.SGD(block.parameters(), lr=1e-3, momentum=0.9)
+
+    def run():
+        saved = fused_ops.SERIAL_NUMEL
+        if serial_numel is not None:
+            fused_ops.SERIAL_NUMEL = serial_numel
+        try:
+            xx = x.detach().requires_grad_(True)
+            opt.zero_grad(set_to_none=True)
+            block(xx).backward(g)
+            opt.step()
+        finally:
+            fused_ops.SERIAL_NUMEL = saved
+
+    return run
+
+
+def bench_block(batch: int, channels: int, size: int, repeats: int, names: list[str],
+                bits: list[int], baseline=None, parallel: bool = False) -> list[tuple[str, float, float]]:
+    """Training step of the conv block for every estimator at WbAb (b in ``bits``) against float,
+    with the ``baseline`` package's estimators (rows "NAME (baseline)") when given, and with every
+    intra-op thread for the fused estimators (rows "NAME (all threads)") when ``parallel``."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, size, size).clamp(-1, 1)  # a HardTanh output, as inside a network
+    g = torch.randn(batch, channels, size, size)
+    fns = {"float": block_step(conv_block(channels, None, 32), x, g)}
+    for name in names:
+        variants = [(name, E, None)]
+        if parallel:
+            variants.append((f"{name} (all threads)", E, 0))
+        if baseline:
+            variants.append((f"{name} (baseline)", baseline, None))
+        for label, package, serial_numel in variants:
+            for b in bits:
+                fns[f"{label} W{b}A{b}"] = block_step(conv_block(channels, name, b, package), x, g, serial_numel)
+    ms = median_ms(fns, repeats)
+    ref = ms["float"]
+    return [(k, v, v / ref) for k, v in ms.items()]
+
+
+def block_table(rows, bits: list[int], title: str) -> str:
+    """One row per estimator, ms and × float per bit width."""
+    by = {k: (ms, r) for k, ms, r in rows}
+    head = " | ".join(f"W{b}A{b} ms | W{b}A{b} ×float" for b in bits)
+    lines = [f"| {title} | {head} |", "|---|" + "---:|---:|" * len(bits)]
+    f_ms = by["float"][0]
+    lines.append("| float | " + " | ".join(f"{f_ms:.1f} | 1.00" for _ in bits) + " |")
+    names = dict.fromkeys(k.rsplit(" ", 1)[0] for k in by if k != "float")
+    for n in names:
+        cells = []
+        for b in bits:
+            ms, r = by[f"{n} W{b}A{b}"]
+            cells.append(f"{ms:.1f} | {r:.2f}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(rows, title: str) -> str:
@@ -115,12 +213,42 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--channels", type=int, default=128)
     ap.add_argument("--size", type=int, default=16)
+    ap.add_argument("--block-repeats", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sections", default="tensor,conv,block", help="comma-separated: tensor, conv, block")
+    ap.add_argument("--only", default="", help="comma-separated estimator names (default: all)")
+    ap.add_argument("--bits", default="1,2,3", help="bit widths of the block section, comma-separated")
+    ap.add_argument("--baseline", metavar="DIR", help="also time the block with the estimators package in DIR")
+    ap.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings as they are")
+    ap.add_argument("--all-threads", action="store_true",
+                    help="also time every fused estimator without its one-thread rule (fused_ops.one_thread)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time or the process's CPU time")
     a = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
-    print(table(bench_estimators(a.numel, a.repeats), f"estimator, fwd+bwd on {a.numel:,} elements (1 bit)"))
-    print()
+    global clock
+    clock = CLOCKS[a.clock]
+    torch.set_num_threads(a.threads)
+    malloc = "glibc defaults" if a.default_malloc else f"freed memory kept: {keep_freed_memory()}"
+    baseline = load_estimators(a.baseline) if a.baseline else None
+    sections = set(a.sections.split(","))
+    if sections - {"tensor", "conv", "block"}:
+        ap.error(f"unknown section(s): {', '.join(sorted(sections - {'tensor', 'conv', 'block'}))}")
+    names = [n.strip() for n in a.only.split(",") if n.strip()] or E.list_estimators()
+    for n in names:
+        E.get_estimator_class(n)  # an unknown name fails here, listing the known ones
+    bits = [int(b) for b in a.bits.split(",")]
+    cpu = platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, {a.clock} clock, malloc: {malloc}\n")
     shape = f"{a.batch}×{a.channels}×{a.size}×{a.size}, 3×3, {a.channels}→{a.channels}"
-    print(table(bench_conv(a.batch, a.channels, a.size, a.repeats), f"conv training step, {shape}"))
+    if "tensor" in sections:
+        print(table(bench_estimators(a.numel, a.repeats, names), f"estimator, fwd+bwd on {a.numel:,} elements (1 bit)"))
+        print()
+    if "conv" in sections:
+        conv_names = [n for n in ("ste", "aqe", "clipped_ste") if n in names]
+        print(table(bench_conv(a.batch, a.channels, a.size, a.repeats, conv_names), f"conv training step, {shape}"))
+        print()
+    if "block" in sections:
+        rows = bench_block(a.batch, a.channels, a.size, a.block_repeats, names, bits, baseline, a.all_threads)
+        print(block_table(rows, bits, f"conv+BN+HardTanh step, SGD momentum, {shape}"))
 
 
 if __name__ == "__main__":

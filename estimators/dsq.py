@@ -1,13 +1,12 @@
 """DSQ: differentiable soft quantization (Gong et al., ICCV 2019)."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from . import quantizers as Qz
 from .base import Estimator, Param, register_estimator
+from .fused_ops import dot, inside_grad, on_one_thread, zero_where_nan
 
 
 def dsq_soft(x: torch.Tensor, alpha: torch.Tensor, bits: int, low: float = -1.0, high: float = 1.0):
@@ -30,20 +29,13 @@ def dsq_soft(x: torch.Tensor, alpha: torch.Tensor, bits: int, low: float = -1.0,
     return soft, hard
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ a·b as a 0-dim tensor: one fused pass (BLAS dot) when both are contiguous, else mul + sum."""
-    if a.is_contiguous() and b.is_contiguous() and a.dtype in (torch.float32, torch.float64) and a.dtype == b.dtype:
-        return torch.dot(a.view(-1), b.view(-1))
-    return (a * b).sum()
-
-
 class DSQFunction(torch.autograd.Function):
     """y = hard(x) of :func:`dsq_soft`; backward: the closed-form gradients of Q_S in x and α.
 
     Computes the same forward value as ``soft + (hard - soft).detach()`` (bit for bit: on
     [−1, 1] ``hard − soft`` is exact, so adding ``soft`` back returns ``hard``) with far fewer
     passes over the tensor, and keeps only t = tanh(k(clip(x) − m_i)), d = clip(x) − m_i and
-    the mask of x strictly inside (l, u) for the backward:
+    clip(x) for the backward:
 
       ∂Q_S/∂x = (Δ/2)·s·k·(1 − t²)·1[l < x < u]   (torch's clamp backward: 0 at x = l, u and NaN)
       ∂Q_S/∂α = (Δ/2)·(s²·t + s·(1 − t²)·d·∂k/∂α),   ∂k/∂α = −2 / (Δ·α·(2 − α)),  ∂s/∂α = s²
@@ -54,29 +46,23 @@ class DSQFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @on_one_thread
     def forward(ctx, x, alpha, bits: int, low: float = -1.0, high: float = 1.0):
         n = 2**bits - 1
         delta = (high - low) / n
         k = torch.log(2 / alpha - 1) / delta
         xc = x.clamp(low, high)
         need_x, need_a = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # Fresh full-size buffers cost page faults, so the one scratch buffer becomes the output.
-        buf = torch.empty_like(xc)
-        inside = None
-        if need_x:  # 1[l < x < u] (torch's clamp backward; NaN → False), before buf is reused
-            if low == -high:
-                inside = torch.lt(torch.abs(xc, out=buf), high)
-            else:
-                inside = (xc > low).logical_and_(xc < high)
         if n == 1:  # m and the two levels, rounded in x's dtype as dsq_soft rounds them (host-side scalars)
             zero = torch.zeros((), dtype=x.dtype)
-            m0, lo_lvl, hi_lvl = float((zero + 0.5) * delta + low), float(low + delta * zero), float(low + delta * (zero + 1))
+            m0 = float((zero + 0.5) * delta + low)
+            lo_lvl, hi_lvl = float(low + delta * zero), float(low + delta * (zero + 1))
         if n == 1 and m0 == 0.0 and lo_lvl == -hi_lvl:
             # one interval centred on 0: i = 0, m = +0 so d = xc − m = xc bit for bit, hard = ±hi
             # (i is NaN for NaN x in dsq_soft: clamp(t, hi, hi) keeps that NaN)
             d = xc
             t = torch.mul(xc, k).tanh_()
-            hard = torch.clamp(t, hi_lvl, hi_lvl, out=buf).copysign_(t)
+            hard = torch.clamp(t, hi_lvl, hi_lvl).copysign_(t)
         else:
             ih = xc.sub(low).div_(delta).floor_().clamp_(0, n - 1).add_(0.5)  # i + ½ (exact)
             d = ih.mul(delta).add_(low)  # m_i
@@ -84,27 +70,34 @@ class DSQFunction(torch.autograd.Function):
             t = torch.mul(d, k).tanh_()
             # i + (sign φ + 1)/2 = (i + ½) ± ½ exactly (s > 0, so sign φ = sign t; NaN stays in ih)
             half = torch.full((), 0.5, dtype=x.dtype, device=x.device)
-            hard = ih.add_(torch.copysign(half, t, out=buf)).mul_(delta).add_(low)
+            hard = ih.add_(torch.copysign(half, t)).mul_(delta).add_(low)
         if need_x or need_a:
-            ctx.save_for_backward(t, d if need_a else None, inside, alpha, k)
-            ctx.delta = delta
+            ctx.save_for_backward(t, d if need_a else None, xc if need_x else None, alpha, k)
+            ctx.delta, ctx.low, ctx.high = delta, low, high
         return hard
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @on_one_thread
     def backward(ctx, g):
-        t, d, inside, alpha, k = ctx.saved_tensors
+        t, d, xc, alpha, k = ctx.saved_tensors
         delta = ctx.delta
         s = 1 / (1 - alpha)
         g1t = torch.ops.aten.tanh_backward(g, t)  # g·(1 − t²)
         grad_x = grad_a = None
+        nan_seen = None
         if ctx.needs_input_grad[1]:
+            gt = dot(g, t)
+            nan_seen = bool(torch.isnan(gt))  # a NaN x (or g) shows here; otherwise no check is needed
             dk = -2 / (delta * alpha * (2 - alpha))
-            grad_a = (delta / 2) * (s * s * _dot(g, t) + s * dk * _dot(g1t, d))
+            grad_a = (delta / 2) * (s * s * gt + s * dk * dot(g1t, d))
             grad_a = grad_a.to(alpha.dtype)
         if ctx.needs_input_grad[0]:
-            c = (delta / 2) * s * k
-            grad_x = torch.where(inside, g1t, g1t.new_zeros(()), out=g1t).mul_(c)
+            # 1[l < x < u] = 1[l < clip(x) < u]: torch's clamp backward, in HardTanh's backward kernel
+            grad_x = inside_grad(g1t, xc, ctx.low, ctx.high, out=g1t)
+            if nan_seen if nan_seen is not None else bool(torch.isnan(xc).any()):
+                zero_where_nan(grad_x, xc)
+            grad_x = grad_x.mul_((delta / 2) * s * k)
         return grad_x, grad_a, None, None, None
 
 
@@ -125,7 +118,8 @@ class DSQ(Estimator):
     """
 
     name = "dsq"
-    paper = "Gong, Liu, Jiang, Li, Hu, Lin, Yu, Yan, 'Differentiable Soft Quantization: Bridging Full-Precision and Low-Bit Neural Networks', ICCV 2019"
+    paper = ("Gong, Liu, Jiang, Li, Hu, Lin, Yu, Yan, 'Differentiable Soft Quantization: Bridging Full-Precision "
+             "and Low-Bit Neural Networks', ICCV 2019")
     params = {"alpha_init": Param(0.2, "initial characteristic variable α ∈ (0, 1)", low=1e-3, high=0.99)}
     grids = ("uniform_signed",)
 
