@@ -23,12 +23,20 @@ after a stop signal (seen when the group's SIGTERM kills Ray's workers but not y
 sweep blocks recovering their objects). Finished epochs are in the database, the Tune experiment
 resumes, and nothing is stored twice.
 Exit handlers (Ray's shutdown, which waits on the same dead GCS) get at most ``EXIT_GRACE_S``.
+
+Joining Ray: before it claims a run, the dispatcher joins the cluster at ``RAY_ADDRESS`` (or
+starts a local Ray). A cluster that does not answer (first a TCP probe of its address: Ray's own
+connect would retry for minutes) or refuses it (a wrong ``RAY_AUTH_TOKEN``) is logged as an error
+and tried again after ``RAY_RETRY_FIRST_S``, doubling up to ``RAY_RETRY_MAX_S``; no run is claimed,
+so none fails for it. With ``RAY_ADDRESS`` the dispatcher leaves the cluster after each run, so an
+idle dispatcher outlives a cluster restart and joins the new one for the next run.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -54,6 +62,13 @@ RAY_PROBE_STOPPING_S = 0.2  # … once a stop signal came
 STOP_DEADLINE_S = 8.0  # after a stop signal, how long the sweep may take to stop before the run is handed back
 RAY_LOST_S = 10.0  # without a stop signal, how long the GCS may stay unreachable before the run is handed back
 EXIT_GRACE_S = 10.0  # the most the process spends in exit handlers (Ray's shutdown) after the loop ends
+RAY_RETRY_FIRST_S = 1.0  # a Ray cluster that cannot be joined is tried again after this, …
+RAY_RETRY_MAX_S = 60.0  # … doubling up to this
+_HOST_PORT = re.compile(r"^(?:ray://)?(\[[^\]]+\]|[^:/\[\]]+):(\d+)$")
+
+
+class RayUnavailable(Exception):
+    """Ray cannot be joined now; the message says why."""
 
 
 def default_worker_id() -> str:
@@ -84,6 +99,23 @@ def reachable(address: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def probe_target(address: str | None) -> str | None:
+    """The ``host:port`` of a Ray address (``host:port`` or ``ray://host:port``) to probe before joining;
+    None for a local Ray or ``auto``."""
+    match = _HOST_PORT.match((address or "").strip())
+    return f"{match[1]}:{match[2]}" if match else None
+
+
+def root_cause(exc: BaseException, limit: int = 300) -> str:
+    """The last line of the innermost cause's text: Ray wraps what went wrong (a refused token) in
+    ConnectionErrors whose own message says only "Failed to connect"."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def hard_exit(code: int) -> None:
     """End the process now, skipping exit handlers (Ray's would wait 60 s on a dead GCS)."""
     logging.shutdown()
@@ -111,28 +143,46 @@ class Dispatcher:
         self.shutdown = threading.Event()
         self._signals_installed = False
         self._gcs: str | None = None
+        self._ray_retry_s = RAY_RETRY_FIRST_S  # the wait before the next try to join Ray (doubles per failure)
 
     # -- loop ---------------------------------------------------------------------------------
     def serve(self, *, once: bool = False, poll_s: float = 2.0) -> None:
         """Run queued runs until ``shutdown`` (or, with ``once``, after one claim attempt)."""
         log.info("dispatcher %s polling every %.1f s", self.worker_id, poll_s)
         while not self.shutdown.is_set():
-            handled = self.run_once()
+            try:
+                handled = self.run_once()
+            except RayUnavailable as e:
+                log.error("%s; retrying in %.0f s", e, self._ray_retry_s)
+                if once:
+                    return
+                self.shutdown.wait(self._ray_retry_s)
+                self._ray_retry_s = min(2 * self._ray_retry_s, RAY_RETRY_MAX_S)
+                continue
             if once:
                 return
             if handled is None:
                 self.shutdown.wait(poll_s)
 
     def run_once(self) -> int | None:
-        """Requeue stale runs, claim one and run it to its end; returns its id (None: queue empty)."""
+        """Requeue stale runs, join Ray if a run waits, claim one and run it to its end; returns its
+        id (None: queue empty). Raises :class:`RayUnavailable` (and claims nothing) when Ray cannot be joined."""
         with self.sessions() as s:
             for rid in store.requeue_stale(s, self.settings.stale_s):
                 log.warning("run %s: holder's heartbeat is stale, requeued", rid)
+            if self._run_sweep is None and not store.list_runs(s, status="queued", limit=1)[1]:
+                return None
+        if self._run_sweep is None:
+            self._join_ray()
+        with self.sessions() as s:
             run = store.claim_run(s, self.worker_id)
-        if run is None:
-            return None
-        self.execute(run)
-        return run["id"]
+        try:
+            if run is not None:
+                self.execute(run)
+        finally:
+            if self._run_sweep is None and self.settings.ray_address:
+                self._leave_ray()
+        return run["id"] if run is not None else None
 
     # -- one run ------------------------------------------------------------------------------
     def execute(self, run: dict) -> None:
@@ -154,7 +204,7 @@ class Dispatcher:
             log.info("run %s (%s): %d trials, %d already done", run_id, run["name"], run["trial_count"], len(done))
             ensure_exists(self.settings.tune_dir)
             if self._run_sweep is None:
-                self._start_ray()
+                self._join_ray()
             run_sweep = self._run_sweep or _load_run_sweep()
             results = run_sweep(
                 spec, SqlSink(self.sessions, run_id),
@@ -176,12 +226,41 @@ class Dispatcher:
         if interrupted is not None:
             raise interrupted
 
-    def _start_ray(self) -> None:
-        """Start or join Ray before the sweep does, then put our signal handlers back (``ray.init``
-        replaces SIGTERM's with one that raises SystemExit wherever the main thread is)."""
+    def _join_ray(self) -> None:
+        """Join the cluster at ``RAY_ADDRESS`` (or start a local Ray) unless joined, then put our signal
+        handlers back (``ray.init`` replaces SIGTERM's with one that raises SystemExit wherever the main
+        thread is). Raises :class:`RayUnavailable` when the address does not answer or Ray refuses."""
+        if sys.modules.get("ray") is not None and sys.modules["ray"].is_initialized():
+            return
+        address = self.settings.ray_address
+        where = f"the Ray cluster at {address} (RAY_ADDRESS)" if address else "a local Ray"
+        target = probe_target(address)
+        if target is not None and not reachable(target, timeout=2.0):
+            raise RayUnavailable(f"{where} does not answer: nothing accepts connections at {target}")
         from workers.sweep import ensure_ray
 
-        ensure_ray(self.settings.ray_address)
+        try:
+            ensure_ray(address)
+        except Exception as e:
+            why = root_cause(e)
+            hint = (" (every Ray node and the dispatcher need the cluster's RAY_AUTH_TOKEN and RAY_AUTH_MODE=token)"
+                    if "AuthenticationError" in why or "InvalidAuthToken" in why else "")
+            raise RayUnavailable(f"{where} cannot be joined: {why}{hint}") from e
+        finally:
+            if self._signals_installed:
+                self.install_signal_handlers()
+        if address:
+            log.info("joined %s", where)
+        self._ray_retry_s = RAY_RETRY_FIRST_S
+
+    def _leave_ray(self) -> None:
+        """Disconnect from the cluster between runs (its GCS still answers; a dead one would hold
+        ``ray.shutdown`` for a minute, and the watchdog has ended the process then)."""
+        ray = sys.modules.get("ray")
+        if ray is None or not ray.is_initialized() or self.ray_alive() is False:
+            return
+        ray.shutdown()
+        self._gcs = None
         if self._signals_installed:
             self.install_signal_handlers()
 
