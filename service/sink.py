@@ -66,6 +66,12 @@ class SqlSink:
         with self._session() as s:
             store.record_trial_start(s, tid, device=(info or {}).get("device"))
 
+    def on_provenance(self, trial_key: str, provenance: dict) -> None:
+        """The attempt's provenance replaces the trial's (its device too)."""
+        tid = self._trial_id(trial_key)
+        with self._session() as s:
+            store.record_provenance(s, tid, provenance)
+
     def on_epoch(self, trial_key: str, metrics: dict) -> None:
         """One metrics row per (trial, epoch), committed before returning; repeats are ignored."""
         tid = self._trial_id(trial_key)

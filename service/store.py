@@ -10,7 +10,7 @@ Records
   cancelled}}``
 - Trial: ``{id, run_id, key, estimator, estimator_label, estimator_params, w_bits, a_bits, seed,
   status, attempts, epochs_done, final_test_acc, final_val_acc, best_val_acc, selected_test_acc,
-  selected_epoch, packed_bytes, packed_agreement, device, started_at, finished_at, error}``
+  selected_epoch, packed_bytes, packed_agreement, device, provenance, started_at, finished_at, error}``
 - Metric: ``{epoch, train_loss, train_acc, val_acc, test_acc, test_top5, lr, epoch_seconds,
   images_per_s, weight_flips, device, schedule}``
 - Leaderboard row: ``{dataset, model, w_bits, a_bits, estimator_label, metric, n, mean, std, ci_low,
@@ -47,8 +47,8 @@ RUN_FIELDS = ("id", "name", "status", "dataset", "model", "spec", "spec_hash", "
               "finished_at", "error", "trial_count", "cancel_requested")
 TRIAL_FIELDS = ("id", "run_id", "key", "estimator", "estimator_label", "estimator_params", "w_bits", "a_bits",
                 "seed", "status", "attempts", "epochs_done", "final_test_acc", "final_val_acc", "best_val_acc",
-                "selected_test_acc", "selected_epoch", "packed_bytes", "packed_agreement", "device", "started_at",
-                "finished_at", "error")
+                "selected_test_acc", "selected_epoch", "packed_bytes", "packed_agreement", "device", "provenance",
+                "started_at", "finished_at", "error")
 FINAL_COLUMNS = ("final_test_acc", "final_val_acc", "best_val_acc", "selected_test_acc", "selected_epoch",
                  "packed_bytes", "packed_agreement")
 INTEGER_FINAL_COLUMNS = ("selected_epoch", "packed_bytes")
@@ -270,6 +270,13 @@ def record_trial_start(s: Session, trial_id: int, *, device: str | None = None) 
     s.execute(update(trials).where(trials.c.id == trial_id).values(
         status="running", attempts=trials.c.attempts + 1, device=device,
         started_at=func.coalesce(trials.c.started_at, utcnow()), finished_at=None, error=None))
+    s.commit()
+
+
+def record_provenance(s: Session, trial_id: int, provenance: dict) -> None:
+    """Keep the latest attempt's provenance (``workers.provenance``) and its actual device; commits."""
+    s.execute(update(trials).where(trials.c.id == trial_id).values(
+        provenance=_jsonable(provenance), device=provenance.get("device")))
     s.commit()
 
 

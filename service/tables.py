@@ -123,6 +123,7 @@ trials = Table(
     Column("packed_agreement", Float, nullable=True),  # its predictions = torch eval's, fraction
     Column("final", Json, nullable=True),
     Column("device", String(64), nullable=True),
+    Column("provenance", Json, nullable=True),  # the latest attempt's workers.provenance record
     Column("started_at", UTCDateTime, nullable=True),
     Column("finished_at", UTCDateTime, nullable=True),
     Column("error", Text, nullable=True),

@@ -45,7 +45,7 @@ def test_migrated_schema_matches_tables(engine):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    assert current_revision(engine) == head_revision() == "0005"
+    assert current_revision(engine) == head_revision() == "0006"
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata) == []
         if engine.dialect.name == "sqlite":
@@ -53,7 +53,7 @@ def test_migrated_schema_matches_tables(engine):
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
     migrate(engine)  # again: a no-op
-    assert current_revision(engine) == head_revision() == "0005"
+    assert current_revision(engine) == head_revision() == "0006"
 
 
 def test_migrations_race_on_an_empty_database(db_url):

@@ -12,6 +12,7 @@ import threading
 from types import SimpleNamespace
 
 import pytest
+import torch
 from ray.tune.experiment import Trial
 
 from workers.sinks import JsonlSink, MemorySink, ResultSink
@@ -81,11 +82,13 @@ def test_callback_forwards_each_epoch_once_and_keeps_state():
         cb = SinkCallback("fake")
         cb.on_trial_start(0, [], trial)
         for epoch in (1, 2, 1, 2, 3):  # a retry re-reporting epochs 1 and 2
-            cb.on_trial_result(0, [], trial, {**metrics, "epoch": epoch, "training_iteration": 9})
+            first = {"provenance": json.dumps({"host": f"h{epoch}"})} if epoch == 1 else {}
+            cb.on_trial_result(0, [], trial, {**metrics, "epoch": epoch, "training_iteration": 9, **first})
         cb.on_trial_result(0, [], trial, {"final": {"final_test_acc": 0.5}})
         cb.on_trial_complete(0, [], trial)
         state = cb.get_state()
     assert epochs_of(sink) == {"k": [1, 2, 3]} and b.suppressed == 2
+    assert sink.provenance == {"k": [{"host": "h1"}, {"host": "h1"}]}  # the retry's too, though its epoch is not
     assert set(sink.epochs["k"][3]) == set(METRIC_KEYS)  # Tune's own keys are stripped
     assert sink.ends["k"] == ("done", {"final_test_acc": 0.5}, None)
     with bound("fake", SweepBinding(MemorySink(strict=True))) as b2:
@@ -109,6 +112,14 @@ def test_all_trials_deliver_every_epoch_exactly_once(ray_session):
         assert final["epochs"] == 2 and final["final_test_acc"] == sink.epochs[key][2]["test_acc"]
         assert set(sink.epochs[key][1]) == set(METRIC_KEYS)
     assert "aqe.alpha" in sink.epochs["aqe-w1a1-s0"][1]["schedule"]
+    import ray  # each trial's provenance, read in its Ray worker (on this node, no GPU asked for)
+
+    here = ray.get_runtime_context().get_node_id()
+    for key in keys:
+        (record,) = sink.provenance[key]
+        assert record["ray_node_id"] == here and record["ray_node_ip"] == ray.util.get_node_ip_address()
+        assert record["ray_gpu_ids"] == [] and record["device"] == "cpu" and record["gpu"] is None
+        assert record["ray"] == ray.__version__ and record["torch"] == torch.__version__
 
 
 def test_failed_epoch_is_retried_from_the_checkpoint(ray_session):
@@ -122,6 +133,7 @@ def test_failed_epoch_is_retried_from_the_checkpoint(ray_session):
     assert [s["attempt"] for s in sink.starts[key]] == [1, 2]
     assert epochs_of(sink) == {key: [1, 2]} and sink.duplicates == []
     assert sink.ends[key][0] == "done"
+    assert [p["device"] for p in sink.provenance[key]] == ["cpu", "cpu"]  # each attempt's own
 
 
 def test_cancel_stops_the_sweep_and_a_rerun_resumes_it(ray_session):
@@ -224,8 +236,9 @@ def test_cli_writes_one_json_line_per_event(ray_session, tmp_path):
     out = tmp_path / "results.jsonl"
     assert main([str(spec_file), "--out", str(out), "--storage", str(tmp_path / "tune")]) == 0
     events = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [e["event"] for e in events] == ["start", "epoch", "end"]
-    assert events[-1]["status"] == "done" and events[1]["metrics"]["epoch"] == 1
+    assert [e["event"] for e in events] == ["start", "provenance", "epoch", "end"]
+    assert events[1]["provenance"]["device"] == "cpu"
+    assert events[-1]["status"] == "done" and events[2]["metrics"]["epoch"] == 1
     assert (tmp_path / "tune" / default_experiment_name(spec)).is_dir()
 
 

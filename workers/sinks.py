@@ -22,6 +22,10 @@ class ResultSink(Protocol):
     def on_trial_start(self, trial_key: str, info: dict) -> None:
         """A trial (re)starts; ``info`` = {"device": "cpu" | "cuda:0", "attempt": 1, 2, …}."""
 
+    def on_provenance(self, trial_key: str, provenance: dict) -> None:
+        """Where and with what the trial's current attempt trains (``workers.provenance``): with the attempt's
+        first report, before that report's epoch (an attempt that fails before it reports has none)."""
+
     def on_epoch(self, trial_key: str, metrics: dict) -> None:
         """One epoch's metrics (CONTRACTS.md); idempotent per (trial_key, metrics["epoch"])."""
 
@@ -34,14 +38,16 @@ class MemorySink:
 
     ``epochs[key][epoch]`` holds metrics; a repeated (key, epoch) is ignored and appended to
     ``duplicates`` (or raises ``ValueError`` when ``strict``), so tests can assert exactly-once.
-    ``starts[key]`` lists start infos, ``ends[key]`` holds the latest (status, final, error)
-    and ``events`` the order of everything as (kind, key, epoch-or-status).
+    ``starts[key]`` lists start infos, ``provenance[key]`` the attempts' provenance records,
+    ``ends[key]`` holds the latest (status, final, error) and ``events`` the order of starts,
+    epochs and ends as (kind, key, attempt-epoch-or-status).
     """
 
     def __init__(self, strict: bool = False):
         self.strict = strict
         self._lock = threading.Lock()
         self.starts: dict[str, list[dict]] = {}
+        self.provenance: dict[str, list[dict]] = {}
         self.epochs: dict[str, dict[int, dict]] = {}
         self.ends: dict[str, tuple[str, dict | None, str | None]] = {}
         self.duplicates: list[tuple[str, int]] = []
@@ -51,6 +57,10 @@ class MemorySink:
         with self._lock:
             self.starts.setdefault(trial_key, []).append(dict(info))
             self.events.append(("start", trial_key, info.get("attempt")))
+
+    def on_provenance(self, trial_key: str, provenance: dict) -> None:
+        with self._lock:
+            self.provenance.setdefault(trial_key, []).append(dict(provenance))
 
     def on_epoch(self, trial_key: str, metrics: dict) -> None:
         epoch = int(metrics["epoch"])
@@ -100,6 +110,10 @@ class JsonlSink:
         with self._lock:
             self._write({"event": "start", "trial": trial_key, **info})
 
+    def on_provenance(self, trial_key: str, provenance: dict) -> None:
+        with self._lock:
+            self._write({"event": "provenance", "trial": trial_key, "provenance": provenance})
+
     def on_epoch(self, trial_key: str, metrics: dict) -> None:
         with self._lock:
             k = (trial_key, int(metrics["epoch"]))
@@ -130,6 +144,10 @@ class TeeSink:
     def on_trial_start(self, trial_key: str, info: dict) -> None:
         for s in self.sinks:
             s.on_trial_start(trial_key, info)
+
+    def on_provenance(self, trial_key: str, provenance: dict) -> None:
+        for s in self.sinks:
+            s.on_provenance(trial_key, provenance)
 
     def on_epoch(self, trial_key: str, metrics: dict) -> None:
         for s in self.sinks:

@@ -12,6 +12,7 @@ reaching the sink twice.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -27,7 +28,7 @@ from .sinks import ResultSink
 from .spec import ExperimentSpec, TrialSpec, parse_spec
 from .storage import join, resolve_storage
 from .train import run_trial
-from .tune_callback import FINAL_KEY, SinkCallback, SweepBinding, SweepStopped, bound
+from .tune_callback import FINAL_KEY, PROVENANCE_KEY, SinkCallback, SweepBinding, SweepStopped, bound
 
 STATE_FILE = "trial_state.pt"
 CHECKPOINTS_KEPT = 1  # also forces an experiment snapshot after every checkpoint (see run_sweep)
@@ -88,7 +89,9 @@ def bitbench_trial(config: dict, *, spec_json: str, data_dir: str | None) -> Non
     """Tune function trainable: ``config`` = {"trial": TrialSpec dict, "spec_hash": str}.
 
     Resumes from ``tune.get_checkpoint()``, reports every epoch with a checkpoint holding the
-    full resume state, then reports ``{"final": {...}}`` once.
+    full resume state, then reports ``{"final": {...}}`` once. The attempt's first report also
+    carries its provenance (:mod:`workers.provenance`) as JSON text under ``"provenance"`` (one
+    column for Tune's CSV and TensorBoard loggers).
     """
     spec = parse_spec(spec_json)
     if config["spec_hash"] != spec.spec_hash():
@@ -97,16 +100,22 @@ def bitbench_trial(config: dict, *, spec_json: str, data_dir: str | None) -> Non
     state = _load_state(tune.get_checkpoint())
     _trace(trial.key, f"start {state['epoch'] if state else 0}")
 
+    unsent: dict[str, str] = {}  # the attempt's provenance, sent with its first report
+
+    def on_start(record: dict) -> None:
+        unsent[PROVENANCE_KEY] = json.dumps(record)
+
     def on_epoch(metrics: dict, epoch_state: dict) -> None:
         _trace(trial.key, f"trained {metrics['epoch']}")
         _fault_point(trial.key, metrics["epoch"])
         with tempfile.TemporaryDirectory(prefix="bitbench-ckpt-") as d:
             torch.save(epoch_state, Path(d, STATE_FILE))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report({**metrics, **unsent}, checkpoint=tune.Checkpoint.from_directory(d))
+        unsent.clear()
 
-    final = run_trial(spec, trial, on_epoch=on_epoch, resume_state=state, data_dir=data_dir,
+    final = run_trial(spec, trial, on_epoch=on_epoch, on_start=on_start, resume_state=state, data_dir=data_dir,
                       threads=max(1, int(spec.resources.cpu)))
-    tune.report({FINAL_KEY: final})
+    tune.report({FINAL_KEY: final, **unsent})
 
 
 def make_trainable(spec: ExperimentSpec, data_dir: str | os.PathLike | None = None):
@@ -155,8 +164,8 @@ def run_sweep(
     """Run every trial of ``spec`` not in ``skip_keys``; return {trial_key: done | failed |
     cancelled | skipped} for the whole grid.
 
-    Events go to ``sink`` from this process: ``on_trial_start`` per attempt, ``on_epoch`` once
-    per (trial, epoch), ``on_trial_end`` per trial. ``stop_requested`` is polled about twice a
+    Events go to ``sink`` from this process: ``on_trial_start`` and ``on_provenance`` per attempt,
+    ``on_epoch`` once per (trial, epoch), ``on_trial_end`` per trial. ``stop_requested`` is polled about twice a
     second; once True every unfinished trial is stopped and ends "cancelled" (as do trials a
     Ctrl+C leaves unfinished). The experiment lives in ``storage_path/experiment_name``
     (defaults: :func:`resolve_storage`, :func:`default_experiment_name`); if Tune can restore
@@ -221,6 +230,9 @@ class ProgressSink:
     def on_trial_start(self, trial_key: str, info: dict) -> None:
         if trial_key not in self.running:
             self.running[trial_key] = self.progress.add_task(f"  {trial_key}", total=self.epochs)
+
+    def on_provenance(self, trial_key: str, provenance: dict) -> None:
+        pass  # not shown: the --out file has it
 
     def on_epoch(self, trial_key: str, metrics: dict) -> None:
         self.on_trial_start(trial_key, {})

@@ -26,6 +26,7 @@ import estimators
 from .datasets import DataSplits, load_dataset
 from .malloc import keep_freed_memory
 from .models import create_model
+from .provenance import provenance
 from .spec import ExperimentSpec, LRSchedule, Optimizer, TrialSpec
 
 STATE_VERSION = 1
@@ -36,6 +37,7 @@ FINAL_KEYS = ("final_test_acc", "final_test_top5", "final_val_acc", "best_val_ac
               "weight_bits_total", "weight_mib", "packed_bytes", "packed_agreement")
 
 OnEpoch = Callable[[dict, dict], None]
+OnStart = Callable[[dict], None]
 
 
 # -- building blocks -------------------------------------------------------------------------
@@ -275,6 +277,7 @@ def run_trial(
     device: str | torch.device | None = None,
     data_dir=None,
     threads: int | None = None,
+    on_start: OnStart | None = None,
 ) -> dict:
     """Train ``trial`` of ``spec`` for ``spec.epochs`` epochs; return the ``final`` dict.
 
@@ -282,13 +285,17 @@ def run_trial(
     CONTRACTS.md, ``state`` a self-contained CPU copy (model, optimizer, scheduler, every RNG
     including the loader's, epoch, best-so-far, last metrics). ``resume_state`` continues from
     such a state; on the CPU the result is bit-identical to an uninterrupted run. ``threads``
-    sets torch's intra-op threads; ``device`` defaults to :func:`resolve_device`. The process keeps
-    freed memory for reuse from here on (:func:`workers.malloc.keep_freed_memory`).
+    sets torch's intra-op threads; ``device`` defaults to :func:`resolve_device`. ``on_start`` is
+    called once, before anything is loaded, with the attempt's :func:`workers.provenance.provenance`
+    (versions, machine, Ray placement, device). The process keeps freed memory for reuse from here on
+    (:func:`workers.malloc.keep_freed_memory`).
     """
     keep_freed_memory()
     if threads:
         torch.set_num_threads(int(threads))
     dev = resolve_device(spec, device)
+    if on_start is not None:
+        on_start(provenance(dev))
     with deterministic(dev.type == "cpu"):
         return _run(spec, trial, on_epoch, resume_state, dev, data_dir)
 

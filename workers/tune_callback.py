@@ -16,6 +16,7 @@ from their checkpoints when the sweep is run again.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from .sinks import ResultSink
 from .train import METRIC_KEYS
 
 FINAL_KEY = "final"  # the trainable's last report: {"final": {...}} (no epoch metrics)
+PROVENANCE_KEY = "provenance"  # in an attempt's first report: workers.provenance's record as JSON text
 ERROR_CHARS = 8000
 
 
@@ -150,7 +152,8 @@ def error_text(trial: Trial) -> str:
 
 
 class SinkCallback(tune.Callback):
-    """Forwards Tune events to the bound sweep's sink, each epoch exactly once per trial.
+    """Forwards Tune events to the bound sweep's sink, each epoch exactly once per trial, and each
+    attempt's provenance (which comes with its first report) before that report's epoch.
 
     A trial re-reporting from an older checkpoint (a retry, a restore) repeats no epoch: only
     epochs above the highest one delivered are forwarded.
@@ -171,6 +174,8 @@ class SinkCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         b, key = self.binding, trial_key(trial)
+        if PROVENANCE_KEY in result:
+            b.deliver("on_provenance", key, json.loads(result[PROVENANCE_KEY]))
         if FINAL_KEY in result:
             b.finals[key] = dict(result[FINAL_KEY])
             return

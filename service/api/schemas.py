@@ -115,6 +115,9 @@ class TrialOut(_Out):
     packed_bytes: int | None = Field(None, description="size of the packed XNOR/SHIFT export")
     packed_agreement: float | None = Field(None, description="packed engine's agreement with the model")
     device: str | None = None
+    provenance: dict[str, Any] | None = Field(
+        None, description="where and with what the latest attempt trained: bitbench version and git commit; "
+        "Python, torch, Ray and CUDA versions; CPU, GPU, host; Ray node id and IP, ray_gpu_ids; torch device")
     started_at: datetime | None = None
     finished_at: datetime | None = None
     error: str | None = None
