@@ -177,6 +177,8 @@ class LRSchedule(_Strict):
 class Resources(_Strict):
     cpu: float = Field(1.0, gt=0, le=256)
     gpu: float = Field(0.0, ge=0, le=16, description="fractional: 0.25 lets four trials share a GPU")
+    cpu_fallback: bool = Field(False, description="with gpu > 0: train on the CPU when the worker sees no CUDA "
+                               "device (default: the trial fails and says so)")
 
 
 # every data set's options model: the published schema lists them, an error's loc names the option
@@ -367,17 +369,22 @@ class ExperimentSpec(_Strict):
                                          method=method.name, first_last_float=policy))
         return out
 
-    #: fields added after specs were first stored: left out of the canonical JSON while they hold
-    #: their default, so the hash (and the Tune experiment named by it) of an older spec never changes
-    ADDED_LATER: ClassVar[tuple[str, ...]] = ("bn_reestimate", "methods", "description")
+    #: fields added after specs were first stored (``a.b``: field b of section a): left out of the canonical
+    #: JSON while they hold their default, so the hash (and the Tune experiment named by it) of an older spec
+    #: never changes
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("bn_reestimate", "methods", "description", "resources.cpu_fallback")
 
     def canonical_json(self) -> str:
         """The normalised spec as canonical JSON (sorted keys, defaults filled but those of
         :attr:`ADDED_LATER`)."""
         data = self.model_dump(mode="json")
         for name in self.ADDED_LATER:
-            if data[name] == type(self).model_fields[name].get_default(call_default_factory=True):
-                del data[name]
+            *sections, leaf = name.split(".")
+            holder, model = data, type(self)
+            for section in sections:
+                holder, model = holder[section], model.model_fields[section].annotation
+            if holder[leaf] == model.model_fields[leaf].get_default(call_default_factory=True):
+                del holder[leaf]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def spec_hash(self) -> str:

@@ -10,9 +10,13 @@ interface whose loaders stream and decode files.
 from __future__ import annotations
 
 import copy
+import gc
+import logging
 import math
+import os
 import random
 import time
+import traceback
 from contextlib import contextmanager
 from typing import Any, Callable
 
@@ -26,7 +30,7 @@ import estimators
 from .datasets import DataSplits, load_dataset
 from .malloc import keep_freed_memory
 from .models import create_model
-from .provenance import provenance
+from .provenance import process_provenance, provenance, ray_placement
 from .spec import ExperimentSpec, LRSchedule, Optimizer, TrialSpec
 
 STATE_VERSION = 1
@@ -38,13 +42,42 @@ FINAL_KEYS = ("final_test_acc", "final_test_top5", "final_val_acc", "best_val_ac
 
 OnEpoch = Callable[[dict, dict], None]
 OnStart = Callable[[dict], None]
+log = logging.getLogger(__name__)
 
 
 # -- building blocks -------------------------------------------------------------------------
+class NoCudaDeviceError(RuntimeError):
+    """A trial given a GPU (``resources.gpu > 0``) sees no CUDA device, and its spec does not allow the CPU."""
+
+
+def no_cuda_situation(spec: ExperimentSpec) -> str:
+    """What a GPU trial that sees no CUDA device asked for, where it runs, what Ray and torch see."""
+    cuda = torch.version.cuda
+    return (f"the trial asked for {spec.resources.gpu:g} GPU but torch sees no CUDA device on host "
+            f"{process_provenance()['host']} (Ray GPU ids {ray_placement()['ray_gpu_ids']}, CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__} "
+            f"{f'built with CUDA {cuda}' if cuda else 'built without CUDA'})")
+
+
 def resolve_device(spec: ExperimentSpec, device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else CUDA when the spec asks for a GPU and one is visible, else CPU."""
-    dev = torch.device(device) if device is not None else torch.device(
-        "cuda" if spec.resources.gpu > 0 and torch.cuda.is_available() else "cpu")
+    """``device`` if given; else CUDA when the spec asks for a GPU (``resources.gpu > 0``), the CPU when not.
+
+    A GPU trial that sees no CUDA device raises :class:`NoCudaDeviceError` (on a misconfigured GPU node a
+    sweep would otherwise train ~100× slower and say nothing), unless ``resources.cpu_fallback``: then
+    the CPU, with a warning in the log.
+    """
+    if device is not None:
+        dev = torch.device(device)
+    elif spec.resources.gpu <= 0:
+        dev = torch.device("cpu")
+    elif torch.cuda.is_available():
+        dev = torch.device("cuda")
+    elif spec.resources.cpu_fallback:
+        log.warning("%s; training on the CPU (resources.cpu_fallback)", no_cuda_situation(spec))
+        dev = torch.device("cpu")
+    else:
+        raise NoCudaDeviceError(f"{no_cuda_situation(spec)}; it trains on the CPU only if the spec sets "
+                                "resources.cpu_fallback")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
@@ -288,7 +321,9 @@ def run_trial(
     sets torch's intra-op threads; ``device`` defaults to :func:`resolve_device`. ``on_start`` is
     called once, before anything is loaded, with the attempt's :func:`workers.provenance.provenance`
     (versions, machine, Ray placement, device). The process keeps freed memory for reuse from here on
-    (:func:`workers.malloc.keep_freed_memory`).
+    (:func:`workers.malloc.keep_freed_memory`). When it returns or raises, the trial's model, optimizer
+    and data set are freed (an exception's frames are cleared) and :func:`release_memory` has run, so
+    the next trial in the same process (Tune's ``reuse_actors``) starts with the device's memory free.
     """
     keep_freed_memory()
     if threads:
@@ -297,7 +332,23 @@ def run_trial(
     if on_start is not None:
         on_start(provenance(dev))
     with deterministic(dev.type == "cpu"):
-        return _run(spec, trial, on_epoch, resume_state, dev, data_dir)
+        try:
+            return _run(spec, trial, on_epoch, resume_state, dev, data_dir)
+        except BaseException as e:
+            # whoever keeps the error (Tune, while it retries the trial) must not keep the attempt's model,
+            # optimizer and on-device data set alive through the locals of its traceback's frames
+            traceback.clear_frames(e.__traceback__)
+            raise
+        finally:
+            release_memory(dev)
+
+
+def release_memory(dev: torch.device) -> None:
+    """After a trial: collect what it left in reference cycles and, on CUDA, hand the allocator's cached
+    blocks back to the driver (other processes sharing the GPU can use them)."""
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _run(spec, trial, on_epoch, resume_state, dev, data_dir) -> dict:
