@@ -28,7 +28,6 @@
 #                             first; default none). Worker N sees the next N GPUs (CUDA_VISIBLE_DEVICES).
 #   BITBENCH_CLUSTER_GRACE_S  seconds `down` / `stop` wait after SIGTERM before SIGKILL (30; a node drains)
 #   RAY_AUTH_TOKEN            the cluster's token (default: made at the first `up`, kept in DIR/token)
-#   BITBENCH_FAULT_DIR        (tests) trial traces of workers.sweep: each node gets <dir>/<node name>
 # Every other port a node opens is picked free at `up`, away from Ray's defaults (10001-19999, 52365…),
 # so the cluster never collides with another Ray on the machine.
 set -euo pipefail
@@ -110,15 +109,16 @@ start_node() {  # NAME ARGS...: `ray start --block` in its own session, its pid 
     shift
     mkdir -p "$DIR/$name"
     # setsid through Python: the node leads a new session and process group (macOS has no setsid(1))
-    BITBENCH_FAULT_DIR=${BITBENCH_FAULT_DIR:+$BITBENCH_FAULT_DIR/$name} "$PY" -c 'import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])' \
+    "$PY" -c 'import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])' \
         "$RAY" start --block --disable-usage-stats --node-ip-address=127.0.0.1 --temp-dir="$DIR/$name" \
         --object-store-memory="$OBJECT_STORE_BYTES" "$@" >"$DIR/logs/$name.log" 2>&1 </dev/null &
     echo $! >"$DIR/nodes/$name.pid"
 }
 
-node_id() {  # NAME: the Ray node id of the node's latest session (Ray names files after it)
+node_id() {  # NAME: the Ray node id of the node's latest start (Ray names files in its session dir after it)
     local f
-    for f in "$DIR/$1"/session_latest/metrics_export_port_*; do [ -e "$f" ] && echo "${f##*_}"; done
+    f=$(ls -t "$DIR/$1"/session_latest/metrics_export_port_* 2>/dev/null | head -n 1)
+    echo "${f##*_}"
 }
 
 node_ports() {  # NAME BASE: a node's own ports (each picked free) and its block of worker ports

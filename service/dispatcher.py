@@ -28,8 +28,10 @@ Joining Ray: before it claims a run, the dispatcher joins the cluster at ``RAY_A
 starts a local Ray). A cluster that does not answer (first a TCP probe of its address: Ray's own
 connect would retry for minutes) or refuses it (a wrong ``RAY_AUTH_TOKEN``) is logged as an error
 and tried again after ``RAY_RETRY_FIRST_S``, doubling up to ``RAY_RETRY_MAX_S``; no run is claimed,
-so none fails for it. With ``RAY_ADDRESS`` the dispatcher leaves the cluster after each run, so an
-idle dispatcher outlives a cluster restart and joins the new one for the next run.
+so none fails for it. Between runs the dispatcher stays joined; when the GCS stops answering for
+``RAY_LOST_S`` then, it says so and exits 1 as the watchdog does: a Ray driver cannot join a
+restarted cluster in-process, and under compose its container's own Ray node is gone too, so the
+supervisor's restart (``restart: unless-stopped``) is what joins the new cluster.
 """
 from __future__ import annotations
 
@@ -144,6 +146,7 @@ class Dispatcher:
         self._signals_installed = False
         self._gcs: str | None = None
         self._ray_retry_s = RAY_RETRY_FIRST_S  # the wait before the next try to join Ray (doubles per failure)
+        self._idle_lost_since: float | None = None  # between runs: since when the GCS has not answered
 
     # -- loop ---------------------------------------------------------------------------------
     def serve(self, *, once: bool = False, poll_s: float = 2.0) -> None:
@@ -162,6 +165,7 @@ class Dispatcher:
             if once:
                 return
             if handled is None:
+                self._watch_idle_ray()
                 self.shutdown.wait(poll_s)
 
     def run_once(self) -> int | None:
@@ -176,13 +180,10 @@ class Dispatcher:
             self._join_ray()
         with self.sessions() as s:
             run = store.claim_run(s, self.worker_id)
-        try:
-            if run is not None:
-                self.execute(run)
-        finally:
-            if self._run_sweep is None and self.settings.ray_address:
-                self._leave_ray()
-        return run["id"] if run is not None else None
+        if run is None:
+            return None
+        self.execute(run)
+        return run["id"]
 
     # -- one run ------------------------------------------------------------------------------
     def execute(self, run: dict) -> None:
@@ -253,16 +254,17 @@ class Dispatcher:
             log.info("joined %s", where)
         self._ray_retry_s = RAY_RETRY_FIRST_S
 
-    def _leave_ray(self) -> None:
-        """Disconnect from the cluster between runs (its GCS still answers; a dead one would hold
-        ``ray.shutdown`` for a minute, and the watchdog has ended the process then)."""
-        ray = sys.modules.get("ray")
-        if ray is None or not ray.is_initialized() or self.ray_alive() is False:
+    def _watch_idle_ray(self) -> None:
+        """Between runs: end the process once the joined Ray's GCS has not answered for ``RAY_LOST_S`` (module doc)."""
+        if self.ray_alive() is not False:
+            self._idle_lost_since = None
             return
-        ray.shutdown()
-        self._gcs = None
-        if self._signals_installed:
-            self.install_signal_handlers()
+        now = time.monotonic()
+        self._idle_lost_since = self._idle_lost_since or now
+        if now - self._idle_lost_since >= RAY_LOST_S:
+            log.error("Ray's GCS (%s) does not answer for %.0f s (no run held); exiting so that a restart joins "
+                      "the cluster again", self._gcs or "?", RAY_LOST_S)
+            self._exit_process(1)
 
     def _gcs_reachable(self) -> bool | None:
         try:

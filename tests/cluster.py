@@ -3,10 +3,9 @@
 :class:`LocalCluster` drives ``scripts/local-cluster.sh`` (the script a user rehearses the
 cluster with): a head that schedules nothing and two worker nodes of one CPU each, every node a
 ``ray start --block`` with its own temp dir and process group, token authentication on, Tune
-storage shared by path, and ports picked free for this session. Each node's Ray workers write
-workers.sweep's trial traces under ``trace/<node>/`` (the script gives each node its own
-``BITBENCH_FAULT_DIR``), so a test reads which node ran each attempt of a trial and from which
-epoch it started.
+storage shared by path, and ports picked free for this session. :meth:`LocalCluster.attempts`
+reads from that storage (Tune's ``result.json`` of each trial) which node ran each attempt of a
+trial and from which epoch it started.
 
 :class:`ClusterStack` is the API and the dispatcher as real processes over one SQLite file; the
 dispatcher joins by ``RAY_ADDRESS`` with the cluster's token, as docker-compose.yml starts it.
@@ -15,10 +14,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import signal
 import subprocess
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -36,6 +36,14 @@ _FOREIGN = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PA
             "RAY_OVERRIDE_RESOURCES", "CUDA_VISIBLE_DEVICES", "BITBENCH_CLUSTER_PORT", "BITBENCH_FAULT_DIR")
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a trial as Tune recorded it: the node it ran on and the epochs it reported."""
+
+    node: str  # "ray-worker-1", … (or the Ray node id, for a node this fixture did not start)
+    epochs: list[int]
+
+
 def clean_environ(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _FOREIGN}
     env.update(extra)
@@ -48,12 +56,13 @@ class LocalCluster:
     def __init__(self, root: Path, *, gpus: str = "1 0"):
         self.root = root
         self.dir = root / "c"  # Ray's socket paths live below it: keep it short
-        self.trace_dir = root / "trace"
         (root / "home").mkdir(parents=True, exist_ok=True)
+        self.node_ids: dict[str, str] = {}  # node name -> Ray node id, as of the latest up()
+        self._names: dict[str, str] = {}  # Ray node id -> node name, of every up() so far
         self.env = clean_environ(
             BITBENCH_CLUSTER_DIR=str(self.dir), BITBENCH_CLUSTER_WORKERS=str(len(WORKERS)),
             BITBENCH_CLUSTER_CPUS="1", BITBENCH_CLUSTER_GPUS=gpus, BITBENCH_CLUSTER_GRACE_S="5",
-            BITBENCH_FAULT_DIR=str(self.trace_dir), HOME=str(root / "home"), PYTHONUNBUFFERED="1")
+            HOME=str(root / "home"), PYTHONUNBUFFERED="1")
 
     # -- the script ---------------------------------------------------------------------------
     def script(self, *args: str) -> str:
@@ -65,7 +74,11 @@ class LocalCluster:
         return result.stdout
 
     def up(self) -> str:
-        return self.script("up")
+        """Start the nodes not running (all when the head is not); ``node_ids`` then names them."""
+        out = self.script("up")
+        self.node_ids = {node: self.node_id(node) for node in NODES}
+        self._names.update({ray_id: node for node, ray_id in self.node_ids.items()})
+        return out
 
     def down(self) -> None:
         """Stop every node; SIGKILL what a failed script left (teardown must not leak a cluster)."""
@@ -104,9 +117,11 @@ class LocalCluster:
         return self.join_env["RAY_ADDRESS"]
 
     def node_id(self, node: str) -> str:
-        """Ray's id of the node's current session (Ray names per-node files after it)."""
-        [f] = (self.dir / node / "session_latest").glob("metrics_export_port_*")
-        return f.name.rsplit("_", 1)[1]
+        """Ray's id of the node as it runs now: its raylet's ``--node_id``."""
+        flags = [arg for pid in self.processes(node) for arg in self.command(pid).split()
+                 if arg.startswith("--node_id=")]
+        assert len(flags) == 1, f"{node}: raylet flags {flags}"
+        return flags[0].split("=", 1)[1]
 
     def leader(self, node: str) -> int | None:
         try:
@@ -136,22 +151,26 @@ class LocalCluster:
         except OSError:
             return ""
 
-    def traces(self, experiment: str) -> dict[str, dict[str, list[str]]]:
-        """``{trial key: {node: trace lines}}``: "start <epoch>" per attempt, "trained <epoch>" per epoch."""
-        out: dict[str, dict[str, list[str]]] = {}
-        for node in WORKERS:
-            for f in (self.trace_dir / node / experiment).glob("*.log"):
-                out.setdefault(f.stem, {})[node] = f.read_text().splitlines()
+    def attempts(self, experiment: str) -> dict[str, list[Attempt]]:
+        """``{trial key: its attempts in order}`` from Tune's ``result.json`` of each trial on the shared
+        storage: an attempt begins at a result with ``iterations_since_restore == 1``, whose provenance
+        (the attempt's first report carries it) names the Ray node."""
+        out = {}
+        for path in (Path(self.join_env["BITBENCH_TUNE_DIR"]) / experiment).glob("*/result.json"):
+            results = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            attempts: list[Attempt] = []
+            for r in results:
+                if r.get("iterations_since_restore") == 1:
+                    ray_id = json.loads(r["provenance"])["ray_node_id"]
+                    attempts.append(Attempt(self._names.get(ray_id, ray_id), []))
+                if r.get("epoch") is not None:
+                    attempts[-1].epochs.append(int(r["epoch"]))
+            out[results[0]["config"]["trial"]["key"]] = attempts
         return out
 
     def log_tails(self, n: int = 1500) -> str:
         logs = sorted((self.dir / "logs").glob("*.log")) if (self.dir / "logs").is_dir() else []
         return "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-n:]}" for f in logs)
-
-
-def starts(lines: list[str]) -> list[int]:
-    """The epochs each attempt in a trace started from."""
-    return [int(line.split()[1]) for line in lines if line.startswith("start ")]
 
 
 class ClusterStack:
@@ -217,15 +236,3 @@ class ClusterStack:
         if self.dispatcher is not None:
             self.dispatcher.stop(timeout=20)
         self.api.stop()
-
-
-def retry(check, timeout: float, every: float = 0.5):
-    """``check()`` until it returns without AssertionError, at most ``timeout`` seconds; its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(every)

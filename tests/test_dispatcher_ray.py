@@ -121,6 +121,24 @@ def test_a_sweep_that_ignores_a_stop_signal_is_handed_back_after_the_deadline(se
     assert status(sessions, run_id) == ("queued", None)
 
 
+def test_ray_gone_between_runs_ends_the_process_after_a_grace(sessions, settings, monkeypatch):
+    """An idle dispatcher whose Ray's GCS stops answering says so and exits 1 (a restart joins the new
+    cluster; a Ray driver cannot in-process), RAY_LOST_S after the first probe that failed."""
+    monkeypatch.setattr(dispatcher_module, "RAY_LOST_S", 0.5)
+    ray = Ray()
+    d = Dispatcher(sessions, settings, worker_id="d1", run_sweep=StuckSweep(), ray_alive=ray.probe,
+                   exit_process=ray.exit)
+    idle = threading.Thread(target=d.serve, kwargs={"poll_s": 0.05}, daemon=True)
+    idle.start()
+    try:
+        assert not ray.exited.wait(1.0)  # the GCS answers: it waits for runs
+        ray.alive = False
+        assert ray.exited.wait(10) and ray.exits[0] == 1
+    finally:
+        d.shutdown.set()
+        idle.join(10)
+
+
 def test_a_gcs_probe_is_a_tcp_connect():
     import socket
 
