@@ -16,7 +16,7 @@
 #   scripts/local-cluster.sh stop NODE       stop one node the same way (e.g. ray-head)
 #   scripts/local-cluster.sh kill NODE       SIGKILL one node at once (e.g. ray-worker-1): a host lost
 #
-# then, in the shell that runs the dispatcher:  source "$BITBENCH_CLUSTER_DIR/cluster.env"
+# then, in the shell that runs the dispatcher:  source <cluster dir>/cluster.env  (`up` prints the path)
 #
 # Settings (environment, all optional):
 #   BITBENCH_CLUSTER_DIR      state, logs, Ray temp dirs and Tune storage (default /tmp/bitbench-cluster-<uid>;
@@ -25,8 +25,10 @@
 #   BITBENCH_CLUSTER_WORKERS  number of worker nodes (2)
 #   BITBENCH_CLUSTER_CPUS     CPUs each worker node declares (1)
 #   BITBENCH_CLUSTER_GPUS     GPUs each worker node declares, one count per node ("1 0": one GPU on the
-#                             first; default none). Worker N sees the next N GPUs (CUDA_VISIBLE_DEVICES).
+#                             first; default none). Each node gets GPUs of its own: "1 1" shows the first
+#                             GPU to ray-worker-1 and the second to ray-worker-2 (CUDA_VISIBLE_DEVICES).
 #   BITBENCH_CLUSTER_GRACE_S  seconds `down` / `stop` wait after SIGTERM before SIGKILL (30; a node drains)
+#   BITBENCH_CLUSTER_OBJECT_STORE_BYTES  each node's Ray object store (256 MiB; Ray's default is 30 % of RAM)
 #   RAY_AUTH_TOKEN            the cluster's token (default: made at the first `up`, kept in DIR/token)
 # Every other port a node opens is picked free at `up`, away from Ray's defaults (10001-19999, 52365…),
 # so the cluster never collides with another Ray on the machine.
@@ -38,7 +40,7 @@ WORKERS=${BITBENCH_CLUSTER_WORKERS:-2}
 CPUS=${BITBENCH_CLUSTER_CPUS:-1}
 read -r -a GPUS <<<"${BITBENCH_CLUSTER_GPUS:-}"
 GRACE_S=${BITBENCH_CLUSTER_GRACE_S:-30}
-OBJECT_STORE_BYTES=${BITBENCH_CLUSTER_OBJECT_STORE_BYTES:-268435456}  # per node; Ray's default is 30 % of RAM
+OBJECT_STORE_BYTES=${BITBENCH_CLUSTER_OBJECT_STORE_BYTES:-268435456}
 WORKER_PORTS=100  # per node, for its Ray worker processes
 
 if [ -x "$ROOT/.venv/bin/ray" ]; then BIN=$ROOT/.venv/bin; else BIN=$(dirname "$(command -v ray)"); fi

@@ -24,6 +24,13 @@ sweep blocks recovering their objects). Finished epochs are in the database, the
 resumes, and nothing is stored twice.
 Exit handlers (Ray's shutdown, which waits on the same dead GCS) get at most ``EXIT_GRACE_S``.
 
+Ending without a word: Ray's core worker ends the dispatcher at once (exit 1, no Python runs) when
+the local raylet's object store goes away — a group SIGTERM often kills the raylet before the
+GCS, so the watchdog is too late — and SIGKILL or the OOM killer do the same. So while a run with
+Ray is in flight, a helper process (:class:`HandBack`, ``--hand-back``), deaf to SIGTERM and
+SIGINT, waits on a pipe from the dispatcher; when the pipe closes with the dispatcher still
+holding the run, it hands the run back to the queue at once, without waiting for ``BITBENCH_STALE_S``.
+
 Joining Ray: before it claims a run, the dispatcher joins the cluster at ``RAY_ADDRESS`` (or
 starts a local Ray). A cluster that does not answer (first a TCP probe of its address: Ray's own
 connect would retry for minutes) or refuses it (a wrong ``RAY_AUTH_TOKEN``) is logged as an error
@@ -36,11 +43,13 @@ supervisor's restart (``restart: unless-stopped``) is what joins the new cluster
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -118,6 +127,55 @@ def root_cause(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class HandBack:
+    """The helper that hands run ``run_id`` back if this process ends holding it (module doc).
+
+    It starts with SIGTERM and SIGINT blocked (the mask is inherited; it then ignores them), reads the
+    database URL, the run and the worker id from its stdin, and waits for EOF. :meth:`close` (the run is
+    concluded) gives it EOF and waits for it: it then finds the run no longer held and only exits."""
+
+    def __init__(self, url: str, run_id: int, worker_id: str):
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "service.dispatcher", "--hand-back"],
+                                         stdin=subprocess.PIPE)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        job = {"url": url, "run_id": run_id, "worker_id": worker_id}
+        self.proc.stdin.write(json.dumps(job).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def close(self, timeout: float = 30.0) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            log.warning("the hand-back helper (pid %s) did not end; killing it", self.proc.pid)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def hand_back_when_orphaned(stdin=None) -> int:
+    """``--hand-back``: the :class:`HandBack` helper's side."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    stdin = stdin or sys.stdin
+    job = json.loads(stdin.readline())
+    stdin.read()  # until the dispatcher closes the pipe, or ends
+    engine = make_engine(job["url"])
+    try:
+        with session_factory(engine)() as s:
+            if store.release_run(s, job["run_id"], job["worker_id"]):
+                log.warning("run %s: dispatcher %s ended holding it; requeued", job["run_id"], job["worker_id"])
+    finally:
+        engine.dispose()
+    return 0
+
+
 def hard_exit(code: int) -> None:
     """End the process now, skipping exit handlers (Ray's would wait 60 s on a dead GCS)."""
     logging.shutdown()
@@ -188,6 +246,26 @@ class Dispatcher:
     # -- one run ------------------------------------------------------------------------------
     def execute(self, run: dict) -> None:
         """Train a claimed run with heartbeats and the stop flag, then record how it ended."""
+        run_id = run["id"]
+        helper = self._hand_back_helper(run_id)
+        try:
+            self._execute(run)
+        finally:
+            if helper is not None:
+                helper.close()
+
+    def _hand_back_helper(self, run_id: int) -> HandBack | None:
+        """A :class:`HandBack` for runs trained on Ray in this process (None with a given ``run_sweep``)."""
+        if self._run_sweep is not None:
+            return None
+        try:
+            return HandBack(self.sessions.kw["bind"].url.render_as_string(hide_password=False), run_id,
+                            self.worker_id)
+        except OSError:
+            log.exception("run %s: no hand-back helper; if this process dies, staleness requeues the run", run_id)
+            return None
+
+    def _execute(self, run: dict) -> None:
         run_id = run["id"]
         stop, lost, cancelled, over = (threading.Event() for _ in range(4))
         beat = threading.Thread(target=self._heartbeat, args=(run_id, stop, lost, cancelled, over),
@@ -371,8 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--once", action="store_true", help="handle at most one queued run, then exit")
     parser.add_argument("--poll-seconds", type=float, default=2.0, help="wait between polls of an empty queue")
     parser.add_argument("--worker-id", default=None, help="name of this dispatcher in runs.worker_id")
+    parser.add_argument("--hand-back", action="store_true", help=argparse.SUPPRESS)  # HandBack's helper
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.hand_back:
+        return hand_back_when_orphaned()
     # our stop flag, not Tune's own SIGINT handler, ends a sweep
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     settings = get_settings()

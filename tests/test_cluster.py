@@ -170,12 +170,14 @@ def test_the_head_stopped_mid_run_requeues_the_run_until_it_is_back(cluster, hea
     wait_epochs(stack, run_id, 2)
     first = stack.dispatcher
     cluster.stop("ray-head")
-    wait_until(lambda: not first.alive(), 120, "the dispatcher to hand the run back and exit")
+    wait_until(lambda: not first.alive() and stack.run(run_id)["status"] == "queued", 120,
+               "the dispatcher to hand the run back and exit")
     assert first.proc.returncode == 1, first.log_tail()
     log = first.log_tail(20000)
-    assert "does not answer for 10 s; handing the run back and exiting" in log, log
-    assert f"run {run_id}: requeued" in log
-    assert stack.run(run_id)["status"] == "queued"
+    # the watchdog says so; or Ray's core worker ended the process first (the raylet it used, the head's,
+    # went away) and the hand-back helper says so
+    assert ("does not answer for 10 s; handing the run back and exiting" in log and f"run {run_id}: requeued" in log
+            or f"run {run_id}: dispatcher " in log and "ended holding it; requeued" in log), log
     kept = stack.epochs(run_id)
     assert kept and len(kept) < 2 * EPOCHS_LONG
     stored = {key: max(e for k, e in kept if k == key) for key, _ in kept}
