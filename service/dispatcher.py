@@ -158,14 +158,13 @@ class HandBack:
             self.proc.wait()
 
 
-def hand_back_when_orphaned(stdin=None) -> int:
+def hand_back_when_orphaned() -> int:
     """``--hand-back``: the :class:`HandBack` helper's side."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    stdin = stdin or sys.stdin
-    job = json.loads(stdin.readline())
-    stdin.read()  # until the dispatcher closes the pipe, or ends
+    job = json.loads(sys.stdin.readline())
+    sys.stdin.read()  # until the dispatcher closes the pipe, or ends
     engine = make_engine(job["url"])
     try:
         with session_factory(engine)() as s:
