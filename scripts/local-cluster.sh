@@ -57,16 +57,16 @@ node_names() {
 
 pid_of() { cat "$DIR/nodes/$1.pid" 2>/dev/null || true; }
 
-alive() {  # NODE: whether its `ray start --block` (its process group's leader) runs
+alive() {  # NODE: whether its `ray start --block` (its process group's leader) runs (a zombie does not)
     local pid
     pid=$(pid_of "$1")
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+    [ -n "$pid" ] && ps -o stat= -p "$pid" 2>/dev/null | grep -qv '^Z'
 }
 
-group_alive() {  # NODE: whether any process of its group is left (Ray's processes outlive the leader)
+group_alive() {  # NODE: whether any live process of its group is left (Ray's processes outlive the leader)
     local pid
     pid=$(pid_of "$1")
-    [ -n "$pid" ] && kill -0 -- "-$pid" 2>/dev/null
+    [ -n "$pid" ] && ps -A -o pgid=,stat= | awk -v g="$pid" '$1 == g && $2 !~ /^Z/ {n++} END {exit n == 0}'
 }
 
 auth_env() {  # the token every Ray process and the dispatcher need
@@ -262,7 +262,7 @@ cmd_status() {
         fi
     done
     [ -s "$DIR/cluster.env" ] && ADDRESS=$(sed -n 's/^export RAY_ADDRESS=//p' "$DIR/cluster.env")
-    if ((running)) && [ -n "${ADDRESS:-}" ]; then
+    if alive ray-head && [ -n "${ADDRESS:-}" ]; then
         auth_env
         "$RAY" status --address "$ADDRESS" || true
     fi
