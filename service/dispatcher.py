@@ -23,14 +23,33 @@ after a stop signal (seen when the group's SIGTERM kills Ray's workers but not y
 sweep blocks recovering their objects). Finished epochs are in the database, the Tune experiment
 resumes, and nothing is stored twice.
 Exit handlers (Ray's shutdown, which waits on the same dead GCS) get at most ``EXIT_GRACE_S``.
+
+Ending without a word: Ray's core worker ends the dispatcher at once (exit 1, no Python runs) when
+the local raylet's object store goes away — a group SIGTERM often kills the raylet before the
+GCS, so the watchdog is too late — and SIGKILL or the OOM killer do the same. So while a run with
+Ray is in flight, a helper process (:class:`HandBack`, ``--hand-back``), deaf to SIGTERM and
+SIGINT, waits on a pipe from the dispatcher; when the pipe closes with the dispatcher still
+holding the run, it hands the run back to the queue at once, without waiting for ``BITBENCH_STALE_S``.
+
+Joining Ray: before it claims a run, the dispatcher joins the cluster at ``RAY_ADDRESS`` (or
+starts a local Ray). A cluster that does not answer (first a TCP probe of its address: Ray's own
+connect would retry for minutes) or refuses it (a wrong ``RAY_AUTH_TOKEN``) is logged as an error
+and tried again after ``RAY_RETRY_FIRST_S``, doubling up to ``RAY_RETRY_MAX_S``; no run is claimed,
+so none fails for it. Between runs the dispatcher stays joined; when the GCS stops answering for
+``RAY_LOST_S`` then, it says so and exits 1 as the watchdog does: a Ray driver cannot join a
+restarted cluster in-process, and under compose its container's own Ray node is gone too, so the
+supervisor's restart (``restart: unless-stopped``) is what joins the new cluster.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -54,6 +73,13 @@ RAY_PROBE_STOPPING_S = 0.2  # … once a stop signal came
 STOP_DEADLINE_S = 8.0  # after a stop signal, how long the sweep may take to stop before the run is handed back
 RAY_LOST_S = 10.0  # without a stop signal, how long the GCS may stay unreachable before the run is handed back
 EXIT_GRACE_S = 10.0  # the most the process spends in exit handlers (Ray's shutdown) after the loop ends
+RAY_RETRY_FIRST_S = 1.0  # a Ray cluster that cannot be joined is tried again after this, …
+RAY_RETRY_MAX_S = 60.0  # … doubling up to this
+_HOST_PORT = re.compile(r"^(?:ray://)?(\[[^\]]+\]|[^:/\[\]]+):(\d+)$")
+
+
+class RayUnavailable(Exception):
+    """Ray cannot be joined now; the message says why."""
 
 
 def default_worker_id() -> str:
@@ -84,6 +110,71 @@ def reachable(address: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def probe_target(address: str | None) -> str | None:
+    """The ``host:port`` of a Ray address (``host:port`` or ``ray://host:port``) to probe before joining;
+    None for a local Ray or ``auto``."""
+    match = _HOST_PORT.match((address or "").strip())
+    return f"{match[1]}:{match[2]}" if match else None
+
+
+def root_cause(exc: BaseException, limit: int = 300) -> str:
+    """The last line of the innermost cause's text: Ray wraps what went wrong (a refused token) in
+    ConnectionErrors whose own message says only "Failed to connect"."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class HandBack:
+    """The helper that hands run ``run_id`` back if this process ends holding it (module doc).
+
+    It starts with SIGTERM and SIGINT blocked (the mask is inherited; it then ignores them), reads the
+    database URL, the run and the worker id from its stdin, and waits for EOF. :meth:`close` (the run is
+    concluded) gives it EOF and waits for it: it then finds the run no longer held and only exits."""
+
+    def __init__(self, url: str, run_id: int, worker_id: str):
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "service.dispatcher", "--hand-back"],
+                                         stdin=subprocess.PIPE)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        job = {"url": url, "run_id": run_id, "worker_id": worker_id}
+        self.proc.stdin.write(json.dumps(job).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def close(self, timeout: float = 30.0) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            log.warning("the hand-back helper (pid %s) did not end; killing it", self.proc.pid)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def hand_back_when_orphaned() -> int:
+    """``--hand-back``: the :class:`HandBack` helper's side."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    job = json.loads(sys.stdin.readline())
+    sys.stdin.read()  # until the dispatcher closes the pipe, or ends
+    engine = make_engine(job["url"])
+    try:
+        with session_factory(engine)() as s:
+            if store.release_run(s, job["run_id"], job["worker_id"]):
+                log.warning("run %s: dispatcher %s ended holding it; requeued", job["run_id"], job["worker_id"])
+    finally:
+        engine.dispose()
+    return 0
+
+
 def hard_exit(code: int) -> None:
     """End the process now, skipping exit handlers (Ray's would wait 60 s on a dead GCS)."""
     logging.shutdown()
@@ -111,23 +202,40 @@ class Dispatcher:
         self.shutdown = threading.Event()
         self._signals_installed = False
         self._gcs: str | None = None
+        self._ray_retry_s = RAY_RETRY_FIRST_S  # the wait before the next try to join Ray (doubles per failure)
+        self._idle_lost_since: float | None = None  # between runs: since when the GCS has not answered
 
     # -- loop ---------------------------------------------------------------------------------
     def serve(self, *, once: bool = False, poll_s: float = 2.0) -> None:
         """Run queued runs until ``shutdown`` (or, with ``once``, after one claim attempt)."""
         log.info("dispatcher %s polling every %.1f s", self.worker_id, poll_s)
         while not self.shutdown.is_set():
-            handled = self.run_once()
+            try:
+                handled = self.run_once()
+            except RayUnavailable as e:
+                log.error("%s; retrying in %.0f s", e, self._ray_retry_s)
+                if once:
+                    return
+                self.shutdown.wait(self._ray_retry_s)
+                self._ray_retry_s = min(2 * self._ray_retry_s, RAY_RETRY_MAX_S)
+                continue
             if once:
                 return
             if handled is None:
+                self._watch_idle_ray()
                 self.shutdown.wait(poll_s)
 
     def run_once(self) -> int | None:
-        """Requeue stale runs, claim one and run it to its end; returns its id (None: queue empty)."""
+        """Requeue stale runs, join Ray if a run waits, claim one and run it to its end; returns its
+        id (None: queue empty). Raises :class:`RayUnavailable` (and claims nothing) when Ray cannot be joined."""
         with self.sessions() as s:
             for rid in store.requeue_stale(s, self.settings.stale_s):
                 log.warning("run %s: holder's heartbeat is stale, requeued", rid)
+            if self._run_sweep is None and not store.list_runs(s, status="queued", limit=1)[1]:
+                return None
+        if self._run_sweep is None:
+            self._join_ray()
+        with self.sessions() as s:
             run = store.claim_run(s, self.worker_id)
         if run is None:
             return None
@@ -137,6 +245,26 @@ class Dispatcher:
     # -- one run ------------------------------------------------------------------------------
     def execute(self, run: dict) -> None:
         """Train a claimed run with heartbeats and the stop flag, then record how it ended."""
+        run_id = run["id"]
+        helper = self._hand_back_helper(run_id)
+        try:
+            self._execute(run)
+        finally:
+            if helper is not None:
+                helper.close()
+
+    def _hand_back_helper(self, run_id: int) -> HandBack | None:
+        """A :class:`HandBack` for runs trained on Ray in this process (None with a given ``run_sweep``)."""
+        if self._run_sweep is not None:
+            return None
+        try:
+            return HandBack(self.sessions.kw["bind"].url.render_as_string(hide_password=False), run_id,
+                            self.worker_id)
+        except OSError:
+            log.exception("run %s: no hand-back helper; if this process dies, staleness requeues the run", run_id)
+            return None
+
+    def _execute(self, run: dict) -> None:
         run_id = run["id"]
         stop, lost, cancelled, over = (threading.Event() for _ in range(4))
         beat = threading.Thread(target=self._heartbeat, args=(run_id, stop, lost, cancelled, over),
@@ -154,7 +282,7 @@ class Dispatcher:
             log.info("run %s (%s): %d trials, %d already done", run_id, run["name"], run["trial_count"], len(done))
             ensure_exists(self.settings.tune_dir)
             if self._run_sweep is None:
-                self._start_ray()
+                self._join_ray()
             run_sweep = self._run_sweep or _load_run_sweep()
             results = run_sweep(
                 spec, SqlSink(self.sessions, run_id),
@@ -176,14 +304,44 @@ class Dispatcher:
         if interrupted is not None:
             raise interrupted
 
-    def _start_ray(self) -> None:
-        """Start or join Ray before the sweep does, then put our signal handlers back (``ray.init``
-        replaces SIGTERM's with one that raises SystemExit wherever the main thread is)."""
+    def _join_ray(self) -> None:
+        """Join the cluster at ``RAY_ADDRESS`` (or start a local Ray) unless joined, then put our signal
+        handlers back (``ray.init`` replaces SIGTERM's with one that raises SystemExit wherever the main
+        thread is). Raises :class:`RayUnavailable` when the address does not answer or Ray refuses."""
+        if sys.modules.get("ray") is not None and sys.modules["ray"].is_initialized():
+            return
+        address = self.settings.ray_address
+        where = f"the Ray cluster at {address} (RAY_ADDRESS)" if address else "a local Ray"
+        target = probe_target(address)
+        if target is not None and not reachable(target, timeout=2.0):
+            raise RayUnavailable(f"{where} does not answer: nothing accepts connections at {target}")
         from workers.sweep import ensure_ray
 
-        ensure_ray(self.settings.ray_address)
-        if self._signals_installed:
-            self.install_signal_handlers()
+        try:
+            ensure_ray(address)
+        except Exception as e:
+            why = root_cause(e)
+            hint = (" (every Ray node and the dispatcher need the cluster's RAY_AUTH_TOKEN and RAY_AUTH_MODE=token)"
+                    if "AuthenticationError" in why or "InvalidAuthToken" in why else "")
+            raise RayUnavailable(f"{where} cannot be joined: {why}{hint}") from e
+        finally:
+            if self._signals_installed:
+                self.install_signal_handlers()
+        if address:
+            log.info("joined %s", where)
+        self._ray_retry_s = RAY_RETRY_FIRST_S
+
+    def _watch_idle_ray(self) -> None:
+        """Between runs: end the process once the joined Ray's GCS has not answered for ``RAY_LOST_S`` (module doc)."""
+        if self.ray_alive() is not False:
+            self._idle_lost_since = None
+            return
+        now = time.monotonic()
+        self._idle_lost_since = self._idle_lost_since or now
+        if now - self._idle_lost_since >= RAY_LOST_S:
+            log.error("Ray's GCS (%s) does not answer for %.0f s (no run held); exiting so that a restart joins "
+                      "the cluster again", self._gcs or "?", RAY_LOST_S)
+            self._exit_process(1)
 
     def _gcs_reachable(self) -> bool | None:
         try:
@@ -290,8 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--once", action="store_true", help="handle at most one queued run, then exit")
     parser.add_argument("--poll-seconds", type=float, default=2.0, help="wait between polls of an empty queue")
     parser.add_argument("--worker-id", default=None, help="name of this dispatcher in runs.worker_id")
+    parser.add_argument("--hand-back", action="store_true", help=argparse.SUPPRESS)  # HandBack's helper
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.hand_back:
+        return hand_back_when_orphaned()
     # our stop flag, not Tune's own SIGINT handler, ends a sweep
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     settings = get_settings()

@@ -212,3 +212,19 @@ def test_dockerfile_runs_unprivileged_from_python_311_slim():
     install_deps = next(i for i, line in enumerate(lines) if "pip install -r" in line)
     copy_source = next(i for i, line in enumerate(lines) if line.startswith("COPY service"))
     assert install_deps < copy_source
+
+
+def test_the_local_cluster_rehearses_the_ray_layout():
+    """scripts/local-cluster.sh (tests/test_cluster.py) starts the nodes as the Ray services here do, and
+    the services that fall out of a lost cluster (the dispatcher exits 1, a worker's raylet ends) restart."""
+    compose = yaml.safe_load(COMPOSE.read_text())["services"]
+    script = (ROOT / "scripts" / "local-cluster.sh").read_text()
+    head = next(line for line in script.splitlines() if "start_node ray-head" in line)
+    for flag in ("--head", "--num-cpus=0", "--num-gpus=0", "--include-dashboard=false"):
+        assert flag in head and flag in words(compose["ray-head"]["command"]), flag
+    assert '"$RAY" start --block' in script and "--block" in words(compose["ray-worker"]["command"])
+    assert '--address="$ADDRESS"' in script and "--address=ray-head:6379" in words(compose["ray-worker"]["command"])
+    assert "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN" in script
+    for name in ("dispatcher", *RAY_NODES):
+        assert compose[name]["restart"] == "unless-stopped", name
+        assert environment(compose[name]).get("RAY_AUTH_MODE") == "token", name

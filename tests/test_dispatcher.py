@@ -239,3 +239,73 @@ def test_module_stops_cleanly_on_sigterm(db_url, tmp_path):
             break
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0, "".join(log) + proc.stderr.read()
+
+
+# -- joining Ray -----------------------------------------------------------------------------
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_ray_cluster_is_retried_with_back_off_and_fails_no_run(db_url, tmp_path, session):
+    """RAY_ADDRESS names a port nothing listens on: the dispatcher says so, waits 1, 2, 4 … s between
+    tries, claims nothing (the run stays queued, no trial starts), and a SIGTERM still stops it at once."""
+    rid = store.create_run(session, small_spec())[0]["id"]
+    address = f"127.0.0.1:{closed_port()}"
+    env = {**_dispatcher_env(db_url, tmp_path), "RAY_ADDRESS": address}
+    proc = subprocess.Popen([sys.executable, "-m", "service.dispatcher", "--poll-seconds", "0.2"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+
+    def read_log():
+        for line in proc.stderr:
+            log.append(line)
+
+    def errors() -> list[str]:
+        return [line for line in log if " ERROR " in line]
+
+    threading.Thread(target=read_log, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(errors()) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        first = errors()[:3]
+        assert len(first) == 3, "".join(log)
+        assert all(f"the Ray cluster at {address} (RAY_ADDRESS) does not answer" in e for e in first), first
+        assert [e.rsplit("retrying in ", 1)[1].strip() for e in first] == ["1 s", "2 s", "4 s"]
+        session.expire_all()
+        run = session.execute(select(runs.c.status, runs.c.worker_id, runs.c.started_at, runs.c.error)
+                              .where(runs.c.id == rid)).one()
+        assert tuple(run) == ("queued", None, None, None)
+        assert {(t["status"], t["attempts"]) for t in store.list_trials(session, rid)} == {("queued", 0)}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, "".join(log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_refused_join_names_ray_s_reason_and_the_token():
+    """Ray wraps a refused token in ConnectionError("Failed to connect …"): the log names the cause."""
+    from service.dispatcher import probe_target, root_cause
+
+    inner = RuntimeError("Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+                         "  File \"node.py\", line 996\nray.exceptions.AuthenticationError: RPC error: "
+                         "InvalidAuthToken: Authentication token is missing or incorrect.\n")
+    try:
+        try:
+            raise inner
+        except RuntimeError as e:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379") from e
+    except ConnectionError as outer:
+        assert root_cause(outer) == ("ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: "
+                                     "Authentication token is missing or incorrect.")
+    assert root_cause(ValueError("x" * 500), limit=10) == "x" * 9 + "…"
+    assert probe_target("ray-head:6379") == "ray-head:6379"
+    assert probe_target("ray://10.0.0.5:10001") == "10.0.0.5:10001"
+    assert probe_target("[::1]:6379") == "[::1]:6379"
+    assert probe_target("auto") is None and probe_target(None) is None and probe_target("") is None
