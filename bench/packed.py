@@ -152,6 +152,41 @@ def mib(b) -> str:
     return "–" if b is None else f"{b / 2**20:.2f}"
 
 
+def binary_convs(args) -> None:
+    """Each binary conv of convnet_d W1A1 alone, one thread, the engine's micro-batch of images: torch's
+    float32 ``F.conv2d`` on ±1 inputs and ±1 weights vs the engine's packed im2col + XNOR GEMM (+ the
+    zero-padding correction) on the same inputs — the per-layer speed-up LCE reports."""
+    import torch.nn.functional as F
+
+    from workers.packed.format import unpack_bits
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as d:
+        model, _, shape = build("convnet_d", 1, 1, f"{d}/m.bbpack")
+        net = PackedNet.load(f"{d}/m.bbpack", threads=1, backend="numba")
+        n = net.micro_batch
+        act = np.random.default_rng(0).standard_normal((n, *shape)).astype(np.float32).transpose(0, 2, 3, 1)
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        print(f"\nBinary conv layers alone (convnet_d W1A1, batch {n}, 1 thread; median ms, CPU clock):\n")
+        print("| layer | input | K × out | torch F.conv2d ms | packed XNOR conv ms | torch / packed |")
+        print("|---|---|---|---|---|---|")
+        for layer, conv in zip(net.layers, convs, strict=False):
+            if layer.conv and not layer.float_in:
+                op = layer._quantized(act) if isinstance(act, np.ndarray) else act  # packed ±1 input
+                x = torch.from_numpy(np.where(unpack_bits(op.neg, op.bits), -1.0, 1.0).astype(np.float32))
+                x = x.permute(0, 3, 1, 2).contiguous()
+                with torch.no_grad():
+                    w = conv.quantized_weight().detach().contiguous()
+                    s = timed({"torch": lambda x=x, w=w, c=conv: F.conv2d(x, w, None, c.stride, c.padding),
+                               "packed": lambda op=op, layer=layer: layer._int_acc(op)}, 4 * args.repeats)
+                rec = layer.rec
+                ms = {k: v[1] * 1e3 for k, v in s.items()}
+                print(f"| {rec.name} | {'×'.join(map(str, op.neg.shape[1:3]))}×{op.bits} | {rec.K} × {rec.out} | "
+                      f"{ms['torch']:.2f} | {ms['packed']:.2f} | {ms['torch'] / ms['packed']:.1f}× |")
+            act = layer(act)
+        net.close()
+
+
 def compile_times(args) -> None:
     """JIT compile (empty cache) and cached first call of a W1A1 and a W3A3 digits_net, in fresh processes."""
     print("\n| model | W/A | first call, empty numba cache s (compile) | first call, cached s | second call s |")
@@ -243,6 +278,8 @@ def main() -> None:
             e, t = m["engine"], m["torch"]
             print(f"| {name} | W{w}A{a} | {mib(e['weights'])} | {mib(t['weights'])} | {compression:.1f}× | "
                   f"{mib(e['working'])} ({mib(e['traced'])}) | {mib(t['working'])} |")
+    if "numba" in backends:
+        binary_convs(args)
     if not args.no_compile and "numba" in backends:
         compile_times(args)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")

@@ -29,6 +29,12 @@ ENC_PAIRS = [("sign", "sign"), ("ternary", "ternary"), ("pow2", "pow2"), ("sign"
              ("sign", "pow2"), ("pow2", "sign"), ("ternary", "pow2"), ("pow2", "ternary")]
 
 
+@pytest.fixture(autouse=True)
+def split_small_work(monkeypatch):
+    """Split even these small inputs over the threads, so that two threads do run the chunked path."""
+    monkeypatch.setattr("workers.packed.kernels.MIN_CHUNK_WORK", 1)
+
+
 @pytest.fixture(scope="module")
 def kernels():
     """numba and numpy kernels at one and two threads."""

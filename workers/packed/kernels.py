@@ -31,6 +31,7 @@ except ImportError:  # numba is not installed: the numpy kernels do everything
 
 BACKENDS = ("numba", "numpy") if jit is not None else ("numpy",)
 CHUNK_ELEMENTS = 65536  # numpy: rows × output channels per chunk and plane pair (buffers stay in L2)
+MIN_CHUNK_WORK = 2**18  # compiled kernels: word operations (≈ 0.1 ms) a thread's chunk must hold at least
 
 
 @dataclass
@@ -252,9 +253,12 @@ class Kernels:
             for sp in spans:
                 fn(*sp)
 
-    def _split(self, total: int, fn) -> None:
-        """fn(start, stop) over one chunk of ``total`` per thread (compiled kernels: no per-chunk overhead)."""
-        self.split_rows(total, max(1, -(-total // self.threads)), fn)
+    def _split(self, total: int, fn, cost: int) -> None:
+        """fn(start, stop) over one chunk of ``total`` items per thread (compiled kernels: no per-chunk
+        overhead), fewer chunks when the work (``cost`` ≈ word operations per item) is too small to
+        pay for a hand-over between threads."""
+        chunks = max(1, min(self.threads, total * cost // MIN_CHUNK_WORK))
+        self.split_rows(total, max(1, -(-total // chunks)), fn)
 
     def code(self, z: np.ndarray, enc: str, stat: np.ndarray | None, thresholds=None) -> Planes:
         """:func:`code_numpy` packed along the last axis (C channels → ⌈C/64⌉ words per pixel / row)."""
@@ -267,12 +271,12 @@ class Kernels:
         out = np.empty((planes, n, flat.shape[1], words_for(c)), np.uint64)
         bits = flat.view(np.uint32)
         if enc == "sign":
-            self._split(n, lambda s, e: jit.code_sign(bits, out, s, e))
+            self._split(n, lambda s, e: jit.code_sign(bits, out, s, e), flat[0].size)
         elif enc == "ternary":
-            self._split(n, lambda s, e: jit.code_ternary(flat, bits, stat, out, s, e))
+            self._split(n, lambda s, e: jit.code_ternary(flat, bits, stat, out, s, e), 2 * flat[0].size)
         else:
             t = np.asarray(thresholds, np.float32)
-            self._split(n, lambda s, e: jit.code_pow2(flat, bits, stat, t, out, s, e))
+            self._split(n, lambda s, e: jit.code_pow2(flat, bits, stat, t, out, s, e), planes * flat[0].size)
         out = out.reshape((planes,) + z.shape[:-1] + (words_for(c),))
         masks = None if enc == "sign" else [(e, out[e + 1]) for e in range(planes - 1)]
         return Planes(out[0], masks, c, out)
@@ -286,7 +290,7 @@ class Kernels:
         def pack(p):
             out = np.empty(p.shape[:-1] + (words_for(c),), np.uint64)
             rows, flat = out.reshape(-1, out.shape[-1]), np.ascontiguousarray(p).reshape(-1, c)
-            self._split(len(rows), lambda s, e: jit.pack_rows(flat, rows, s, e))
+            self._split(len(rows), lambda s, e: jit.pack_rows(flat, rows, s, e), c)
             return out
 
         return Planes(pack(op.neg), None if op.masks is None else [(e, pack(p)) for e, p in op.masks], c)
@@ -307,7 +311,7 @@ class Kernels:
             for p, out in zip(planes, stack, strict=True):
                 jit.gather(p, op.bits, kh, kw, sh, sw, ph, pw, out, s, e)
 
-        self._split(n, run)
+        self._split(n, run, len(planes) * stack.shape[1] * stack.shape[2] // max(n, 1))
         masks = None if op.masks is None else [(e, stack[i + 1]) for i, (e, _) in enumerate(op.masks)]
         return Planes(stack[0], masks, kh * kw * op.bits, stack)
 
@@ -329,15 +333,16 @@ class Kernels:
             neg = np.ascontiguousarray(a.neg)
             corr = np.zeros((1, w.out), np.int32) if corr is None else np.ascontiguousarray(corr, np.int32)
             if a.masks is None and w.masks is None:
-                self._split(len(out), lambda s, e: jit.xnor_gemm(neg, w.neg, w.k, corr, out, s, e))
+                self._split(len(out), lambda s, e: jit.xnor_gemm(neg, w.neg, w.k, corr, out, s, e), w.neg.size)
             else:
                 if a.masks is None:
                     am = np.zeros((0,) + neg.shape, np.uint64)
                 else:
                     am = a.stack[1:] if a.stack is not None else np.stack([p for _, p in a.masks])
                 sa = np.array([e for e, _ in a.masks or []], np.int64)
+                pairs = max(1, len(am)) * max(1, len(w.stack))
                 self._split(len(out), lambda s, e: jit.planes_gemm(neg, am, sa, w.neg, w.stack, w.shifts, w.k, corr,
-                                                                   out, s, e))
+                                                                   out, s, e), pairs * w.neg.size)
         return out
 
     def threshold(self, acc: np.ndarray, u: np.ndarray, g: np.ndarray, pool: int | None) -> np.ndarray:
@@ -351,7 +356,7 @@ class Kernels:
             n, h, w, o = acc4.shape
             out = np.empty((n, h // k, w // k, words_for(o)), np.uint64)
             acc4 = np.ascontiguousarray(acc4)
-            self._split(n, lambda s, e: jit.threshold(acc4, u, g, k, out, s, e))
+            self._split(n, lambda s, e: jit.threshold(acc4, u, g, k, out, s, e), h * w * o)
         return out if spatial else out[:, 0, 0]
 
 
