@@ -12,7 +12,8 @@ engine's predictions = torch's; "numba = numpy": their logits are bit-identical.
 Latency: one image, one thread, median over the same interleaving.
 Memory, each measured in a fresh child process so that neither pollutes the other: weights = bytes
 held for the weights (engine: packed planes as loaded + the float32 first layer; torch: parameters +
-buffers); working set = peak RSS during two forward passes minus the RSS before them.
+buffers); working set = peak RSS during two forward passes minus the RSS before them, after one
+warm-up pass (compiled kernels loaded; the peak is reset with /proc/self/clear_refs).
 Compile: in fresh child processes with an empty numba cache: the first ``logits`` call (JIT compile)
 and the same call in a second process that finds the cache (``cache=True``).
 """
@@ -85,6 +86,17 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def reset_peak_rss() -> None:
+    """Start the peak RSS (VmHWM) afresh from the current RSS (Linux: /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def engine_weight_bytes(net: PackedNet) -> int:
     total = 0
     for layer in net.layers:
@@ -114,7 +126,6 @@ def child(args) -> None:
     if args.child_side == "engine":
         net = PackedNet.load(f"{args.child_dir}/m.bbpack", threads=args.child_threads, micro_batch=args.micro_batch)
         weights, run = engine_weight_bytes(net), lambda: net.logits(x, batch_size=args.batch)
-        run()  # compiled code loaded (from the cache) before the baseline RSS
     else:
         model = create_model(args.child_model, num_classes=10, input_shape=shape, w_bits=args.child_w,
                              a_bits=args.child_a, estimator="aqe")
@@ -126,10 +137,12 @@ def child(args) -> None:
         def run():
             with torch.no_grad():
                 model(xt)
+    run()  # warm-up: compiled kernels loaded, allocators primed
+    reset_peak_rss()
     before = rss_bytes()
     run()
     run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     traced = None
     if args.child_side == "engine":
         tracemalloc.start()

@@ -8,7 +8,9 @@ or more non-zero planes ``m_e`` with a shift e: value = (1 − 2n)·Σ_e m_e·2^
     dense ±1 (M all ones):  dot = K − 2·popcount(n_a ^ n_w)                       (XNOR)
 
 and the integer accumulator is A = Σ_(e_a, e_w) dot_(e_a, e_w) << (e_a + e_w)  (SHIFT for
-powers of two: 3 bits → planes for 1, 2, 4 in units of ¼), in int32.
+powers of two: 3 bits → planes for 1, 2, 4 in units of ¼), in int32. Around it: the input
+quantizers' codes packed per pixel (:func:`code_numpy`), im2col of packed pixels
+(:func:`gather_numpy`) and folded sign thresholds with max-pooling (:func:`threshold_numpy`).
 
 :class:`Kernels` runs them on one of two backends that agree bit for bit: "numba" (compiled,
 :mod:`workers.packed.jit`; the default where numba is installed) and "numpy" (the fallback:
