@@ -1,20 +1,27 @@
-"""Packed numpy engine vs torch's float eval of the same low-bit model, on the CPU.
+"""Packed engine (compiled numba kernels and the numpy fallback) vs torch's float eval of the same low-bit model.
 
     python bench/packed.py [--models digits_net convnet_d] [--bits 1/1 2/2 3/3] [--batch 256]
-                           [--threads 1 2] [--repeats 7] [--micro-batch 64]
+                           [--threads 1 2] [--repeats 15] [--micro-batch 64] [--no-memory] [--no-compile]
 
-Throughput: images/s on one batch, median over interleaved repeats (engine and torch in turn,
-same process, same thread count: ``torch.set_num_threads(t)`` and the engine's ``threads=t``).
-Memory, each measured in a fresh child process so that neither pollutes the other:
-weights = bytes held for the weights (engine: packed planes as loaded + the float32 first
-layer; torch: parameters + buffers); working set = peak RSS during two forward passes minus the
-RSS before them, in a process that only loaded the model (file / state_dict), the input and the
-libraries. The engine's numpy peak from tracemalloc is reported as a cross-check.
+Throughput: images/s on one batch, median over interleaved repeats (numba engine, numpy engine and
+torch in turn, same process, same thread count: ``torch.set_num_threads(t)`` and the engine's
+``threads=t``). Wall clock, and for one thread also the calling thread's CPU time
+(``time.thread_time``: on a machine shared with other jobs it leaves out the time the thread
+waited for a core; all three run in the calling thread at one thread). Agreement: the numba
+engine's predictions = torch's; "numba = numpy": their logits are bit-identical.
+Latency: one image, one thread, median over the same interleaving.
+Memory, each measured in a fresh child process so that neither pollutes the other: weights = bytes
+held for the weights (engine: packed planes as loaded + the float32 first layer; torch: parameters +
+buffers); working set = peak RSS during two forward passes minus the RSS before them, after one
+warm-up pass (compiled kernels loaded; the peak is reset with /proc/self/clear_refs).
+Compile: in fresh child processes with an empty numba cache: the first ``logits`` call (JIT compile)
+and the same call in a second process that finds the cache (``cache=True``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -34,6 +41,7 @@ import torch  # noqa: E402
 
 from workers.models import create_model  # noqa: E402
 from workers.packed import PackedNet, export_model  # noqa: E402
+from workers.packed.kernels import BACKENDS  # noqa: E402
 
 SHAPES = {"digits_net": (1, 8, 8), "fashion_net": (1, 28, 28)}
 
@@ -53,22 +61,40 @@ def build(name: str, w_bits: int, a_bits: int, path: str):
     return model, report, shape
 
 
-def timed(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call, calls interleaved round robin after one warm-up each."""
+def timed(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """(median wall s, median thread-CPU s) per call, calls interleaved round robin after one warm-up each."""
     for f in fns.values():
         f()
-    times = {k: [] for k in fns}
+    times = {k: ([], []) for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+            times[k][1].append(time.thread_time() - c)
+            times[k][0].append(time.perf_counter() - t)
+    return {k: (statistics.median(w), statistics.median(c)) for k, (w, c) in times.items()}
+
+
+def calls(nets: dict, model, x: np.ndarray, xt: torch.Tensor) -> dict:
+    """One forward pass of each engine and of torch on the batch x (numpy) / xt (the same, torch)."""
+    return {**{b: (lambda net=net: net.logits(x, batch_size=len(x))) for b, net in nets.items()},
+            "torch": lambda: model(xt)}
 
 
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def reset_peak_rss() -> None:
+    """Start the peak RSS (VmHWM) afresh from the current RSS (Linux: /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def engine_weight_bytes(net: PackedNet) -> int:
@@ -78,15 +104,25 @@ def engine_weight_bytes(net: PackedNet) -> int:
             total += layer.wf.nbytes
             continue
         w = layer.w
-        total += w.neg.nbytes + sum(p.nbytes for _, p in w.masks or [])
+        total += w.neg.nbytes + w.stack.nbytes
     return total
 
 
 def child(args) -> None:
-    """Measure one side's memory in this fresh process (it only loads the saved artifacts)."""
+    """Measure one side's memory (or the engine's first calls) in this fresh process."""
     shape = SHAPES.get(args.child_model, (3, 32, 32))
     x = np.random.default_rng(0).standard_normal((args.batch, *shape)).astype(np.float32)
     torch.set_num_threads(args.child_threads)
+    if args.child_side == "compile":
+        t0 = time.perf_counter()
+        net = PackedNet.load(f"{args.child_dir}/m.bbpack", threads=args.child_threads, backend="numba")
+        t1 = time.perf_counter()
+        net.logits(x)
+        t2 = time.perf_counter()
+        net.logits(x)
+        t3 = time.perf_counter()
+        print(json.dumps({"load": t1 - t0, "first": t2 - t1, "second": t3 - t2}))
+        return
     if args.child_side == "engine":
         net = PackedNet.load(f"{args.child_dir}/m.bbpack", threads=args.child_threads, micro_batch=args.micro_batch)
         weights, run = engine_weight_bytes(net), lambda: net.logits(x, batch_size=args.batch)
@@ -101,10 +137,12 @@ def child(args) -> None:
         def run():
             with torch.no_grad():
                 model(xt)
+    run()  # warm-up: compiled kernels loaded, allocators primed
+    reset_peak_rss()
     before = rss_bytes()
     run()
     run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     traced = None
     if args.child_side == "engine":
         tracemalloc.start()
@@ -114,12 +152,12 @@ def child(args) -> None:
     print(json.dumps({"weights": weights, "working": max(0, peak - before), "traced": traced}))
 
 
-def memory(model: str, w: int, a: int, side: str, folder: str, args) -> dict:
+def run_child(model: str, w: int, a: int, side: str, folder: str, args, env=None) -> dict:
     cmd = [sys.executable, __file__, "--child-side", side, "--child-model", model, "--child-w", str(w),
            "--child-a", str(a), "--child-threads", str(min(args.threads)), "--child-dir", folder,
            "--batch", str(args.batch)]
     cmd += ["--micro-batch", str(args.micro_batch)] if args.micro_batch else []
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -127,15 +165,64 @@ def mib(b) -> str:
     return "–" if b is None else f"{b / 2**20:.2f}"
 
 
+def binary_convs(args) -> None:
+    """Each binary conv of convnet_d W1A1 alone, one thread, the engine's micro-batch of images: torch's
+    float32 ``F.conv2d`` on ±1 inputs and ±1 weights vs the engine's packed im2col + XNOR GEMM (+ the
+    zero-padding correction) on the same inputs — the per-layer speed-up LCE reports."""
+    import torch.nn.functional as F
+
+    from workers.packed.format import unpack_bits
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as d:
+        model, _, shape = build("convnet_d", 1, 1, f"{d}/m.bbpack")
+        net = PackedNet.load(f"{d}/m.bbpack", threads=1, backend="numba")
+        n = net.micro_batch
+        act = np.random.default_rng(0).standard_normal((n, *shape)).astype(np.float32).transpose(0, 2, 3, 1)
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        print(f"\nBinary conv layers alone (convnet_d W1A1, batch {n}, 1 thread; median ms, CPU clock):\n")
+        print("| layer | input | K × out | torch F.conv2d ms | packed XNOR conv ms | torch / packed |")
+        print("|---|---|---|---|---|---|")
+        for layer, conv in zip(net.layers, convs, strict=False):
+            if layer.conv and not layer.float_in:
+                op = layer._quantized(act) if isinstance(act, np.ndarray) else act  # packed ±1 input
+                x = torch.from_numpy(np.where(unpack_bits(op.neg, op.bits), -1.0, 1.0).astype(np.float32))
+                x = x.permute(0, 3, 1, 2).contiguous()
+                with torch.no_grad():
+                    w = conv.quantized_weight().detach().contiguous()
+                    s = timed({"torch": lambda x=x, w=w, c=conv: F.conv2d(x, w, None, c.stride, c.padding),
+                               "packed": lambda op=op, layer=layer: layer._int_acc(op)}, 4 * args.repeats)
+                rec = layer.rec
+                ms = {k: v[1] * 1e3 for k, v in s.items()}
+                print(f"| {rec.name} | {'×'.join(map(str, op.neg.shape[1:3]))}×{op.bits} | {rec.K} × {rec.out} | "
+                      f"{ms['torch']:.2f} | {ms['packed']:.2f} | {ms['torch'] / ms['packed']:.1f}× |")
+            act = layer(act)
+        net.close()
+
+
+def compile_times(args) -> None:
+    """JIT compile (empty cache) and cached first call of a W1A1 and a W3A3 digits_net, in fresh processes."""
+    print("\n| model | W/A | first call, empty numba cache s (compile) | first call, cached s | second call s |")
+    print("|---|---|---|---|---|")
+    for w, a in [(1, 1), (3, 3)]:
+        with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory() as cache:
+            build("digits_net", w, a, f"{d}/m.bbpack")
+            env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+            cold = run_child("digits_net", w, a, "compile", d, args, env)
+            warm = run_child("digits_net", w, a, "compile", d, args, env)
+            print(f"| digits_net | W{w}A{a} | {cold['first']:.1f} | {warm['first']:.2f} | {warm['second']:.4f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["digits_net", "convnet_d"])
-    p.add_argument("--bits", nargs="+", default=["1/1"], help="w/a pairs, e.g. 1/1 2/2 3/3")
+    p.add_argument("--bits", nargs="+", default=["1/1", "2/2", "3/3"], help="w/a pairs, e.g. 1/1 2/2 3/3")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, len(os.sched_getaffinity(0))])
+    p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--micro-batch", type=int, default=None, help="engine rows per pass (default: the engine's)")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-compile", action="store_true")
     for a in ("side", "model", "dir"):
         p.add_argument(f"--child-{a}", help=argparse.SUPPRESS)
     for a in ("w", "a", "threads"):
@@ -143,13 +230,18 @@ def main() -> None:
     args = p.parse_args()
     if args.child_side:
         return child(args)
+    args.threads = sorted(set(args.threads))
+    backends = [b for b in ("numba", "numpy") if b in BACKENDS]
 
     command = " ".join(["python", "bench/packed.py", *sys.argv[1:]])
-    print(f"`{command}` — {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, numpy {np.__version__}, batch {args.batch}\n")
-    print("| model | W/A | threads | packed img/s | torch img/s | packed / torch | packed weights MiB | "
-          "torch weights MiB | packed working set MiB (numpy peak) | torch working set MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"`{command}` — {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} CPUs, "
+          f"torch {torch.__version__}, numpy {np.__version__}, backends {', '.join(backends)}, batch {args.batch}, "
+          f"load average {os.getloadavg()[0]:.1f} at the start\n")
+    cols = " | ".join(f"{b} img/s" for b in backends + ["torch"])
+    ratios = " | ".join(f"{b} / torch" for b in backends)
+    print(f"| model | W/A | threads | {cols} | {ratios} | numba / torch, CPU clock | agreement | numba = numpy |")
+    print("|---|---|---|" + "---|" * (2 * len(backends) + 4))
+    latency, memory = [], []
     for name in args.models:
         for bits in args.bits:
             w, a = (int(v) for v in bits.split("/"))
@@ -158,23 +250,52 @@ def main() -> None:
                 torch.save(model.state_dict(), f"{d}/m.pt")
                 x = np.random.default_rng(0).standard_normal((args.batch, *shape)).astype(np.float32)
                 xt = torch.from_numpy(x)
-                mem = {} if args.no_memory else {s: memory(name, w, a, s, d, args) for s in ("engine", "torch")}
                 for t in args.threads:
                     torch.set_num_threads(t)
-                    net = PackedNet.load(f"{d}/m.bbpack", threads=t, micro_batch=args.micro_batch)
+                    nets = {b: PackedNet.load(f"{d}/m.bbpack", threads=t, micro_batch=args.micro_batch, backend=b)
+                            for b in backends}
                     with torch.no_grad():
-                        agree = (net.predict(x, args.batch) == model(xt).argmax(1).numpy()).mean()
-                        s = timed({"engine": lambda: net.logits(x, batch_size=args.batch),
-                                   "torch": lambda: model(xt)}, args.repeats)
-                    net.close()
-                    e, tt = args.batch / s["engine"], args.batch / s["torch"]
-                    me, mt = mem.get("engine", {}), mem.get("torch", {})
-                    print(f"| {name} | W{w}A{a} | {t} | {e:,.0f} | {tt:,.0f} | {e / tt:.2f}× | "
-                          f"{mib(me.get('weights'))} | {mib(mt.get('weights'))} | "
-                          f"{mib(me.get('working'))} ({mib(me.get('traced'))}) | {mib(mt.get('working'))} |"
-                          + ("" if agree == 1 else f" agreement {agree:.4f}"))
-    print(f"\nMemory columns use {min(args.threads)} thread(s); packed file payload = packed weight planes "
-          "(+ float32 first layer where the model has float input weights).")
+                        ref = model(xt).numpy()
+                        logits = {b: net.logits(x, args.batch) for b, net in nets.items()}
+                        s = timed(calls(nets, model, x, xt), args.repeats)
+                        if t == 1:
+                            latency.append((name, w, a, timed(calls(nets, model, x[:1], xt[:1]), 4 * args.repeats)))
+                    for net in nets.values():
+                        net.close()
+                    agree = (logits[backends[0]].argmax(1) == ref.argmax(1)).mean()
+                    same = "yes" if len(backends) > 1 and (logits["numba"] == logits["numpy"]).all() else "–"
+                    rate = {k: args.batch / v[0] for k, v in s.items()}
+                    cpu = f"{s['torch'][1] / s['numba'][1]:.2f}×" if t == 1 and "numba" in s else "–"
+                    print(f"| {name} | W{w}A{a} | {t} | " + " | ".join(f"{rate[k]:,.0f}" for k in backends + ["torch"])
+                          + " | " + " | ".join(f"{rate[b] / rate['torch']:.2f}×" for b in backends)
+                          + f" | {cpu} | {agree:.4f} | {same} |", flush=True)
+                if not args.no_memory and (w, a) == (1, 1):
+                    sides = {side: run_child(name, w, a, side, d, args) for side in ("engine", "torch")}
+                    memory.append((name, w, a, report.compression, sides))
+    print(f"\nload average {os.getloadavg()[0]:.1f} after the throughput rows")
+
+    print("\nLatency, one image, 1 thread (median ms):\n")
+    print("| model | W/A | " + " | ".join(f"{b} ms" for b in backends) + f" | torch ms | torch / {backends[0]} | "
+          "CPU clock |")
+    print("|---|---|" + "---|" * (len(backends) + 3))
+    for name, w, a, s in latency:
+        print(f"| {name} | W{w}A{a} | " + " | ".join(f"{s[k][0] * 1e3:.3f}" for k in backends + ["torch"])
+              + f" | {s['torch'][0] / s[backends[0]][0]:.2f}× | {s['torch'][1] / s[backends[0]][1]:.2f}× |")
+
+    if memory:
+        print(f"\nMemory, {min(args.threads)} thread(s), {backends[0]} engine:\n")
+        print("| model | W/A | packed weights MiB | torch weights MiB | kernels float32 / packed payload | "
+              "packed working set MiB (numpy peak) | torch working set MiB |")
+        print("|---|---|---|---|---|---|---|")
+        for name, w, a, compression, m in memory:
+            e, t = m["engine"], m["torch"]
+            print(f"| {name} | W{w}A{a} | {mib(e['weights'])} | {mib(t['weights'])} | {compression:.1f}× | "
+                  f"{mib(e['working'])} ({mib(e['traced'])}) | {mib(t['working'])} |")
+    if "numba" in backends:
+        binary_convs(args)
+    if not args.no_compile and "numba" in backends:
+        compile_times(args)
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":
