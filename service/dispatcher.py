@@ -55,17 +55,17 @@ import threading
 import time
 import traceback
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from sqlalchemy.orm import sessionmaker
 
+from workers.records import FINISHED, Run
 from workers.storage import ensure_exists
 
 from . import store
 from .config import Settings, get_settings
 from .db import make_engine, migrate, session_factory
 from .sink import SqlSink
-from .tables import FINISHED
 
 log = logging.getLogger("bitbench.dispatcher")
 RAY_PROBE_S = 1.0  # how often the watchdog probes Ray's GCS during a run
@@ -144,13 +144,15 @@ class HandBack:
                                          stdin=subprocess.PIPE)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        assert self.proc.stdin is not None  # stdin=PIPE
+        self.stdin = self.proc.stdin
         job = {"url": url, "run_id": run_id, "worker_id": worker_id}
-        self.proc.stdin.write(json.dumps(job).encode() + b"\n")
-        self.proc.stdin.flush()
+        self.stdin.write(json.dumps(job).encode() + b"\n")
+        self.stdin.flush()
 
     def close(self, timeout: float = 30.0) -> None:
         try:
-            self.proc.stdin.close()
+            self.stdin.close()
             self.proc.wait(timeout)
         except (OSError, subprocess.TimeoutExpired):
             log.warning("the hand-back helper (pid %s) did not end; killing it", self.proc.pid)
@@ -243,7 +245,7 @@ class Dispatcher:
         return run["id"]
 
     # -- one run ------------------------------------------------------------------------------
-    def execute(self, run: dict) -> None:
+    def execute(self, run: Run) -> None:
         """Train a claimed run with heartbeats and the stop flag, then record how it ended."""
         run_id = run["id"]
         helper = self._hand_back_helper(run_id)
@@ -264,7 +266,7 @@ class Dispatcher:
             log.exception("run %s: no hand-back helper; if this process dies, staleness requeues the run", run_id)
             return None
 
-    def _execute(self, run: dict) -> None:
+    def _execute(self, run: Run) -> None:
         run_id = run["id"]
         stop, lost, cancelled, over = (threading.Event() for _ in range(4))
         beat = threading.Thread(target=self._heartbeat, args=(run_id, stop, lost, cancelled, over),
@@ -272,7 +274,8 @@ class Dispatcher:
         beat.start()
         threading.Thread(target=self._watch_ray, args=(run_id, over), name=f"watch-ray-run-{run_id}",
                          daemon=True).start()
-        results, error, interrupted = {}, None, None
+        results: dict[str, str] = {}
+        error, interrupted = None, None
         try:
             from workers.spec import parse_spec
 
@@ -280,6 +283,7 @@ class Dispatcher:
             with self.sessions() as s:
                 done = [t["key"] for t in store.list_trials(s, run_id) if t["status"] == "done"]
             log.info("run %s (%s): %d trials, %d already done", run_id, run["name"], run["trial_count"], len(done))
+            assert self.settings.tune_dir is not None  # Settings fills it in
             ensure_exists(self.settings.tune_dir)
             if self._run_sweep is None:
                 self._join_ray()
@@ -421,7 +425,8 @@ class Dispatcher:
             elif error is not None:
                 outcome, why = "failed", error
             elif failed:
-                shown = "; ".join(f"{t['key']}: {(t['error'] or 'failed').strip().splitlines()[-1]}" for t in failed[:5])
+                shown = "; ".join(f"{t['key']}: {(t['error'] or 'failed').strip().splitlines()[-1]}"
+                                  for t in failed[:5])
                 outcome, why = "failed", f"{len(failed)} of {len(statuses)} trials failed: {shown}"
             else:
                 unfinished = sum(st not in FINISHED for st in statuses)

@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator
 
-from workers.records import FINISHED as FINISHED  # re-exported (service.dispatcher, service.report)
+from workers.records import FINISHED as FINISHED  # re-exported for older callers
 from workers.records import STATUSES, Status
 
 # Row ids are SQL INTEGER, a 4-byte int4 on PostgreSQL: no row has an id outside 1 … MAX_ID, and
