@@ -63,12 +63,15 @@ class AQE(MinwEstimator):
 
     def train_forward(self, x):
         a = self.alpha
-        mix = lambda t: torch.lerp(t, self.quantize(t), a)  # noqa: E731  (t + α·(Q(t) − t))
-        kind = self.hparams["backward"]
-        if kind == "eq18":
-            grad = lambda t, g: clipped_grad(t, g).mul_(2 * a)  # noqa: E731
-        elif kind == "alg1":
-            grad = clipped_grad
-        else:
-            grad = lambda t, g: g * (1.0 - a)  # noqa: E731
+
+        def mix(t):  # t + α·(Q(t) − t)
+            return torch.lerp(t, self.quantize(t), a)
+
+        def eq18(t, g):  # 2α·g·1[|t| ≤ 1]
+            return clipped_grad(t, g).mul_(2 * a)
+
+        def autodiff(t, g):  # the mix's own derivative where Q's is taken as 0
+            return g * (1.0 - a)
+
+        grad = {"eq18": eq18, "alg1": clipped_grad}.get(self.hparams["backward"], autodiff)
         return surrogate(x, mix, grad)

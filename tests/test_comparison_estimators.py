@@ -136,7 +136,8 @@ def test_lq_nets_qem_lowers_the_quantization_error():
     x = torch.randn(4000, dtype=torch.float64).relu()
     est = E.create_estimator("lq_nets", bits=2, role="activation").double()
     est(x[:10])  # initialise on a batch, then measure
-    mse = lambda: float((est.hard(x) - x).pow(2).mean())  # noqa: E731
+    def mse() -> float:
+        return float((est.hard(x) - x).pow(2).mean())
     before = mse()
     for _ in range(100):
         est(x)

@@ -284,7 +284,8 @@ def test_gradcheck_dsq_soft_staircase():
     x = (torch.rand(30, dtype=torch.float64) * 1.9 - 0.95)
     x = _away_from(x, [-1 / 3, 1 / 3])  # interval edges at 2 bits
     alpha = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
-    f = lambda x_, a_: dsq_soft(x_, a_, 2)[0]  # noqa: E731
+    def f(x_, a_):
+        return dsq_soft(x_, a_, 2)[0]
     assert torch.autograd.gradcheck(f, (x.requires_grad_(True), alpha), eps=1e-7, atol=1e-6)
 
 

@@ -86,7 +86,8 @@ def test_minw_grid_is_the_default_and_unchanged():
 
 
 def test_grid_levels_by_hand():
-    lv = lambda name, bits, role, grid: E.create_estimator(name, bits=bits, role=role, grid=grid).level_set().tolist()  # noqa: E731
+    def lv(name, bits, role, grid):
+        return E.create_estimator(name, bits=bits, role=role, grid=grid).level_set().tolist()
     assert lv("aqe", 2, "weight", "uniform") == pytest.approx([-1, -1 / 3, 1 / 3, 1])
     assert lv("aqe", 2, "activation", "uniform") == pytest.approx([0, 1 / 3, 2 / 3, 1])
     assert lv("aqe", 2, "activation", "uniform_signed") == pytest.approx([-1, -1 / 3, 1 / 3, 1])

@@ -66,7 +66,9 @@ def definition(spec: Mapping[str, Any], *, first_last_float: bool | None = None,
                version: int = PROTOCOL_VERSION) -> dict[str, Any]:
     """The canonical protocol of a stored spec's trials (``first_last_float``: a method trial's own
     policy; None: the spec's)."""
-    get = lambda key: spec.get(key, _DEFAULTS[key])  # noqa: E731
+    def get(key: str) -> Any:
+        return spec.get(key, _DEFAULTS[key])
+
     options = {k: v for k, v in (spec.get("dataset_options") or {}).items()
                if v is not None and k not in _UNMEASURED_OPTIONS}
     return {"dataset": get("dataset"), "dataset_options": options, "model": get("model"),
