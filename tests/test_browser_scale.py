@@ -80,5 +80,6 @@ def test_leaderboard_page_at_scale(page, served, problems):
     base, _ = served
     timed(page, f"{base}/dashboard/leaderboard", "leaderboard page (3,000 trials)")
     assert page.locator("#leaderboard tr[data-rank]").count() >= len(BIG_ESTIMATORS) * 20
-    assert page.locator("#leaderboard tr.best").count() == 20 + 1  # the big grid's 20 cells, the float reference
+    # the big grid's 20 cells; the float references were trained by the small runs, under other protocols
+    assert page.locator("#leaderboard tr.best").count() == 20
     assert not problems
