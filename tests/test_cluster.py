@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.cluster import WORKERS, ClusterStack, LocalCluster
 from tests.test_e2e import check_epochs, wait_until
@@ -140,7 +141,7 @@ def test_a_killed_worker_node_s_trials_resume_on_the_other_node(cluster, healthy
 def test_quarter_gpu_trials_are_packed_four_to_a_declared_gpu(cluster, healthy):
     """ray-worker-1 declares one GPU, ray-worker-2 none. Six trials asking for 0.25 GPU (and 0.1 CPU, so
     the CPU is not what limits them) all run on ray-worker-1, at most and at some moment exactly four at
-    once. This machine has no CUDA: the spec's cpu_fallback lets them train on the CPU."""
+    once. Without CUDA (a CI machine) the spec's cpu_fallback lets them train on the CPU."""
     stack = healthy
     run_id = stack.post(spec("quarter-gpus", 4, seeds=range(6),
                              resources={"cpu": 0.1, "gpu": 0.25, "cpu_fallback": True}))
@@ -149,11 +150,11 @@ def test_quarter_gpu_trials_are_packed_four_to_a_declared_gpu(cluster, healthy):
     check_epochs(stack, run_id, 4)
     attempts = cluster.attempts(f"run-{run_id}")
     assert len(attempts) == 6 and {a.node for tries in attempts.values() for a in tries} == {"ray-worker-1"}
-    gpu_node = cluster.node_ids["ray-worker-1"]
+    gpu_node, device = cluster.node_ids["ray-worker-1"], "cuda:0" if torch.cuda.is_available() else "cpu"
     for t in stack.trials(run_id).values():
         p = t["provenance"]
         assert (p["ray_node_id"], p["ray_gpu_ids"], p["cuda_visible_devices"], p["device"]) == (
-            gpu_node, [0], "0", "cpu"), p
+            gpu_node, [0], "0", device), p
     trials = stack.trials(run_id).values()
     events = sorted([(datetime.fromisoformat(t["started_at"]), 1) for t in trials]
                     + [(datetime.fromisoformat(t["finished_at"]), -1) for t in trials])
