@@ -35,7 +35,7 @@ class DSQFunction(torch.autograd.Function):
     Computes the same forward value as ``soft + (hard - soft).detach()`` (bit for bit: on
     [−1, 1] ``hard − soft`` is exact, so adding ``soft`` back returns ``hard``) with far fewer
     passes over the tensor, and keeps only t = tanh(k(clip(x) − m_i)), d = clip(x) − m_i and
-    clip(x) for the backward:
+    x for the backward:
 
       ∂Q_S/∂x = (Δ/2)·s·k·(1 − t²)·1[l < x < u]   (torch's clamp backward: 0 at x = l, u and NaN)
       ∂Q_S/∂α = (Δ/2)·(s²·t + s·(1 − t²)·d·∂k/∂α),   ∂k/∂α = −2 / (Δ·α·(2 − α)),  ∂s/∂α = s²
@@ -67,12 +67,13 @@ class DSQFunction(torch.autograd.Function):
             ih = xc.sub(low).div_(delta).floor_().clamp_(0, n - 1).add_(0.5)  # i + ½ (exact)
             d = ih.mul(delta).add_(low)  # m_i
             d = torch.sub(xc, d, out=d)  # xc − m_i
-            t = torch.mul(d, k).tanh_()
-            # i + (sign φ + 1)/2 = (i + ½) ± ½ exactly (s > 0, so sign φ = sign t; NaN stays in ih)
+            # i + (sign φ + 1)/2 = (i + ½) ± ½ exactly: sign φ = sign(s·tanh(k·d)) = sign d, as s and k
+            # have one sign (that of 1 − α); NaN stays in ih. xc's buffer is free for the ±½.
             half = torch.full((), 0.5, dtype=x.dtype, device=x.device)
-            hard = ih.add_(torch.copysign(half, t)).mul_(delta).add_(low)
+            hard = ih.add_(torch.copysign(half, d, out=xc)).mul_(delta).add_(low)
+            t = torch.mul(d, k).tanh_()
         if need_x or need_a:
-            ctx.save_for_backward(t, d if need_a else None, xc if need_x else None, alpha, k)
+            ctx.save_for_backward(t, d if need_a else None, x if need_x else None, alpha, k)
             ctx.delta, ctx.low, ctx.high = delta, low, high
         return hard
 
@@ -80,7 +81,7 @@ class DSQFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     @on_one_thread
     def backward(ctx, g):
-        t, d, xc, alpha, k = ctx.saved_tensors
+        t, d, x, alpha, k = ctx.saved_tensors
         delta = ctx.delta
         s = 1 / (1 - alpha)
         g1t = torch.ops.aten.tanh_backward(g, t)  # g·(1 − t²)
@@ -93,10 +94,10 @@ class DSQFunction(torch.autograd.Function):
             grad_a = (delta / 2) * (s * s * gt + s * dk * dot(g1t, d))
             grad_a = grad_a.to(alpha.dtype)
         if ctx.needs_input_grad[0]:
-            # 1[l < x < u] = 1[l < clip(x) < u]: torch's clamp backward, in HardTanh's backward kernel
-            grad_x = inside_grad(g1t, xc, ctx.low, ctx.high, out=g1t)
-            if nan_seen if nan_seen is not None else bool(torch.isnan(xc).any()):
-                zero_where_nan(grad_x, xc)
+            # 1[l < x < u]: torch's clamp backward, in HardTanh's backward kernel
+            grad_x = inside_grad(g1t, x, ctx.low, ctx.high, out=g1t)
+            if nan_seen if nan_seen is not None else bool(torch.isnan(x).any()):
+                zero_where_nan(grad_x, x)
             grad_x = grad_x.mul_((delta / 2) * s * k)
         return grad_x, grad_a, None, None, None
 
