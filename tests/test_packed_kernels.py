@@ -159,12 +159,13 @@ def test_whole_nets_give_identical_logits_on_both_backends(tmp_path, name, w_bit
                              estimator="ste").eval()
     export_model(model, tmp_path / "m.bbpack")
     x = np.random.default_rng(0).standard_normal((37, *shape)).astype(np.float32)
-    got = {}
+    got, one = {}, {}
     for backend in ("numba", "numpy"):
         for threads in (1, 2):
             with PackedNet.load(tmp_path / "m.bbpack", threads=threads, backend=backend, micro_batch=16) as net:
-                got[backend, threads] = net.logits(x)
-    assert all_equal(got)
+                got[backend, threads] = net.logits(x)  # two threads: whole micro-batches per thread
+                one[backend, threads] = net.logits(x[:1])  # one image: two threads split each kernel
+    assert all_equal(got) and all_equal(one)
     with torch.no_grad():
         assert (got["numba", 1].argmax(1) == model(torch.from_numpy(x)).argmax(1).numpy()).mean() >= 0.9
 

@@ -211,11 +211,20 @@ class PackedNet:
         return act
 
     def logits(self, x, batch_size: int = 256) -> np.ndarray:
-        """Float32 (N, classes) outputs for NCHW images ``x`` (numpy or CPU tensor)."""
+        """Float32 (N, classes) outputs for NCHW images ``x`` (numpy or CPU tensor).
+
+        With several threads and images, each thread runs whole micro-batches through the net (one
+        hand-over per micro-batch rather than per kernel); a single image splits each kernel instead."""
         x = np.asarray(x, np.float32)
-        step = min(batch_size, self.micro_batch)
+        threads = self.kernels.threads
+        step = min(batch_size, self.micro_batch, max(1, -(-len(x) // threads)))
+        starts = range(0, len(x), step)
         with _BLAS.limit(limits=1, user_api="blas") if _BLAS else contextlib.nullcontext():
-            return np.concatenate([self._forward(x[s: s + step]) for s in range(0, len(x), step)])
+            if threads > 1 and len(starts) > 1:
+                parts = self.kernels.map_whole(lambda s: self._forward(x[s: s + step]), starts)
+            else:
+                parts = [self._forward(x[s: s + step]) for s in starts]
+        return np.concatenate(parts)
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
         return self.logits(x, batch_size).argmax(axis=1)

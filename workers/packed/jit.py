@@ -28,6 +28,8 @@ dense ±1 conv input, one row per output position; a single zero row otherwise).
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
@@ -113,6 +115,7 @@ def _planes_gemm(pa: int, pw: int):
 
 
 _PLANES: dict[tuple[int, int], object] = {}
+_PLANES_LOCK = threading.Lock()
 
 
 def planes_gemm(an, am, sa, wn, wm, sw, k_bits, corr, out, r0, r1):
@@ -121,8 +124,9 @@ def planes_gemm(an, am, sa, wn, wm, sw, k_bits, corr, out, r0, r1):
     an (R, W) sign words, am (Pa, R, W) mask planes with shifts sa (Pa = 0: dense ±1 rows);
     wn (W, O), wm (Pw, W, O), sw likewise for the transposed weights; K = k_bits valid bits."""
     key = (am.shape[0], wm.shape[0])
-    if key not in _PLANES:
-        _PLANES[key] = _planes_gemm(*key)
+    with _PLANES_LOCK:
+        if key not in _PLANES:
+            _PLANES[key] = _planes_gemm(*key)
     _PLANES[key](an, am, sa, wn, wm, sw, k_bits, corr, out, r0, r1)
 
 

@@ -18,6 +18,7 @@ quantizers' codes packed per pixel (:func:`code_numpy`), im2col of packed pixels
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -241,15 +242,28 @@ class Kernels:
                              + ("" if jit is not None else " (numba is not installed)"))
         self.threads = max(1, int(threads))
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._whole = threading.local()  # .active: this thread runs a whole task; its kernels do not split
 
     def close(self) -> None:
         if self._pool:
             self._pool.shutdown()
 
+    def map_whole(self, fn, items) -> list:
+        """[fn(item)] with the items spread over the thread pool; the kernels fn calls run unsplit."""
+        def run(item):
+            self._whole.active = True
+            try:
+                return fn(item)
+            finally:
+                self._whole.active = False
+
+        return list(self._pool.map(run, items)) if self._pool else [fn(item) for item in items]
+
     def split_rows(self, rows: int, step: int, fn) -> None:
-        """fn(start, stop) over row chunks of ``step``, on the thread pool when there is one."""
+        """fn(start, stop) over row chunks of ``step``, on the thread pool when there is one (and the
+        calling thread is not already one of a :meth:`map_whole`'s tasks)."""
         spans = [(s, min(s + step, rows)) for s in range(0, rows, step)]
-        if self._pool and len(spans) > 1:
+        if self._pool and len(spans) > 1 and not getattr(self._whole, "active", False):
             list(self._pool.map(lambda sp: fn(*sp), spans))
         else:
             for sp in spans:
