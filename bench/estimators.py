@@ -8,7 +8,8 @@ conv-block training step at W1A1, W2A2 and W3A3.
 Every number is a median over interleaved repeats measured in this one run, so ratios compare
 like with like. The conv step is forward + backward (input and weight gradients) of one conv; the
 block step is conv 3×3 → BatchNorm → HardTanh, forward, backward (input, weights, BN and the
-estimators' learnable parameters) and an SGD step with momentum, against the same block in float.
+estimators' learnable parameters) and an SGD step with momentum, against the same block in float;
+a second float block ("float (control)") shows how far two identical rows drift apart in the run.
 ``--baseline DIR`` adds every block row again with the ``estimators`` package found in DIR (e.g. an
 older commit: ``git archive COMMIT estimators | tar -x -C DIR``), loaded side by side in this
 process, so before and after are measured in the same run; ``--all-threads`` adds them again with
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import platform
+import random
 import statistics
 import sys
 import time
@@ -43,12 +45,17 @@ clock = CLOCKS["wall"]
 
 
 def median_ms(fns: dict[str, callable], repeats: int) -> dict[str, float]:
-    """Time each callable ``repeats`` times, interleaved (round robin), median in ms."""
+    """Time each callable ``repeats`` times, interleaved (every callable once per round, in an order
+    shuffled each round so that no row always follows the same one), median in ms."""
     for fn in fns.values():  # warm up
         fn()
     times = {k: [] for k in fns}
+    order = list(fns)
+    rng = random.Random(0)
     for _ in range(repeats):
-        for k, fn in fns.items():
+        rng.shuffle(order)
+        for k in order:
+            fn = fns[k]
             t = clock()
             fn()
             times[k].append((clock() - t) * 1e3)
@@ -168,7 +175,8 @@ def bench_block(batch: int, channels: int, size: int, repeats: int, names: list[
     torch.manual_seed(0)
     x = torch.randn(batch, channels, size, size).clamp(-1, 1)  # a HardTanh output, as inside a network
     g = torch.randn(batch, channels, size, size)
-    fns = {"float": block_step(conv_block(channels, None, 32), x, g)}
+    fns = {"float": block_step(conv_block(channels, None, 32), x, g),
+           "float (control)": block_step(conv_block(channels, None, 32), x, g)}  # the same again: the noise
     for name in names:
         variants = [(name, E, None)]
         if parallel:
@@ -190,7 +198,9 @@ def block_table(rows, bits: list[int], title: str) -> str:
     lines = [f"| {title} | {head} |", "|---|" + "---:|---:|" * len(bits)]
     f_ms = by["float"][0]
     lines.append("| float | " + " | ".join(f"{f_ms:.1f} | 1.00" for _ in bits) + " |")
-    names = dict.fromkeys(k.rsplit(" ", 1)[0] for k in by if k != "float")
+    c_ms, c_r = by["float (control)"][:2]
+    lines.append("| float (control) | " + " | ".join(f"{c_ms:.1f} | {c_r:.2f}" for _ in bits) + " |")
+    names = dict.fromkeys(k.rsplit(" ", 1)[0] for k in by if not k.startswith("float"))
     for n in names:
         cells = []
         for b in bits:
