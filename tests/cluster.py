@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.test_e2e import Proc, free_port, wait_until
+from tests.test_e2e import Proc, RunsClient, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "local-cluster.sh"
@@ -173,7 +173,7 @@ class LocalCluster:
         return "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-n:]}" for f in logs)
 
 
-class ClusterStack:
+class ClusterStack(RunsClient):
     """The API and a dispatcher (real processes, one SQLite file) joined to ``cluster``."""
 
     def __init__(self, tmp: Path, cluster: LocalCluster):
@@ -206,15 +206,6 @@ class ClusterStack:
             self.dispatcher = self.start_dispatcher()
         return self.dispatcher
 
-    def post(self, spec: dict) -> int:
-        r = self.client.post("/runs", json=spec)
-        assert r.status_code == 202, r.text
-        return r.json()["id"]
-
-    def run(self, run_id: int) -> dict:
-        r = self.client.get(f"/runs/{run_id}")
-        assert r.status_code == 200, r.text
-        return r.json()
 
     def trials(self, run_id: int) -> dict[str, dict]:
         return {t["key"]: t for t in self.client.get(f"/runs/{run_id}/trials").json()}

@@ -77,7 +77,23 @@ class Proc:
         self.kill_group()
 
 
-class Stack:
+class RunsClient:
+    """``post`` a spec (202) and read a ``run`` through ``self.client`` (an httpx.Client on the API)."""
+
+    client: httpx.Client
+
+    def post(self, spec: dict) -> int:
+        r = self.client.post("/runs", json=spec)
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+
+    def run(self, run_id: int) -> dict:
+        r = self.client.get(f"/runs/{run_id}")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+
+class Stack(RunsClient):
     """The API and a dispatcher over one SQLite file, with short heartbeats."""
 
     def __init__(self, tmp: Path):
@@ -109,15 +125,6 @@ class Stack:
     def start_dispatcher(self) -> Proc:
         return Proc("dispatcher", ["-m", "service.dispatcher", "--poll-seconds", "0.5"], self.env, self.tmp)
 
-    def post(self, spec: dict) -> int:
-        r = self.client.post("/runs", json=spec)
-        assert r.status_code == 202, r.text
-        return r.json()["id"]
-
-    def run(self, run_id: int) -> dict:
-        r = self.client.get(f"/runs/{run_id}")
-        assert r.status_code == 200, r.text
-        return r.json()
 
     def wait_finished(self, run_id: int) -> dict:
         def finished():
