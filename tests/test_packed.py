@@ -386,6 +386,16 @@ def test_estimators_declare_their_packed_encoding():
                 assert got == (minw[bits] if packable else None), (name, role, bits)
 
 
+def test_activation_statistics_other_than_per_sample_are_refused(tmp_path):
+    """A quantizer whose Δ / max|x| is not each sample's own (an ``act_stats`` hparameter) has no export
+    yet: refused rather than run with per-sample statistics."""
+    model = create_model("digits_net", num_classes=10, input_shape=(1, 8, 8), w_bits=2, a_bits=2, estimator="aqe")
+    export_model(model, tmp_path / "ok.bbpack")
+    model.features[1][0].input_quantizer.quantizer.hparams["act_stats"] = "running"
+    with pytest.raises(UnsupportedModelError, match="activation statistics 'running' are not exported yet"):
+        export_model(model, tmp_path / "no.bbpack")
+
+
 def test_xnor_activations_with_float_weights_are_packed(digits):
     torch.manual_seed(0)
     model = create_model("digits_net", num_classes=10, input_shape=(1, 8, 8), w_bits=32, a_bits=1, estimator="xnor")

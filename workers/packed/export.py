@@ -152,6 +152,10 @@ def _encoding(q: Estimator | None, name: str) -> Encoding:
     if q is None:
         return FLOAT
     enc = q.packed_encoding()
+    stats = q.hparams.get("act_stats", "per_sample") if q.role == "activation" else "per_sample"
+    if enc in ("ternary", "pow2") and stats != "per_sample":  # the format carries a constant; no exporter yet
+        raise UnsupportedModelError(f"{name}: {q.name!r} activation statistics {stats!r} are not exported yet "
+                                    "(the engine runs per-sample statistics)")
     if enc == "sign":
         return Encoding("sign", 1)
     if enc == "ternary":
