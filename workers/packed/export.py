@@ -153,7 +153,7 @@ def _encoding(q: Estimator | None, name: str) -> Encoding:
         return FLOAT
     enc = q.packed_encoding()
     stats = q.hparams.get("act_stats", "per_sample") if q.role == "activation" else "per_sample"
-    if enc in ("ternary", "pow2") and stats != "per_sample":  # the format carries a constant; no exporter yet
+    if enc is None and stats != "per_sample":  # the estimator declines it (estimators.minw.packed_encoding)
         raise UnsupportedModelError(f"{name}: {q.name!r} activation statistics {stats!r} are not exported yet "
                                     "(the engine runs per-sample statistics)")
     if enc == "sign":
