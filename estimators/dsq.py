@@ -6,7 +6,7 @@ from torch import nn
 
 from . import quantizers as Qz
 from .base import Estimator, Param, register_estimator
-from .fused_ops import dot, inside_grad, on_one_thread, zero_where_nan
+from .fused_ops import all_threads, dot, inside_grad, on_one_thread, zero_where_nan
 
 
 def dsq_soft(x: torch.Tensor, alpha: torch.Tensor, bits: int, low: float = -1.0, high: float = 1.0):
@@ -61,7 +61,8 @@ class DSQFunction(torch.autograd.Function):
             # one interval centred on 0: i = 0, m = +0 so d = xc − m = xc bit for bit, hard = ±hi
             # (i is NaN for NaN x in dsq_soft: clamp(t, hi, hi) keeps that NaN)
             d = xc
-            t = torch.mul(xc, k).tanh_()
+            with all_threads():
+                t = torch.mul(xc, k).tanh_()
             hard = torch.clamp(t, hi_lvl, hi_lvl).copysign_(t)
         else:
             ih = xc.sub(low).div_(delta).floor_().clamp_(0, n - 1).add_(0.5)  # i + ½ (exact)
@@ -71,7 +72,8 @@ class DSQFunction(torch.autograd.Function):
             # have one sign (that of 1 − α); NaN stays in ih. xc's buffer is free for the ±½.
             half = torch.full((), 0.5, dtype=x.dtype, device=x.device)
             hard = ih.add_(torch.copysign(half, d, out=xc)).mul_(delta).add_(low)
-            t = torch.mul(d, k).tanh_()
+            with all_threads():
+                t = torch.mul(d, k).tanh_()
         if need_x or need_a:
             ctx.save_for_backward(t, d if need_a else None, x if need_x else None, alpha, k)
             ctx.delta, ctx.low, ctx.high = delta, low, high

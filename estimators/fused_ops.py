@@ -7,6 +7,7 @@ composition of the same formula does in several.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -37,10 +38,31 @@ def one_thread(x: torch.Tensor) -> Iterator[None]:
         yield
         return
     torch.set_num_threads(1)
+    _set_aside.threads = n
     try:
         yield
     finally:
+        _set_aside.threads = None
         torch.set_num_threads(n)
+
+
+_set_aside = threading.local()  # the thread count one_thread set aside, for all_threads
+
+
+@contextmanager
+def all_threads() -> Iterator[None]:
+    """Inside :func:`one_thread`, give back the threads it set aside for one compute-bound op (a
+    transcendental such as tanh costs several times a memory pass, so splitting it pays for its one
+    parallel region even on a busy machine). Elsewhere a no-op."""
+    n = getattr(_set_aside, "threads", None)
+    if n is None:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -283,6 +283,11 @@ def test_one_thread_runs_small_tensors_alone_and_restores_the_count(monkeypatch)
         monkeypatch.setattr(fused_ops, "SERIAL_NUMEL", 100)
         with fused_ops.one_thread(torch.ones(100)):
             seen.append(torch.get_num_threads())
+            with fused_ops.all_threads():  # a compute-bound op gets the threads back
+                seen.append(torch.get_num_threads())
+            seen.append(torch.get_num_threads())
+        with fused_ops.all_threads():  # outside one_thread: nothing to give back
+            seen.append(torch.get_num_threads())
         with fused_ops.one_thread(torch.ones(101)):
             seen.append(torch.get_num_threads())
         with pytest.raises(RuntimeError), fused_ops.one_thread(torch.ones(3)):
@@ -292,7 +297,7 @@ def test_one_thread_runs_small_tensors_alone_and_restores_the_count(monkeypatch)
         for numel in (50, 51):
             with fused_ops.one_thread(torch.ones(numel)):
                 seen.append(torch.get_num_threads())
-        assert seen == [1, 2, 1, 1, 3] and torch.get_num_threads() == 3
+        assert seen == [1, 2, 1, 2, 2, 1, 1, 3] and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
 
