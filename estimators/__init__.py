@@ -22,6 +22,7 @@ from .grids import GRIDS, list_grids
 from .layers import QConv2d, QLinear, QuantAct, make_quantizer
 from .model_tools import (
     WeightStorage,
+    calibrate_activation_stats,
     clip_latent_weights,
     level_change_fraction,
     schedule_values,
@@ -36,7 +37,8 @@ from .registry import UnknownNameError
 
 __all__ = [
     "FLOAT_BITS", "GRIDS", "SUPPORTED_BITS", "Estimator", "Param", "QConv2d", "QLinear", "QuantAct", "QUANTIZERS",
-    "UnknownNameError", "WeightStorage", "clip_latent_weights", "create_estimator", "estimator_catalog",
+    "UnknownNameError", "WeightStorage", "calibrate_activation_stats", "clip_latent_weights", "create_estimator",
+    "estimator_catalog",
     "get_estimator_class", "get_quantizer", "level_change_fraction", "levels", "list_estimators", "list_grids",
     "make_quantizer", "register_estimator", "schedule_values", "set_progress", "soft_estimators", "training_forward",
     "validate_estimator_params", "weight_levels", "weight_storage",

@@ -97,6 +97,9 @@ class Estimator(nn.Module):
                     validation accuracy of the training forward (``val_acc_soft``)
       grids         the quantizer grids (``estimators.grids``) it can quantize to, its own first;
                     with more than one, a ``grid`` parameter chooses
+
+    Instance attribute ``frozen_stats``: when True a training-mode forward updates no running statistic
+    (:func:`estimators.training_forward` measures the training forward with it set).
     """
 
     name: ClassVar[str] = ""
@@ -119,6 +122,7 @@ class Estimator(nn.Module):
         self.bits, self.role = bits, role
         self.hparams = self.check_params(params)
         self.epoch, self.total_epochs = 0, 1
+        self.frozen_stats = False
 
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Helpers that act on a whole model: training progress, latent-weight clipping, weight levels, storage."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -58,10 +58,35 @@ def training_forward(model: nn.Module) -> Iterator[bool]:
     model.eval()
     for m in soft:
         m.train()
+        m.frozen_stats = True  # a running activation statistic is used, not updated
     try:
         yield bool(soft)
     finally:
+        for m in soft:
+            m.frozen_stats = False
         model.eval()
+
+
+@torch.no_grad()
+def calibrate_activation_stats(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Estimate the running activation statistics (``act_stats=running``) of ``model`` from ``batches``
+    without training it: training-mode forwards with no gradient and BatchNorm's momentum at 0, so
+    that its running mean and variance stay as they are (s ← (1 − m)·s + m·s_batch per batch, the
+    first batch's s taken as is). For a model that was built or loaded but not trained, before
+    exporting it or evaluating it as it will be used. Returns the model in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    model.train()
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.eval()
+    return model
 
 
 @torch.no_grad()

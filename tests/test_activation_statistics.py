@@ -185,14 +185,67 @@ def test_running_estimate_follows_the_models_dtype(dtype):
     assert y.dtype == dtype and est.running_stat.dtype == dtype
 
 
-def test_default_stays_per_sample_until_the_packed_engine_takes_running_thresholds():
-    """docs/results/activation_statistics chose the running estimate; the default switches when the packed engine
-    follows it. Meanwhile a running or per-batch activation quantizer declares no packed encoding."""
+def test_default_is_running_and_only_per_batch_declines_a_packed_encoding():
+    """docs/results/activation_statistics chose the running estimate (protocol v2); the packed engine runs it as the
+    layer's constant. Per-batch statistics (a prediction depends on its batch) declare no packed encoding."""
     for name in ("aqe", "ste", "clipped_ste", "approx_sign", "ede", "reste", "xnor"):
-        assert E.create_estimator(name, bits=2, role="activation").act_stats == "per_sample"
-        assert E.create_estimator(name, bits=2, role="activation").packed_encoding() == "ternary"
-        for stats in ("running", "per_batch"):
-            q = E.create_estimator(name, bits=2, role="activation", act_stats=stats)
-            assert q.packed_encoding() is None
-        assert E.create_estimator(name, bits=1, role="activation", act_stats="running").packed_encoding() == "sign"
+        assert E.create_estimator(name, bits=2, role="activation").act_stats == "running"
+        for stats in ("running", "per_sample"):
+            assert E.create_estimator(name, bits=2, role="activation", act_stats=stats).packed_encoding() == "ternary"
+            assert E.create_estimator(name, bits=3, role="activation", act_stats=stats).packed_encoding() == "pow2"
+        assert E.create_estimator(name, bits=2, role="activation", act_stats="per_batch").packed_encoding() is None
+        assert E.create_estimator(name, bits=1, role="activation", act_stats="per_batch").packed_encoding() == "sign"
         assert E.create_estimator(name, bits=2, role="weight").act_stats is None  # weights: per tensor
+
+def images(n):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(16, 1, 8, 8, generator=g) * (0.5 + 0.5 * i) for i in range(n)]
+
+
+def _buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point and "running" in k}
+
+
+def test_the_training_forward_measured_on_validation_data_updates_no_running_statistic():
+    """val_acc_soft runs AQE's training forward on validation images: the running estimate (and BatchNorm's)
+    must not learn from them."""
+    model = _model("running")
+    E.calibrate_activation_stats(model, images(2))
+    before = _buffers(model)
+    with E.training_forward(model) as differs, torch.no_grad():
+        assert differs
+        model(torch.randn(32, 1, 8, 8) * 3)
+    after = _buffers(model)
+    assert before.keys() == after.keys() and any(k.endswith("running_stat") for k in before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    model.train()  # and training updates it again
+    model(torch.randn(32, 1, 8, 8) * 3)
+    assert not torch.equal(_buffers(model)["features.1.0.input_quantizer.quantizer.running_stat"],
+                           before["features.1.0.input_quantizer.quantizer.running_stat"])
+
+
+def test_calibration_sets_the_running_statistics_and_leaves_batchnorm_alone():
+    """calibrate_activation_stats: the running estimate is the momentum average of the batches' statistic,
+    BatchNorm's running mean and variance are unchanged, the model ends in eval mode."""
+    model = _model("running")
+    xs = images(3)
+    bn = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k or "running_var" in k}
+    quantizers = [m for m in model.modules() if getattr(m, "tracks_running_stat", False)]
+    assert quantizers and not any(bool(q.running_stat_set) for q in quantizers)
+    E.calibrate_activation_stats(model, xs)
+    assert not model.training and all(bool(q.running_stat_set) for q in quantizers)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in bn.items())
+    first = quantizers[0]  # the first quantized layer's input is a fixed function of x: check the average
+    seen = []
+    hook = first.register_forward_pre_hook(lambda m, args: seen.append(args[0].abs().mean()))
+    model.train()
+    with torch.no_grad():
+        for x in xs:
+            first.frozen_stats = True
+            model(x)
+    first.frozen_stats = False
+    hook.remove()
+    want = seen[0]
+    for s in seen[1:]:
+        want = (1 - DEFAULT_ACT_MOMENTUM) * want + DEFAULT_ACT_MOMENTUM * s
+    assert torch.allclose(first.running_stat, want.to(first.running_stat.dtype), rtol=1e-6)

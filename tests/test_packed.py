@@ -93,9 +93,13 @@ def test_runtime_quantizers_match_torch():
     z = torch.randn(6, 5, 4, 7).clamp(-1, 1)
     z[0, 0, 0, :3] = torch.tensor([0.0, -0.0, 1.0])
     zn = z.numpy()
-    for enc, ref in [("sign", Qz.sign(z)), ("ternary", Qz.ternary(z, 0.7, dims="sample")),
-                     ("pow2", Qz.pow2(z, 3, dims="sample") * 4)]:
-        cfg = Encoding(enc, {"sign": 1, "ternary": 2, "pow2": 3}[enc], delta_ratio=0.7, thresholds=(0.02, 0.07, 0.14))
+    s = torch.tensor(0.4321)  # a frozen running estimate
+    for enc, ref, const in [("sign", Qz.sign(z), {}), ("ternary", Qz.ternary(z, 0.7, dims="sample"), {}),
+                            ("pow2", Qz.pow2(z, 3, dims="sample") * 4, {}),
+                            ("ternary", Qz.ternary(z, 0.7, mean_abs=s), {"stats": "constant", "reference": float(s)}),
+                            ("pow2", Qz.pow2(z, 3, max_abs=s) * 4, {"stats": "constant", "reference": float(s)})]:
+        cfg = Encoding(enc, {"sign": 1, "ternary": 2, "pow2": 3}[enc], delta_ratio=0.7, thresholds=(0.02, 0.07, 0.14),
+                       **const)
         op = quantize(zn, cfg)
         mag = np.ones(zn.shape) if op.masks is None else sum(m * 2**e for e, m in op.masks)
         assert (np.where(op.neg, -1, 1) * mag == ref.numpy()).all(), enc
@@ -104,7 +108,8 @@ def test_runtime_quantizers_match_torch():
 # -- exact layers: padding, strides, im2col paths, folding --------------------------------------
 def single_conv(cin, w_bits, a_bits, stride=1, padding=1):
     torch.manual_seed(cin + 10 * w_bits + a_bits)
-    return nn.Sequential(QConv2d(cin, 16, 3, stride, padding, w_bits=w_bits, a_bits=a_bits, estimator="aqe")).eval()
+    model = nn.Sequential(QConv2d(cin, 16, 3, stride, padding, w_bits=w_bits, a_bits=a_bits, estimator="aqe"))
+    return estimators.calibrate_activation_stats(model, [torch.randn(8, cin, 9, 7)])
 
 
 @pytest.mark.parametrize("cin", [3, 8, 64])  # bool / byte / word im2col
@@ -185,11 +190,13 @@ def check_agreement(model, x, *, every_sample: bool) -> dict:
     return c
 
 
-@pytest.mark.parametrize("w_bits,a_bits,first_last_float", [(2, 2, False), (3, 3, False), (1, 1, True)])
-def test_trained_digits_net_agrees(digits, w_bits, a_bits, first_last_float):
+@pytest.mark.parametrize("w_bits,a_bits,first_last_float,act_stats", [
+    (2, 2, False, "running"), (3, 3, False, "running"), (2, 2, False, "per_sample"), (3, 3, False, "per_sample"),
+    (1, 1, True, "running")])
+def test_trained_digits_net_agrees(digits, w_bits, a_bits, first_last_float, act_stats):
     torch.manual_seed(0)
     model = create_model("digits_net", num_classes=10, input_shape=digits.input_shape, w_bits=w_bits,
-                         a_bits=a_bits, estimator="aqe", first_last_float=first_last_float)
+                         a_bits=a_bits, estimator=("aqe", {"act_stats": act_stats}), first_last_float=first_last_float)
     train(model, digits, epochs=2)
     c = check_agreement(model, digits.test_x, every_sample=a_bits == 1)
     assert (c["logits"].argmax(1) == digits.test_y.numpy()).mean() > 0.5  # it did learn
@@ -261,6 +268,7 @@ def test_trained_convnet_d_agrees():
 def test_other_layouts_agree(name, shape, w_bits, a_bits):
     torch.manual_seed(0)
     model = create_model(name, num_classes=10, input_shape=shape, w_bits=w_bits, a_bits=a_bits, estimator="ste")
+    estimators.calibrate_activation_stats(model, [torch.randn(16, *shape)])
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -301,6 +309,7 @@ def test_convnet_a_w1_size(tmp_path):
 def test_bits_per_weight_by_encoding(tmp_path):
     for bits, planes in [(1, 1), (2, 2), (3, 3)]:
         model = create_model("digits_net", num_classes=10, input_shape=(1, 8, 8), w_bits=bits, a_bits=bits)
+        estimators.calibrate_activation_stats(model, [torch.randn(4, 1, 8, 8)])
         r = export_model(model, tmp_path / f"d{bits}.bbpack")
         words = sum(layer["out"] * layer["words"] for layer in r.layers)
         assert r.payload_bytes == 8 * words * planes and r.weight_bits == bits * r.quantized_weights
@@ -309,9 +318,10 @@ def test_bits_per_weight_by_encoding(tmp_path):
 # -- format and refusals -----------------------------------------------------------------------
 def test_layer_records_round_trip(tmp_path):
     """export → file → typed header: the same records; JSON ↔ record is lossless, constant input
-    statistics (a frozen Δ / max|x| per layer) included, which the engine refuses to run for now."""
+    statistics (a frozen mean|x| / max|x| per layer) included, which the engine runs as torch does."""
     model = folded_block("mixed")
-    model[4] = QConv2d(16, 4, 3, 1, 1, w_bits=3, a_bits=2, estimator="aqe")
+    model[4] = QConv2d(16, 4, 3, 1, 1, w_bits=3, a_bits=2, estimator="aqe",
+                       estimator_params={"act_stats": "per_sample"})
     export_model(model.eval(), tmp_path / "r.bbpack", input_shape=(8, 8, 8))
     header, arrays = load_packed(tmp_path / "r.bbpack")
     raw, _ = read_packed(tmp_path / "r.bbpack")
@@ -326,8 +336,15 @@ def test_layer_records_round_trip(tmp_path):
     again = dataclasses.replace(header, layers=(first, frozen))
     save_packed(tmp_path / "c.bbpack", again, arrays)
     assert load_packed(tmp_path / "c.bbpack")[0] == again
-    with pytest.raises(ValueError, match="not run by this engine yet"):
-        PackedNet.load(tmp_path / "c.bbpack", threads=1).logits(np.zeros((1, 8, 8, 8), np.float32))
+    x = torch.randn(8, 8, 8, 8)
+    frozen_model = nn.Sequential(*model[:4], QConv2d(16, 4, 3, 1, 1, w_bits=3, a_bits=2, estimator="aqe")).eval()
+    frozen_model[4].load_state_dict(model[4].state_dict(), strict=False)
+    frozen_model[4].input_quantizer.quantizer.running_stat.fill_(0.35)
+    frozen_model[4].input_quantizer.quantizer.running_stat_set.fill_(True)
+    with torch.no_grad():
+        ref = frozen_model(x).permute(0, 2, 3, 1).numpy()
+    ours = PackedNet.load(tmp_path / "c.bbpack", threads=1)._forward(x.numpy())
+    assert (ours == ref).all()
 
 
 @pytest.mark.parametrize("change,match", [
@@ -386,14 +403,37 @@ def test_estimators_declare_their_packed_encoding():
                 assert got == (minw[bits] if packable else None), (name, role, bits)
 
 
-def test_activation_statistics_other_than_per_sample_are_refused(tmp_path):
-    """A quantizer whose Δ / max|x| is not each sample's own (an ``act_stats`` hparameter) has no export
-    yet: refused rather than run with per-sample statistics."""
-    model = create_model("digits_net", num_classes=10, input_shape=(1, 8, 8), w_bits=2, a_bits=2, estimator="aqe")
-    export_model(model, tmp_path / "ok.bbpack")
-    model.features[1][0].input_quantizer.quantizer.hparams["act_stats"] = "running"
-    with pytest.raises(UnsupportedModelError, match="activation statistics 'running' are not exported yet"):
-        export_model(model, tmp_path / "no.bbpack")
+def test_per_batch_and_never_estimated_running_statistics_are_refused(tmp_path):
+    """Per-batch activation statistics have no packed code (a prediction depends on its batch); a running
+    estimate that was never set (an untrained model: eval takes each batch's) is refused too."""
+    def model(stats):
+        return create_model("digits_net", num_classes=10, input_shape=(1, 8, 8), w_bits=2, a_bits=2,
+                            estimator=("aqe", {"act_stats": stats}))
+    export_model(model("per_sample"), tmp_path / "ok.bbpack")
+    with pytest.raises(UnsupportedModelError, match="activation statistics 'per_batch' have no packed code"):
+        export_model(model("per_batch"), tmp_path / "no.bbpack")
+    with pytest.raises(UnsupportedModelError, match="running activation statistic was never estimated"):
+        export_model(model("running"), tmp_path / "no.bbpack")
+
+
+def test_running_statistics_are_exported_as_the_layers_constant(tmp_path, digits):
+    """act_stats=running: each quantized input's Δ (ternary) / max|x| (pow2) is the frozen estimate, written to
+    the file as ``stats="constant"`` with the estimate as ``reference``."""
+    torch.manual_seed(0)
+    model = create_model("digits_net", num_classes=10, input_shape=digits.input_shape, w_bits=3, a_bits=2,
+                         estimator=("aqe", {"act_stats": "running"}))
+    model.train()
+    with torch.no_grad():
+        model(digits.train_x[:128])
+    model.eval()
+    report = export_model(model, tmp_path / "r.bbpack")
+    header, _ = read_packed(report.path)
+    quantizers = [m for m in model.modules() if getattr(m, "tracks_running_stat", False)]
+    inputs = [rec["input"] for rec in header["layers"] if rec["input"]["enc"] == "ternary"]
+    assert len(inputs) == len(quantizers) >= 2
+    for rec, q in zip(inputs, quantizers, strict=True):
+        assert rec["stats"] == "constant" and rec["reference"] == float(q.running_stat) > 0
+
 
 
 def test_xnor_activations_with_float_weights_are_packed(digits):

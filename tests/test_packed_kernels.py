@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import estimators
 from estimators import QConv2d, QLinear
 from workers.models import create_model
 from workers.packed import PackedNet, export_model
@@ -144,7 +145,7 @@ def _mixed_net():
                 m.running_mean.normal_(0, 2)
                 m.running_var.uniform_(1, 10)
                 m.weight.normal_()
-    return model.eval(), (3, 10, 11)
+    return estimators.calibrate_activation_stats(model, [torch.randn(16, 3, 10, 11)]), (3, 10, 11)
 
 
 @pytest.mark.parametrize("name,w_bits,a_bits", [("digits_net", 1, 1), ("digits_net", 2, 2), ("digits_net", 3, 3),
@@ -155,8 +156,8 @@ def test_whole_nets_give_identical_logits_on_both_backends(tmp_path, name, w_bit
     else:
         torch.manual_seed(0)
         shape = (1, 8, 8)
-        model = create_model(name, num_classes=10, input_shape=shape, w_bits=w_bits, a_bits=a_bits,
-                             estimator="ste").eval()
+        model = create_model(name, num_classes=10, input_shape=shape, w_bits=w_bits, a_bits=a_bits, estimator="ste")
+        estimators.calibrate_activation_stats(model, [torch.randn(16, *shape)])
     export_model(model, tmp_path / "m.bbpack")
     x = np.random.default_rng(0).standard_normal((37, *shape)).astype(np.float32)
     got, one = {}, {}

@@ -30,7 +30,7 @@ def spec(**over):
 
 
 def of(s) -> str:
-    return protocol(s.model_dump(mode="json")).id
+    return protocol(s.protocol_view()).id
 
 
 # -- the identity ---------------------------------------------------------------------------------
@@ -38,7 +38,8 @@ def test_what_a_study_compares_is_not_part_of_the_protocol():
     same = [spec(), spec(name="other", description="x", seeds=[7], estimators=["aqe", "ste"],
                      bits=[{"w": 2, "a": 2}], include_full_precision=True, resources={"cpu": 4.0}, max_retries=0),
             spec(optimizer={"name": "adam", "lr": 0.01, "momentum": 0.5}),  # Adam ignores momentum
-            spec(dataset_options={"val_size": None})]  # null: the data set's default, as absent
+            spec(dataset_options={"val_size": None}),  # null: the data set's default, as absent
+            spec(dataset_options={"split_seed": parse_spec(BASE).dataset_options.split_seed})]  # the default, given
     assert {of(s) for s in same} == {of(spec())}
     constant = spec(lr_schedule={"name": "constant"})
     assert of(spec(lr_schedule={"name": "constant", "gamma": 0.5})) == of(constant) != of(spec())  # gamma unused
@@ -51,6 +52,15 @@ def test_what_a_study_compares_is_not_part_of_the_protocol():
     {"bn_reestimate": True}, {"dataset": "mnist"}, {"model": "convnet_a"}])
 def test_everything_that_changes_a_measurement_is(over):
     assert of(spec(**over)) != of(spec())
+
+
+def test_model_options_are_part_of_the_protocol_and_their_defaults_are_not():
+    """convnet_a at width_divisor 8 is another network than at 1 (given or not: the same)."""
+    a = {"model": "convnet_a", "dataset": "synthetic"}
+    ids = {d: of(spec(**a, model_options={"width_divisor": d})) for d in (1, 2, 8)}
+    assert len(set(ids.values())) == 3 and ids[1] == of(spec(**a))
+    s = spec(**a, model_options={"width_divisor": 8})
+    assert protocol(s.protocol_view()).label.startswith("synthetic/convnet_a width_divisor 8 · 5 ep")
 
 
 def test_label_reads_the_recipe_and_the_version_is_part_of_the_id():
@@ -140,7 +150,8 @@ def test_protocols_lists_the_choices_of_a_dataset(session, sessions):
 
 # -- the migration ----------------------------------------------------------------------------------
 def test_migration_0006_computes_the_protocol_of_stored_runs(db_url):
-    """Runs stored before 0006 get the protocol a new run of their spec gets; a method trial its own."""
+    """Runs stored before 0006 get the protocol a new run of their spec got at protocol version 1 (the
+    definitions they were trained with); a method trial its own. A new run of the spec today is version 2."""
     with_method = spec(methods=[{"name": "dorefa", "bits": [{"w": 1, "a": 1}]}])
     old = {"plain": spec(), "sgd": spec(optimizer={"name": "sgd", "lr": 0.1}), "method": with_method}
     eng = make_engine(db_url)
@@ -160,9 +171,16 @@ def test_migration_0006_computes_the_protocol_of_stored_runs(db_url):
         for name, sp in old.items():
             run = next(r for r in store.list_runs(s, limit=10)[0] if r["name"] == name)
             fresh = store.create_run(s, sp.model_copy(update={"name": name + "-new"}))[0]
-            assert (run["protocol"], run["protocol_label"]) == (fresh["protocol"], fresh["protocol_label"])
+            v1 = protocol(sp.model_dump(mode="json"), version=1)
+            assert (run["protocol"], run["protocol_label"]) == (v1.id, v1.label)
+            assert run["protocol_label"] == fresh["protocol_label"] + " · v1" and run["protocol"] != fresh["protocol"]
             got = {t["key"]: t["protocol"] for t in store.list_trials(s, run["id"])}
-            assert got == {t["key"]: t["protocol"] for t in store.list_trials(s, fresh["id"])}
+            fresh_got = {t["key"]: t["protocol"] for t in store.list_trials(s, fresh["id"])}
+            v1_of = {protocol(sp.model_dump(mode="json"), version=2).id: v1.id}
+            for t in store.list_trials(s, fresh["id"]):  # a method trial's own protocol, at version 1
+                if t["protocol"] not in v1_of:
+                    v1_of[t["protocol"]] = protocol(sp.model_dump(mode="json"), first_last_float=True, version=1).id
+            assert got == {key: v1_of[p] for key, p in fresh_got.items()}
     eng.dispose()
 
 

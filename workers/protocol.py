@@ -2,8 +2,9 @@
 axes a study compares (estimator and its parameters, bits, seed) and what does not change a number
 (name, description, resources, retries).
 
-The protocol is the data set with its options, the model, ``first_last_float``, epochs, batch size,
-optimizer, learning-rate schedule, ``bn_reestimate`` and :data:`PROTOCOL_VERSION`; its id is the
+The protocol is the data set with its options, the model with its options (``model_options``, a key
+only when some are given, so that the ids of specs without them never changed), ``first_last_float``,
+epochs, batch size, optimizer, learning-rate schedule, ``bn_reestimate`` and :data:`PROTOCOL_VERSION`; its id is the
 first 16 hex digits of the SHA-256 of its canonical JSON. Only the parameters a setting uses are
 part of it (Adam ignores ``momentum``; a constant schedule ignores ``gamma``), so two specs that
 train identically share their protocol. The leaderboard compares trials of one protocol only.
@@ -25,7 +26,8 @@ from typing import Any, NamedTuple
 #: quantizer's or model's forward behaviour (what a trained network computes, or how it trains under
 #: the same recipe): trials trained before and after then have different protocols and are never
 #: ranked together. Refactors that leave every number unchanged keep it.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+#: what each version changed: 2, the MINW activation quantizers' default ``act_stats`` per_sample → running
 #: length of a protocol id (hex digits of the SHA-256)
 PROTOCOL_ID_LENGTH = 16
 PROTOCOL_ID_PATTERN = f"^[0-9a-f]{{{PROTOCOL_ID_LENGTH}}}$"
@@ -71,12 +73,16 @@ def definition(spec: Mapping[str, Any], *, first_last_float: bool | None = None,
 
     options = {k: v for k, v in (spec.get("dataset_options") or {}).items()
                if v is not None and k not in _UNMEASURED_OPTIONS}
-    return {"dataset": get("dataset"), "dataset_options": options, "model": get("model"),
+    defn = {"dataset": get("dataset"), "dataset_options": options, "model": get("model"),
             "first_last_float": bool(get("first_last_float") if first_last_float is None else first_last_float),
             "epochs": get("epochs"), "batch_size": get("batch_size"),
             "optimizer": _used(spec.get("optimizer"), _OPTIMIZER_PARAMS, "adam"),
             "lr_schedule": _used(spec.get("lr_schedule"), _SCHEDULE_PARAMS, "exponential"),
             "bn_reestimate": bool(get("bn_reestimate")), "version": version}
+    model_options = {k: v for k, v in (spec.get("model_options") or {}).items() if v is not None}
+    if model_options:
+        defn["model_options"] = model_options
+    return defn
 
 
 def protocol_id(defn: Mapping[str, Any]) -> str:
@@ -101,7 +107,8 @@ def label(defn: Mapping[str, Any]) -> str:
     schedule = {"constant": "constant", "exponential": f"exp {sched.get('gamma')}",
                 "cosine": "cosine" + (f" to {sched.get('eta_min')}" if sched.get("eta_min") else ""),
                 "step": f"step {sched.get('gamma')} at {sched.get('milestones')}"}.get(sched["name"], sched["name"])
-    parts = [f"{defn['dataset']}/{defn['model']}", f"{defn['epochs']} ep", f"{optimizer} {schedule}",
+    model = defn["model"] + "".join(f" {k} {v}" for k, v in sorted(defn.get("model_options", {}).items()))
+    parts = [f"{defn['dataset']}/{model}", f"{defn['epochs']} ep", f"{optimizer} {schedule}",
              f"bs {defn['batch_size']}"]
     options = dict(defn["dataset_options"])
     if "train_size" in options:

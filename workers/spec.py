@@ -451,6 +451,15 @@ class ExperimentSpec(_Strict):
     ADDED_LATER: ClassVar[tuple[str, ...]] = ("bn_reestimate", "methods", "description", "resources.cpu_fallback",
                                                   "model_options", "quantizer")
 
+    def protocol_view(self) -> dict[str, Any]:
+        """The stored spec (``model_dump(mode="json")``) with only the data set's and model's options that differ
+        from their defaults (``{"split_seed": <default>}`` trains what ``{}`` trains): what
+        :func:`workers.protocol.protocol` reads. The spec's hash keeps the options as given."""
+        data = self.model_dump(mode="json")
+        data["dataset_options"] = self.dataset_options.model_dump(mode="json", exclude_defaults=True)
+        data["model_options"] = self.model_options.model_dump(mode="json", exclude_defaults=True)
+        return data
+
     def canonical_json(self) -> str:
         """The normalised spec as canonical JSON (sorted keys, defaults filled but those of
         :attr:`ADDED_LATER`)."""

@@ -73,10 +73,10 @@ def create_run(s: Session, spec, *, idempotency_key: str | None = None) -> tuple
         if existing is not None:
             return existing, False
     cells = spec.trials()
-    stored = spec.model_dump(mode="json")
-    of_spec = protocol(stored)
+    stored, view = spec.model_dump(mode="json"), spec.protocol_view()
+    of_spec = protocol(view)
     # a named method's trial with its own first/last-layer policy has a protocol of its own
-    own = {p: protocol(stored, first_last_float=p) for p in {t.first_last_float for t in cells} - {None}}
+    own = {p: protocol(view, first_last_float=p) for p in {t.first_last_float for t in cells} - {None}}
     try:
         run_id = s.execute(runs.insert().values(
             name=spec.name, status=Status.QUEUED, dataset=spec.dataset, model=spec.model,

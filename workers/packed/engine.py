@@ -9,8 +9,8 @@ last layer) are float32 matmuls, as in the trained model.
 
 After the accumulator: a folded sign threshold ``(A ≥ U) XOR g`` with max-pooling as an OR of
 the threshold bits, or float32 ``z = HT(BN(maxpool(s·A) + b))`` and the next layer's quantizer
-at run time with per-sample statistics (ternary Δ = r·mean|z|, powers of two max|z|), as
-torch's eval mode computes them (statistics here in numpy on both backends, so that the two
+at run time with per-sample statistics (ternary Δ = r·mean|z|, powers of two max|z|) or the layer's
+frozen running estimate, as torch's eval mode computes them (statistics here in numpy on both backends, so that the two
 backends agree bit for bit). Activations are NHWC, quantized ones packed per pixel; no per-pixel
 Python loops.
 """
@@ -37,18 +37,20 @@ MICRO_BATCH = 64  # images per pass through the net
 
 # -- run-time quantizers (the torch eval path, per sample) --------------------------------------
 def statistic(z: np.ndarray, enc: Encoding) -> np.ndarray | None:
-    """The per-sample statistic of the input quantizer on float32 ``z`` (N, ...), float32 (N,):
-    ternary Δ = r·mean|z| (mean accumulated in float64), powers of two max|z| (at least the
-    smallest normal float); None for sign."""
+    """The statistic of the input quantizer on float32 ``z`` (N, ...), float32 (N,): ternary
+    Δ = r·s with s = mean|z| (accumulated in float64), powers of two s = max|z| (at least the
+    smallest normal float); s per sample, or the layer's constant (``stats="constant"``); None for sign."""
     if enc.enc == "sign":
         return None
-    if enc.stats != "per_sample":
-        raise ValueError(f"input statistics {enc.stats!r} are carried by the format but not run by this engine yet")
-    a = np.abs(z).reshape(len(z), -1)
+    if enc.stats == "constant":
+        s = np.full(len(z), enc.reference, np.float32)
+    else:
+        a = np.abs(z).reshape(len(z), -1)
+        s = a.mean(axis=1, dtype=np.float64).astype(np.float32) if enc.enc == "ternary" else a.max(axis=1)
     if enc.enc == "ternary":
-        return np.float32(enc.delta_ratio) * a.mean(axis=1, dtype=np.float64).astype(np.float32)
+        return np.float32(enc.delta_ratio) * s
     if enc.enc == "pow2":
-        return np.maximum(a.max(axis=1), np.finfo(np.float32).tiny)
+        return np.maximum(s, np.finfo(np.float32).tiny)
     raise ValueError(f"no run-time quantizer for input encoding {enc.enc!r}")
 
 

@@ -153,19 +153,25 @@ def _encoding(q: Estimator | None, name: str) -> Encoding:
         return FLOAT
     enc = q.packed_encoding()
     stats = q.hparams.get("act_stats", "per_sample") if q.role == "activation" else "per_sample"
-    if enc is None and stats != "per_sample":  # the estimator declines it (estimators.minw.packed_encoding)
-        raise UnsupportedModelError(f"{name}: {q.name!r} activation statistics {stats!r} are not exported yet "
-                                    "(the engine runs per-sample statistics)")
+    if enc is None and stats == "per_batch":  # the estimator declines it (estimators.minw.packed_encoding)
+        raise UnsupportedModelError(f"{name}: {q.name!r} activation statistics 'per_batch' have no packed code "
+                                    "(a prediction would depend on its batch; use per_sample or running)")
+    constant = {}  # a running estimate is frozen in eval: the layer's constant statistic
+    if getattr(q, "tracks_running_stat", False):
+        if not bool(q.running_stat_set):
+            raise UnsupportedModelError(f"{name}: the running activation statistic was never estimated (train the "
+                                        "model first: until then eval mode takes it from each batch)")
+        constant = {"stats": "constant", "reference": float(q.running_stat)}
     if enc == "sign":
         return Encoding("sign", 1)
     if enc == "ternary":
-        return Encoding("ternary", 2, delta_ratio=float(q.hparams["delta_ratio"]))
+        return Encoding("ternary", 2, delta_ratio=float(q.hparams["delta_ratio"]), **constant)
     if enc == "pow2":
         if q.bits > MAX_POW2_BITS:
             raise UnsupportedModelError(f"{name}: powers of two above {MAX_POW2_BITS} bits overflow int32 accumulators")
         qn = 2 ** (q.bits - 1) - 1
         return Encoding("pow2", q.bits, unit=2.0 ** -(qn - 1), max_int=2 ** (qn - 1),
-                        thresholds=tuple(q.hparams["pow2_thresholds"] or pow2_thresholds(q.bits)))
+                        thresholds=tuple(q.hparams["pow2_thresholds"] or pow2_thresholds(q.bits)), **constant)
     raise UnsupportedModelError(
         f"{name}: estimator {q.name!r} ({q.role}, {q.bits} bits) quantizes to levels the packed format has no code "
         "for (packed export needs a quantizer that declares one: MINW-Net's sign / ternary / powers of two without "

@@ -107,8 +107,8 @@ class Encoding:
     ternary {−1, 0, 1}, pow2 {0, ±2^e}. Input quantizers run at inference: ternary non-zero ⇔
     |x| > Δ with Δ = ``delta_ratio``·mean|x|; pow2 code j = #{t ∈ ``thresholds`` : t ≤ |x|/max|x|}.
     ``stats`` says where Δ and max|x| come from: "per_sample" (each sample's own, as torch's eval
-    mode computes them) or "constant" (one frozen ``reference`` value per layer: Δ for ternary,
-    max|x| for pow2 — carried by the format, not yet written by the exporter).
+    mode computes them) or "constant" (the layer's frozen running estimate ``reference``: mean|x| for
+    ternary, so Δ = ``delta_ratio``·reference; max|x| for pow2), as torch's eval mode with ``act_stats=running``.
     """
 
     enc: str
