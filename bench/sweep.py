@@ -1,6 +1,6 @@
 """A small sweep through Ray Tune against the same trials run one after another in one process.
 
-    python bench/sweep.py [--epochs 10] [--cpus 2] [--repeats 1]
+    python bench/sweep.py [--epochs 10] [--cpus 2] [--repeats 1] [--modes pool,tune]
 
 8 digits trials (4 estimators × W1A1, W2A2, one seed, 1 CPU each), these ways:
 
@@ -11,11 +11,11 @@
   workers do) taking the trials longest-first from one queue, no framework in between — the
   ceiling for running trials side by side on these cores;
 - *Ray Tune* (``tune``): ``workers.sweep.run_sweep`` on a fresh local Ray with ``--cpus`` CPUs, Ray's
-  start-up (``ray.init``) excluded; ``tune-fresh``: the same with Tune's own actor options, so that each
-  trial slot starts a fresh worker process (as before ``workers.sweep.use_prestarted_workers``).
+  start-up (``ray.init``) excluded (its median is printed).
 
-``--modes`` picks and orders them (default: all but ``tune-fresh``). Prints markdown tables with wall
-times and speed-ups against the first mode, and each run's Tune / pool ratio (target ≤ 1.05).
+``--modes`` picks and orders them (``sequential``, ``threads``, ``pool``, ``tune``; default all).
+Prints markdown tables with wall times and speed-ups against the first mode, and each run's
+Tune / pool ratio (target ≤ 1.05).
 ``--repeats N`` runs the modes in turn N times (a shared machine's speed drifts between minutes) and
 reports medians, with every run listed, and the load average at the start and the end.
 """
@@ -74,32 +74,20 @@ def process_pool(spec: ExperimentSpec, cpus: int) -> float:
     return time.perf_counter() - t0
 
 
-def through_ray(spec: ExperimentSpec, cpus: int, prestarted: bool = True) -> tuple[float, float]:
-    """(run_sweep seconds, ray.init seconds) on a fresh local Ray. ``prestarted=False``: Tune's own trial
-    actor options (its ``runtime_env``), as before ``workers.sweep.use_prestarted_workers``."""
+def through_ray(spec: ExperimentSpec, cpus: int) -> tuple[float, float]:
+    """(run_sweep seconds, ray.init seconds) on a fresh local Ray."""
     import ray
-    from ray.tune.execution import class_cache
-
-    import workers.sweep
 
     torch.set_num_threads(cpus)
     t0 = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray_init = time.perf_counter() - t0
-    keep = workers.sweep.use_prestarted_workers
-    if not prestarted:
-        class_cache.DEFAULT_ENV_VARS["PL_DISABLE_FORK"] = "1"
-        workers.sweep.use_prestarted_workers = lambda: None
-    try:
-        with tempfile.TemporaryDirectory() as storage:
-            sink = MemorySink(strict=True)
-            t0 = time.perf_counter()
-            statuses = run_sweep(spec, sink, storage_path=storage, experiment_name="bench")
-            tuned = time.perf_counter() - t0
-    finally:
-        workers.sweep.use_prestarted_workers = keep
-        class_cache.DEFAULT_ENV_VARS.pop("PL_DISABLE_FORK", None)
-        ray.shutdown()
+    with tempfile.TemporaryDirectory() as storage:
+        sink = MemorySink(strict=True)
+        t0 = time.perf_counter()
+        statuses = run_sweep(spec, sink, storage_path=storage, experiment_name="bench")
+        tuned = time.perf_counter() - t0
+    ray.shutdown()
     assert set(statuses.values()) == {"done"}, statuses
     assert sum(len(v) for v in sink.epochs.values()) == spec.trial_count() * spec.epochs
     return tuned, ray_init
@@ -110,7 +98,6 @@ MODES = {
     "threads": "sequential, one process, {cpus} torch threads each",
     "pool": "process pool: {cpus} fresh processes × 1 thread, longest first, no framework",
     "tune": "Ray Tune, {cpus} trials × 1 CPU (run_sweep)",
-    "tune-fresh": "Ray Tune as before: each trial slot a fresh worker process (Tune's runtime_env)",
 }
 
 
@@ -135,7 +122,6 @@ def main(argv: list[str] | None = None) -> None:
         "threads": lambda: one_after_another(spec, args.cpus),
         "pool": lambda: process_pool(spec, args.cpus),
         "tune": lambda: through_ray(spec, args.cpus),
-        "tune-fresh": lambda: through_ray(spec, args.cpus, prestarted=False),
     }
 
     load_before = load_average()
@@ -164,11 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     if ray_init:
         print(f"\nray.init (excluded above): median {statistics.median(ray_init):.1f} s")
     if "pool" in modes:
-        for mode in ("tune", "tune-fresh"):
-            if mode in modes:
-                each = sorted(r[mode] / r["pool"] for r in runs)
-                print(f"\n{mode} / pool wall time, per run: {', '.join(f'{x:.3f}' for x in each)} "
-                      f"(median {statistics.median(each):.3f}; target ≤ 1.05)")
+        if "tune" in modes:
+            each = sorted(r["tune"] / r["pool"] for r in runs)
+            print(f"\nTune / pool wall time, per run: {', '.join(f'{x:.3f}' for x in each)} "
+                  f"(median {statistics.median(each):.3f}; target ≤ 1.05)")
     if args.repeats > 1:
         print("\n| run | " + " | ".join(f"{m} s" for m in modes) + " |")
         print("|---|" + "---:|" * len(modes))

@@ -4,7 +4,8 @@
 there; the workers import this module from the repository root, which Ray puts on their path). Each
 attempt appends "start <resumed epoch>" and "trained <epoch>" lines to ``<dir>/<trial key>.log``; a
 file ``<dir>/<trial key>.fail@<epoch>`` (:meth:`FaultHooks.fail`) makes that trial raise once in that
-epoch, before reporting it (the file is consumed, so the retry passes).
+epoch, before reporting it (the file is consumed, so the retry passes). :func:`kill_driver_after_checkpoint`
+kills the driver at one point of Tune's loop.
 """
 from __future__ import annotations
 

@@ -280,3 +280,4 @@ def test_a_driver_killed_between_a_checkpoint_and_the_snapshot_loses_and_repeats
     assert [x for x in hooks.log(key) if x.startswith("start")] == ["start 0", "start 2"]  # epochs 1, 2 kept
     assert epochs_of(sink) == {key: [1, 2, 3]} and sink.duplicates == []
     assert [s["attempt"] for s in sink.starts[key]] == [1, 2] and sink.ends[key][0] == "done"
+

@@ -55,20 +55,6 @@ def ensure_ray(address: str | None = None) -> None:
              logging_level=logging.WARNING, log_to_driver=False)
 
 
-def use_prestarted_workers() -> None:
-    """Let Tune's trial actors start in the idle workers Ray prestarts for the job.
-
-    Tune gives every trainable actor a ``runtime_env`` holding ``PL_DISABLE_FORK=1`` (a PyTorch Lightning
-    switch; bitbench does not use Lightning), and Ray starts a fresh worker process for any actor with env
-    vars of its own, so every trial slot paid a process start and Ray's imports after ``fit()`` began. Without
-    that entry (and with none of the AWS variables Tune forwards set) the actor's runtime env is empty and it
-    takes a prestarted worker. Idempotent; it changes Tune's module default for this process.
-    """
-    from ray.tune.execution import class_cache
-
-    class_cache.DEFAULT_ENV_VARS.pop("PL_DISABLE_FORK", None)
-
-
 # -- the trainable (runs in a Ray worker) ----------------------------------------------------
 class TrialHooks(Protocol):
     """What a caller of :func:`run_sweep` may run inside every trial attempt, in its Ray worker (tests trace
@@ -244,7 +230,6 @@ def run_sweep(
         return {t.key: "skipped" for t in grid}
 
     ensure_ray(ray_address)
-    use_prestarted_workers()
     # CheckpointConfig(num_to_keep=1) forces an experiment snapshot after every trial checkpoint:
     # the restore point and the callback's record of delivered epochs never lag. Tune warns about
     # frequent forced snapshots; this is on purpose.
