@@ -1,8 +1,8 @@
 """A small sweep through Ray Tune against the same trials run one after another in one process.
 
-    python bench/sweep.py [--epochs 10] [--cpus 2] [--repeats 1]
+    python bench/sweep.py [--epochs 10] [--cpus 2] [--repeats 1] [--modes pool,tune]
 
-8 digits trials (4 estimators × W1A1, W2A2, one seed, 1 CPU each), four ways:
+8 digits trials (4 estimators × W1A1, W2A2, one seed, 1 CPU each), these ways:
 
 - *sequential*: ``workers.train.run_trial`` for each trial in this (warm) process, as configured
   (1 CPU, so 1 torch thread each) — the baseline;
@@ -10,17 +10,20 @@
 - *process pool*: ``--cpus`` fresh processes (spawned, so each pays its own imports, as Ray's
   workers do) taking the trials longest-first from one queue, no framework in between — the
   ceiling for running trials side by side on these cores;
-- *Ray Tune*: ``workers.sweep.run_sweep`` on a local Ray with ``--cpus`` CPUs, with Ray's start-up
-  excluded and included.
+- *Ray Tune* (``tune``): ``workers.sweep.run_sweep`` on a fresh local Ray with ``--cpus`` CPUs, Ray's
+  start-up (``ray.init``) excluded (its median is printed).
 
-Prints markdown tables with wall times and speed-ups (target ≥ 1.7× on 2 CPUs against the same
-trials run one after another). ``--repeats N`` runs the four modes in turn N times (a shared VM's
-speed drifts by several per cent between minutes) and reports medians, with every run listed.
+``--modes`` picks and orders them (``sequential``, ``threads``, ``pool``, ``tune``; default all).
+Prints markdown tables with wall times and speed-ups against the first mode, and each run's
+Tune / pool ratio (target ≤ 1.05).
+``--repeats N`` runs the modes in turn N times (a shared machine's speed drifts between minutes) and
+reports medians, with every run listed, and the load average at the start and the end.
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import shlex
 import statistics
 import sys
@@ -90,40 +93,72 @@ def through_ray(spec: ExperimentSpec, cpus: int) -> tuple[float, float]:
     return tuned, ray_init
 
 
+MODES = {
+    "sequential": "sequential, one process, as configured (1 CPU = 1 torch thread each)",
+    "threads": "sequential, one process, {cpus} torch threads each",
+    "pool": "process pool: {cpus} fresh processes × 1 thread, longest first, no framework",
+    "tune": "Ray Tune, {cpus} trials × 1 CPU (run_sweep)",
+}
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--cpus", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1, help="run the four modes in turn N times; report medians")
+    p.add_argument("--repeats", type=int, default=1, help="run the modes in turn N times; report medians")
+    p.add_argument("--modes", default="sequential,threads,pool,tune",
+                   help=f"comma-separated, run in this order each repeat, from: {', '.join(MODES)}")
     args = p.parse_args(argv)
+    modes = args.modes.split(",")
+    if unknown := set(modes) - set(MODES):
+        p.error(f"unknown modes: {', '.join(sorted(unknown))}")
     spec = bench_spec(args.epochs)
+    run_mode = {
+        "sequential": lambda: one_after_another(spec, 1),
+        "threads": lambda: one_after_another(spec, args.cpus),
+        "pool": lambda: process_pool(spec, args.cpus),
+        "tune": lambda: through_ray(spec, args.cpus),
+    }
 
-    runs = []
+    load_before = load_average()
+    runs: list[dict[str, float]] = []
+    ray_init: list[float] = []
     for _ in range(args.repeats):
-        runs.append((one_after_another(spec, 1), one_after_another(spec, args.cpus),
-                     process_pool(spec, args.cpus), *through_ray(spec, args.cpus)))
-    seq, all_threads, pool, tuned, ray_init = (statistics.median(col) for col in zip(*runs, strict=False))
+        run = {}
+        for mode in modes:
+            out = run_mode[mode]()
+            if isinstance(out, tuple):
+                out, init = out
+                ray_init.append(init)
+            run[mode] = out
+        runs.append(run)
+    wall = {m: statistics.median(r[m] for r in runs) for m in modes}
+    base_mode = modes[0]
 
     cmd = shlex.join(sys.argv[1:] if argv is None else argv)
     print(f"`python bench/sweep.py {cmd}` ({spec.trial_count()} digits trials × {args.epochs} epochs, "
-          f"{args.cpus} CPUs{f', medians of {args.repeats} runs' if args.repeats > 1 else ''})\n")
-    print("| mode | wall s | speed-up vs sequential |")
+          f"{args.cpus} CPUs{f', medians of {args.repeats} runs' if args.repeats > 1 else ''}; "
+          f"load average {load_before} at the start, {load_average()} at the end)\n")
+    print(f"| mode | wall s | speed-up vs {base_mode} |")
     print("|---|---:|---:|")
-    for label, wall in [
-        ("sequential, one process, as configured (1 CPU = 1 torch thread each)", seq),
-        (f"sequential, one process, {args.cpus} torch threads each", all_threads),
-        (f"process pool: {args.cpus} fresh processes × 1 thread, longest first, no framework", pool),
-        (f"Ray Tune, {args.cpus} trials × 1 CPU (run_sweep)", tuned),
-        (f"Ray Tune incl. ray.init ({ray_init:.1f} s)", tuned + ray_init),
-    ]:
-        print(f"| {label} | {wall:.1f} | {seq / wall:.2f} |")
-    print(f"\nspeed-up: {seq / tuned:.2f}× over the same trials one after another (target ≥ 1.7×); "
-          f"the bare process pool reaches {seq / pool:.2f}×")
+    for mode in modes:
+        print(f"| {MODES[mode].format(cpus=args.cpus)} | {wall[mode]:.1f} | {wall[base_mode] / wall[mode]:.2f} |")
+    if ray_init:
+        print(f"\nray.init (excluded above): median {statistics.median(ray_init):.1f} s")
+    if "pool" in modes:
+        if "tune" in modes:
+            each = sorted(r["tune"] / r["pool"] for r in runs)
+            print(f"\nTune / pool wall time, per run: {', '.join(f'{x:.3f}' for x in each)} "
+                  f"(median {statistics.median(each):.3f}; target ≤ 1.05)")
     if args.repeats > 1:
-        print("\n| run | sequential s | all threads s | process pool s | Ray Tune s | Ray speed-up | pool speed-up |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for i, (s, a, pl, tn, _) in enumerate(runs, 1):
-            print(f"| {i} | {s:.1f} | {a:.1f} | {pl:.1f} | {tn:.1f} | {s / tn:.2f} | {s / pl:.2f} |")
+        print("\n| run | " + " | ".join(f"{m} s" for m in modes) + " |")
+        print("|---|" + "---:|" * len(modes))
+        for i, r in enumerate(runs, 1):
+            print(f"| {i} | " + " | ".join(f"{r[m]:.1f}" for m in modes) + " |")
 
 
 if __name__ == "__main__":

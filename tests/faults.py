@@ -4,7 +4,8 @@
 there; the workers import this module from the repository root, which Ray puts on their path). Each
 attempt appends "start <resumed epoch>" and "trained <epoch>" lines to ``<dir>/<trial key>.log``; a
 file ``<dir>/<trial key>.fail@<epoch>`` (:meth:`FaultHooks.fail`) makes that trial raise once in that
-epoch, before reporting it (the file is consumed, so the retry passes).
+epoch, before reporting it (the file is consumed, so the retry passes). :func:`kill_driver_after_checkpoint`
+kills the driver at one point of Tune's loop.
 """
 from __future__ import annotations
 
@@ -44,3 +45,28 @@ class FaultHooks:
     def _trace(self, key: str, line: str) -> None:
         with open(self.dir / f"{key}.log", "a") as f:
             f.write(line + "\n")
+
+
+# -- in the driver ------------------------------------------------------------------------------
+class DriverKilled(Exception):
+    """Raised by :func:`kill_driver_after_checkpoint`: the driver dies there, as under SIGKILL."""
+
+
+def kill_driver_after_checkpoint(monkeypatch, key: str, epoch: int) -> None:
+    """Make the sweep's driver die once, right after Tune registers trial ``key``'s checkpoint of ``epoch``.
+
+    That is the window of issue 15: registering a checkpoint deletes the trial's previous one (``num_to_keep``),
+    and the experiment snapshot that names the new one is written only at the end of Tune's step. Raising from
+    the callback's ``on_trial_save`` (called after the registration, before the snapshot) leaves Tune's loop
+    without a final snapshot (``tune.run`` only cleans up on an exception), as a killed dispatcher would.
+    """
+    from workers.tune_callback import SinkCallback, trial_key
+
+    armed = [True]
+
+    def on_trial_save(self, iteration, trials, trial, **info):
+        if armed[0] and trial_key(trial) == key and trial.last_result.get("epoch") == epoch:
+            armed[0] = False
+            raise DriverKilled(f"driver killed after the checkpoint of epoch {epoch} of {key}")
+
+    monkeypatch.setattr(SinkCallback, "on_trial_save", on_trial_save, raising=False)

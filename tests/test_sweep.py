@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from ray.tune import TuneError
 from ray.tune.experiment import Trial
 
 from tests.faults import FaultHooks
@@ -255,3 +256,28 @@ def test_storage_may_be_a_uri_checkpoints_and_restore_go_through_it(ray_session)
     n_events = len(sink.events)
     assert run_sweep(spec, sink, storage_path=root.as_uri(), experiment_name="via-uri", hooks=hooks) == {key: "done"}
     assert sink.events[n_events:] == [] and hooks.log(key)[-1] == "trained 2"
+
+
+def test_a_driver_killed_between_a_checkpoint_and_the_snapshot_loses_and_repeats_nothing(ray_session, monkeypatch):
+    """Issue 15: the driver dies after Tune registered epoch 2's checkpoint (deleting epoch 1's) but before the
+    experiment snapshot naming it. The rerun restores a snapshot that names the deleted checkpoint: the trial
+    resumes from the checkpoint that replaced it (epoch 2, whose result the sink has) and ends done, every epoch
+    delivered once."""
+    from tests.faults import DriverKilled, kill_driver_after_checkpoint
+
+    spec = make_spec(estimators=["aqe"], epochs=3)
+    key = "aqe-w1a1-s0"
+    hooks = hooks_for(ray_session, "killed-in-window")
+    kill_driver_after_checkpoint(monkeypatch, key, 2)
+    sink = MemorySink()
+    with pytest.raises((DriverKilled, TuneError)):
+        run_sweep(spec, sink, experiment_name="killed-in-window", hooks=hooks)
+    assert epochs_of(sink) == {key: [1, 2]}
+    exp = ray_session.storage / "killed-in-window"
+    assert not list(exp.glob("*/checkpoint_000000")) and list(exp.glob("*/checkpoint_000001/trial_state.pt"))
+
+    assert run_sweep(spec, sink, experiment_name="killed-in-window", hooks=hooks) == {key: "done"}
+    assert [x for x in hooks.log(key) if x.startswith("start")] == ["start 0", "start 2"]  # epochs 1, 2 kept
+    assert epochs_of(sink) == {key: [1, 2, 3]} and sink.duplicates == []
+    assert [s["attempt"] for s in sink.starts[key]] == [1, 2] and sink.ends[key][0] == "done"
+

@@ -7,7 +7,8 @@ function trainables, each resuming from its latest Tune checkpoint; retries thro
 ``FailureConfig``; results and cancellation handled by the driver-side callback of
 ``workers.tune_callback``. An experiment directory that Tune can restore is
 restored (``Tuner.restore``): finished trials are not trained again, unfinished and errored
-ones resume from their checkpoints, and the callback's saved state keeps every epoch from
+ones resume from their checkpoints (or, where the snapshot names one deleted before the driver
+died, the one that replaced it), and the callback's saved state keeps every epoch from
 reaching the sink twice.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
+import pyarrow.fs
 import ray
 import torch
 from ray import tune
@@ -34,6 +36,8 @@ from .tune_callback import FINAL_KEY, PROVENANCE_KEY, SinkCallback, SweepBinding
 
 STATE_FILE = "trial_state.pt"
 CHECKPOINTS_KEPT = 1  # also forces an experiment snapshot after every checkpoint (see run_sweep)
+_CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")  # Tune's checkpoint_<index, 6 digits>
+log = logging.getLogger(__name__)
 
 
 # -- paths and names -------------------------------------------------------------------------
@@ -104,10 +108,60 @@ def bitbench_trial(config: dict, *, spec_json: str, data_dir: str | None, hooks:
     tune.report({FINAL_KEY: final, **unsent})
 
 
+def replace_lost_checkpoint(checkpoint: tune.Checkpoint) -> bool:
+    """If ``checkpoint`` (the one Tune's experiment snapshot names) is gone, put the trial's oldest surviving
+    newer checkpoint in its place and return True; False when it is there (or nothing newer survives).
+
+    Why it can be gone (issue 15): registering a trial's checkpoint deletes the previous one at once
+    (``num_to_keep``), and the experiment snapshot naming the new one is written at the end of Tune's step and
+    uploaded in the background; a driver killed in between leaves a snapshot naming a deleted checkpoint.
+    Why the oldest newer one is right: Tune registers a checkpoint only after its epoch's result went through
+    the driver's callback to the sink, and deletes only checkpoints older than the latest registered one, so
+    the oldest surviving checkpoint newer than the named one is an epoch the sink has; newer ones may hold
+    epochs the driver never saw (the worker persists a checkpoint before the driver reads its result), and
+    resuming from them would lose those epochs. The copy (written under a temporary name, then renamed) keeps
+    Tune's own bookkeeping valid: a later restore from the snapshot finds the same state, and Tune's deletion of
+    the named checkpoint finds a directory to delete.
+    """
+    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    target = f"{path}/{STATE_FILE}"
+    if fs.get_file_info(target).type != pyarrow.fs.FileType.NotFound:
+        return False
+    trial_dir, name = path.rsplit("/", 1)
+    lost = _CHECKPOINT_DIR.match(name)
+    if lost is None:
+        return False
+    newer = sorted(
+        (int(m.group(1)), info.path) for info in fs.get_file_info(pyarrow.fs.FileSelector(trial_dir))
+        if info.type == pyarrow.fs.FileType.Directory and (m := _CHECKPOINT_DIR.match(info.base_name))
+        and int(m.group(1)) > int(lost.group(1))
+        and fs.get_file_info(f"{info.path}/{STATE_FILE}").type == pyarrow.fs.FileType.File)
+    if not newer:
+        return False
+    source = newer[0][1]
+    fs.create_dir(path, recursive=True)
+    fs.copy_file(f"{source}/{STATE_FILE}", f"{target}.part")
+    fs.move(f"{target}.part", target)
+    log.warning("checkpoint %s was deleted before an experiment snapshot replaced it; resuming from %s", path, source)
+    return True
+
+
+class ResumeFromSurvivingCheckpoint:
+    """Trainable mixin: before Tune restores a trial, :func:`replace_lost_checkpoint` on the checkpoint it names."""
+
+    def restore(self, checkpoint_path):
+        checkpoint = getattr(checkpoint_path, "checkpoint", None)  # Tune passes a _TrainingResult
+        if checkpoint is not None:
+            replace_lost_checkpoint(checkpoint)
+        return super().restore(checkpoint_path)  # type: ignore[misc]
+
+
 def make_trainable(spec: ExperimentSpec, data_dir: str | os.PathLike | None = None, hooks: TrialHooks | None = None):
-    """``bitbench_trial`` with the spec, data directory and hooks bound and the spec's resources."""
+    """``bitbench_trial`` with the spec, data directory and hooks bound, the spec's resources, and
+    :class:`ResumeFromSurvivingCheckpoint` mixed into the trainable class Tune makes of it."""
     data = str(Path(data_dir).expanduser().resolve()) if data_dir is not None else None
     fn = tune.with_parameters(bitbench_trial, spec_json=spec.canonical_json(), data_dir=data, hooks=hooks)
+    fn.__mixins__ = (ResumeFromSurvivingCheckpoint,)  # Tune's wrap_function puts these before FunctionTrainable
     return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
 
@@ -161,8 +215,9 @@ def run_sweep(
     the experiment never had). An exception from the sink stops the sweep and is re-raised
     here; the next run restores from the last experiment snapshot, which Tune forces after
     every checkpoint (``num_to_keep=1``), so at most an epoch in flight is trained again and
-    the callback's saved state keeps it from reaching the sink twice. ``hooks`` run in every trial
-    attempt (:class:`TrialHooks`).
+    the callback's saved state keeps it from reaching the sink twice. A snapshot that names a
+    checkpoint Tune deleted just before the driver died resumes that trial from the checkpoint that
+    replaced it (:func:`replace_lost_checkpoint`). ``hooks`` run in every trial attempt (:class:`TrialHooks`).
     """
     storage = resolve_storage(storage_path)
     name = experiment_name or default_experiment_name(spec)
