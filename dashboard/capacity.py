@@ -159,7 +159,7 @@ def lead_figure(rows: Sequence[dict], trend_rows: Sequence[dict] = (), paper: Se
     for i, key in enumerate(series):
         rs = sorted(series[key], key=lambda r: r["log2_weights"])
         cand, base, bits = key
-        name = f"{cand} − {base}, {bits}"
+        name = f"ours: {cand} − {base}, {bits}"
         color = PALETTE[i % len(PALETTE)]
         dx = 0.03 * (i - (len(series) - 1) / 2)  # a small x offset keeps the error bars apart
         have_ci = [r for r in rs if r["ci_low"] is not None]

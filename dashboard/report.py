@@ -204,19 +204,19 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
     pairs = [{**p, "metric": metric} for metric, rows in families.items() for p in rows]
 
     figures: dict[str, go.Figure] = {}
-    models = sorted({t["model_label"] for t in trials if t.get("model_label")})
-    for model in models if len(models) > 1 else [None]:  # several models: each one's figures, suffixed by it
-        figures.update(_run_figures(run, [t for t in trials if model is None or t.get("model_label") == model],
-                                    [r for r in epoch_rows if model is None or r.get("model_label") == model],
-                                    model))
     section = None
-    if capacity.covers_sizes(trials):  # at least two model sizes: AQE's lead against capacity
+    if capacity.covers_sizes(trials):  # at least two model sizes: AQE's lead against capacity, the first figure
         trend_rows = capacity.trends(pairs)
         figures["aqe_lead_vs_capacity"] = capacity.lead_figure(pairs, trend_rows)
         files["capacity.tex"] = out / "capacity.tex"
         files["capacity.tex"].write_text(capacity.latex_table(pairs, trend_rows))
         section = {"table": capacity.lead_table(pairs), "trends": trend_rows, "paper": capacity.paper_differences(),
                    "paper_trend": capacity.paper_trend(), "paper_name": capacity.PAPER_NAME}
+    models = sorted({t["model_label"] for t in trials if t.get("model_label")})
+    for model in models if len(models) > 1 else [None]:  # several models: each one's figures, suffixed by it
+        figures.update(_run_figures(run, [t for t in trials if model is None or t.get("model_label") == model],
+                                    [r for r in epoch_rows if model is None or r.get("model_label") == model],
+                                    model))
     png_error = None
     for name, fig in figures.items():
         files[f"{name}.html"] = out / f"{name}.html"

@@ -111,7 +111,9 @@ def load_study_records(s: Session, run_ids: list[int]) -> dict | int:
         return loaded[0]
     runs = [r["run"] for r in loaded]
     names = [r["name"] for r in runs]
-    common = os.path.commonprefix(names).rstrip(" ,:;·-")
+    common = os.path.commonprefix(names)
+    if common not in names:  # cut a shared prefix at its last separator: "study: Model A", "study: Model B" → "study"
+        common = common[:max(common.rfind(c) for c in ":;,·(")].rstrip() if any(c in common for c in ":;,·(") else ""
     run = {**runs[0], "id": ", ".join(str(r["id"]) for r in runs), "name": common or "; ".join(names),
            "model": ", ".join(dict.fromkeys(r["model"] for r in runs)),
            "dataset": ", ".join(dict.fromkeys(r["dataset"] for r in runs)),

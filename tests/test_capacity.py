@@ -152,6 +152,9 @@ def test_the_capacity_section_appears_for_several_model_sizes(sessions, tmp_path
         files = build_report(s, ids, tmp_path / "study", png=False)
     md = files["RESULTS.md"].read_text()
     assert "## AQE's lead vs capacity" in md and "This report covers 3 runs together" in md
+    assert md.startswith("# capacity <test>\n")  # the runs' names' shared part, cut at a separator
+    assert list(files).index("aqe_lead_vs_capacity.html") < list(files).index("training_curves_convnet_b"
+                                                                               "_width_divisor_8.html")
     # per model, by size: the paired difference over seeds with its interval (mean of LEAD)
     d_row = re.search(r"^\| convnet_d width_divisor 8 \| 28,488 \| 14\.80 \| \+3\.17 \[[^]]+\] [†]? ?\|$", md, re.M)
     assert d_row, md
