@@ -113,7 +113,11 @@ def trend(x: Sequence[float], y: Sequence[float], confidence: float = 0.95) -> d
 def trends(rows: Sequence[dict], confidence: float = 0.95, alpha: float = ALPHA) -> list[dict]:
     """One :func:`trend` per (metric, candidate, baseline, bits) over the rows of :func:`comparisons` with a
     known size: the per-seed differences against log₂ of their model's 1-bit weights, where at least two
-    sizes take part. Holm's adjustment (``p_adjusted``, ``significant``) runs over these trend tests."""
+    sizes take part. Holm's adjustment (``p_adjusted``, ``significant``) runs over the trend tests of one accuracy.
+
+    ``on_means`` is the same fit to the models' mean differences (one point per model, m − 2 degrees of
+    freedom): the same slope when every model has the same number of seeds, and an interval that also
+    counts how far the models stray from a line, not only how the seeds scatter."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         if r.get("log2_weights") is not None:
@@ -124,10 +128,13 @@ def trends(rows: Sequence[dict], confidence: float = 0.95, alpha: float = ALPHA)
             continue
         x = [r["log2_weights"] for r in rs for _ in r["differences"]]
         y = [d for r in rs for d in r["differences"]]
+        means = trend([r["log2_weights"] for r in rs], [r["diff"] for r in rs], confidence)
         out.append({"metric": metric, "candidate": cand, "baseline": base, "bits": bits, "models": len(rs),
-                    **trend(x, y, confidence)})
-    for r, p in zip(out, holm([r["p_value"] for r in out]), strict=True):
-        r.update(p_adjusted=p, significant=p is not None and p < alpha)
+                    **trend(x, y, confidence), "on_means": means})
+    for metric in {r["metric"] for r in out}:  # one family per accuracy, as the paired tests'
+        family = [r for r in out if r["metric"] == metric]
+        for r, p in zip(family, holm([r["p_value"] for r in family]), strict=True):
+            r.update(p_adjusted=p, significant=p is not None and p < alpha)
     return out
 
 

@@ -54,7 +54,7 @@ def test_trend_edge_cases():
 
 def test_trends_take_every_seed_difference_as_an_observation_and_are_holm_adjusted():
     rows = [{"candidate": "aqe", "baseline": "clipped_ste", "bits": bits, "model": m, "log2_weights": x,
-             "differences": d}
+             "differences": d, "diff": sum(d) / len(d)}
             for bits, per_model in {"W1A1": [(10.0, [0.03, 0.02, 0.04]), (11.0, [0.02, 0.01, 0.02]),
                                              (12.0, [0.0, 0.01, -0.01])],
                                     "W2A2": [(10.0, [0.01, -0.01, 0.0]), (11.0, [0.0, 0.01, 0.0]),
@@ -69,6 +69,10 @@ def test_trends_take_every_seed_difference_as_an_observation_and_are_holm_adjust
     p = [t["p_value"] for t in out]
     assert [t["p_adjusted"] for t in out] == pytest.approx([min(1, 2 * min(p)), max(min(1, 2 * min(p)), max(p))])
     assert out[0]["significant"] and not out[1]["significant"]
+    # on the model means (3 points, 1 degree of freedom): the same slope, a wider interval
+    means = out[0]["on_means"]
+    assert means["n"] == 3 and means["slope"] == pytest.approx(out[0]["slope"], rel=1e-12)
+    assert means["ci_high"] - means["ci_low"] > out[0]["ci_high"] - out[0]["ci_low"]
 
 
 # ------------------------------------------------------------------------------------------- the paper's points
@@ -165,6 +169,10 @@ def test_the_capacity_section_appears_for_several_model_sizes(sessions, tmp_path
     assert fit["slope"] < 0
     ci = f"[{100 * fit['ci_low']:+.2f}, {100 * fit['ci_high']:+.2f}]"
     assert f"| `aqe` | `clipped_ste` | W1A1 | 3 | 9 | {100 * fit['slope']:+.2f} | {ci} | {fit['p_value']:.3f} |" in md
+    x = [math.log2(WEIGHTS[m]) for m in LEAD]
+    on_means = capacity.trend(x, [sum(LEAD[m]) / 300 for m in LEAD])
+    assert f"| final | {100 * on_means['slope']:+.2f}, [{100 * on_means['ci_low']:+.2f}, " \
+           f"{100 * on_means['ci_high']:+.2f}], p {on_means['p_value']:.3f} |" in md
     assert "paper, Table II: AQE − STE (CIFAR-100, full width, W1A1)" in md
     assert "| Model D (`convnet_d`) | 1,825,472 |" in md
     tex = files["capacity.tex"].read_text()
