@@ -223,12 +223,12 @@ class ReportService:
         """One report over several runs (:func:`load_study_records`) as a zip, or the first unknown run's id.
         Rendered on every request, never stored (its runs' archives are; this one is asked for once, by hand).
         Takes a render slot like any render; raises :class:`RendersBusy`."""
+        records = await run_in_threadpool(self._load_several, run_ids)
+        if isinstance(records, int):
+            return records
         if not self.slots.acquire(blocking=False):
             raise RendersBusy(self.retry_after(), self.max_renders)
         try:
-            records = await run_in_threadpool(self._load_several, run_ids)
-            if isinstance(records, int):
-                return records
             self.renders += 1
             start = time.monotonic()
             body, _ = await asyncio.wrap_future(self._pool().submit(self._render_fn, records, png))
