@@ -6,6 +6,7 @@ calls :func:`write_report`; nothing here knows SQL.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
+from . import capacity
 from .figures import (
     FLOAT_LABEL,
     SOFT_VAL_NAME,
@@ -23,7 +25,7 @@ from .figures import (
     estimator_label,
 )
 from .paper_results import paper_points
-from .stats import ALPHA, POWER, adjust_family, mean, mean_std, paired_comparisons, paired_difference
+from .stats import ALPHA, POWER, adjust_family, mean, mean_std, paired_difference
 
 BASELINES = ("ste", "clipped_ste")
 CANDIDATES = ("aqe", "minw_aqe")  # the paper's estimator, and its named method
@@ -97,7 +99,7 @@ def _number(x: float | None, spec: str) -> str:
 # RESULTS.md: Markdown, no HTML escaping (record text is written as it is, as it always was)
 _templates = Environment(loader=PackageLoader("dashboard"), autoescape=False, trim_blocks=True, lstrip_blocks=True,
                          keep_trailing_newline=True, undefined=StrictUndefined)
-_templates.filters.update(pct=_pct, points=_points, number=_number)
+_templates.filters.update(pct=_pct, points=_points, number=_number, log2=math.log2)
 
 
 def leaderboard_tables(rows: list[dict], selected: list[dict] | None = None) -> list[dict]:
@@ -196,19 +198,25 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
     baselines = [b for b in BASELINES if b in labels] or [
         lab for lab in labels if lab not in candidates and lab != FLOAT_LABEL]
     # one family of tests per accuracy: Holm's adjustment runs over all of the report's comparisons of it
-    families = {metric: adjust_family(paired_comparisons(trials, candidates, baselines, metric))
+    # seeds pair within a model (a report over several runs, one per model size, compares each model's own)
+    families = {metric: adjust_family(capacity.comparisons(trials, candidates, baselines, metric))
                 for metric in (("final", "selected") if selected_leaderboard else ("final",))}
     pairs = [{**p, "metric": metric} for metric, rows in families.items() for p in rows]
 
-    figures = {
-        "accuracy_vs_bits": accuracy_vs_bits(trials, paper_points(run["dataset"], run["model"]),
-                                             title=f"{run['dataset']} / {run['model']}: final test accuracy"),
-        "training_curves": mean_curves(epoch_rows, "test_acc"),
-    }
-    if any(r.get("val_acc_soft") is not None for r in epoch_rows):  # a soft training forward (AQE): the gap closing
-        figures["validation_curves"] = mean_curves(epoch_rows, "val_acc", dashed="val_acc_soft")
-    figures["accuracy_vs_bits"].update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, x=0),
-                                              margin=dict(t=70, b=150))
+    figures: dict[str, go.Figure] = {}
+    section = None
+    if capacity.covers_sizes(trials):  # at least two model sizes: AQE's lead against capacity, the first figure
+        trend_rows = capacity.trends(pairs)
+        figures["aqe_lead_vs_capacity"] = capacity.lead_figure(pairs, trend_rows)
+        files["capacity.tex"] = out / "capacity.tex"
+        files["capacity.tex"].write_text(capacity.latex_table(pairs, trend_rows))
+        section = {"table": capacity.lead_table(pairs), "trends": trend_rows, "paper": capacity.paper_differences(),
+                   "paper_trend": capacity.paper_trend(), "paper_name": capacity.PAPER_NAME}
+    models = sorted({t["model_label"] for t in trials if t.get("model_label")})
+    for model in models if len(models) > 1 else [None]:  # several models: each one's figures, suffixed by it
+        figures.update(_run_figures(run, [t for t in trials if model is None or t.get("model_label") == model],
+                                    [r for r in epoch_rows if model is None or r.get("model_label") == model],
+                                    model))
     png_error = None
     for name, fig in figures.items():
         files[f"{name}.html"] = out / f"{name}.html"
@@ -224,7 +232,11 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
             png_error = f"{type(exc).__name__}: {exc}"
 
     files["leaderboard.tex"] = out / "leaderboard.tex"
-    files["leaderboard.tex"].write_text(latex_table(leaderboard))
+    by_protocol: dict[str, list[dict]] = defaultdict(list)
+    for r in leaderboard:
+        by_protocol[r.get("protocol_label", "")].append(r)
+    files["leaderboard.tex"].write_text(latex_table(leaderboard) if len(by_protocol) < 2 else "\n".join(
+        f"% {label}\n{latex_table(rows)}" for label, rows in sorted(by_protocol.items())))
     files["spec.json"] = out / "spec.json"
     files["spec.json"].write_text(json.dumps(run["spec"], indent=2, sort_keys=True) + "\n")
     files["environment.json"] = out / "environment.json"
@@ -237,7 +249,28 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
         full_precision={"n": len(fp), "mean_std": mean_std(fp)} if fp else None,
         leaderboard=leaderboard_tables(leaderboard, selected_leaderboard), with_selected=bool(selected_leaderboard),
         late=late_drop_summary(trials), reestimation=reestimation_rows(trials),
-        images=[n for n in figures if f"{n}.png" in files], interactive=list(figures), png_error=png_error)
+        images=[n for n in figures if f"{n}.png" in files], interactive=list(figures), png_error=png_error,
+        capacity=section)
     files["RESULTS.md"] = out / "RESULTS.md"
     files["RESULTS.md"].write_text(md)
     return files
+
+
+def _run_figures(run: dict, trials: list[dict], epoch_rows: list[dict], model: str | None) -> dict[str, go.Figure]:
+    """Accuracy against bits and the mean training (and, with a soft training forward, validation) curves of
+    ``trials``; with ``model`` (one of several in the report) titled by it and named ``<figure>_<model>``."""
+    name = run["model"] if model is None else model
+    suffix = "" if model is None else "_" + "_".join(model.split())
+    figures = {f"accuracy_vs_bits{suffix}": accuracy_vs_bits(
+        trials, paper_points(run["dataset"], name if model is None else model.split()[0]),
+        title=f"{run['dataset']} / {name}: final test accuracy")}
+    figures[f"accuracy_vs_bits{suffix}"].update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, x=0),
+                                                       margin=dict(t=70, b=150))
+    curves = {"training_curves": mean_curves(epoch_rows, "test_acc")}
+    if any(r.get("val_acc_soft") is not None for r in epoch_rows):  # a soft training forward (AQE): the gap closing
+        curves["validation_curves"] = mean_curves(epoch_rows, "val_acc", dashed="val_acc_soft")
+    for key, fig in curves.items():
+        if model is not None:
+            fig.update_layout(title_text=f"{model}: {fig.layout.title.text}")
+        figures[key + suffix] = fig
+    return figures

@@ -6,6 +6,7 @@
     bitbench wait 3                        # progress bar; exit 0 done, 1 failed or cancelled
     bitbench leaderboard --dataset cifar10 --model convnet_a
     bitbench export 3 --format csv --out run3.csv
+    bitbench report 3 4 5 6 --out docs/results  # one report over several runs (e.g. one per model size)
     bitbench cancel 3
 
 The server comes from ``--server`` / ``$BITBENCH_SERVER`` (default http://127.0.0.1:8000), the
@@ -360,14 +361,17 @@ def export(
 @app.command()
 def report(
     ctx: typer.Context,
-    run_id: Annotated[int, typer.Argument(metavar="RUN")],
+    run_ids: Annotated[list[int], typer.Argument(metavar="RUN...", help="one run, or several reported together")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder to write the report into")] = Path("."),
 ) -> None:
-    """A run's report folder: RESULTS.md, figures (PNG + HTML), LaTeX table, spec, machine."""
+    """A run's report folder: RESULTS.md, figures (PNG + HTML), LaTeX table, spec, machine. Several runs
+    (e.g. one per model size of a capacity study) give one report over them all."""
     import io
     import zipfile
 
-    body = _client(ctx).request("GET", f"/runs/{run_id}/report", timeout=300).content
+    first, *also = run_ids
+    body = _client(ctx).request("GET", f"/runs/{first}/report", params={"also": also} if also else None,
+                                timeout=300).content
     try:
         with zipfile.ZipFile(io.BytesIO(body)) as z:
             names = z.namelist()

@@ -47,6 +47,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from dashboard.capacity import model_label
 from dashboard.report import write_report
 from workers.records import FINISHED
 
@@ -84,13 +85,42 @@ def environment(trials: list[dict]) -> dict:
 # -- the folder -------------------------------------------------------------------------------
 def load_records(s: Session, run_id: int) -> dict | None:
     """``{run, leaderboard, trials, epoch_rows}``: the plain records a report is drawn from; None
-    for an unknown run."""
+    for an unknown run. Trials and epoch rows carry the run's ``model_label`` (model and options)."""
     run = store.get_run(s, run_id)
     if run is None:
         return None
+    label = model_label(run["model"], run["spec"].get("model_options"))
     return {"run": run, "leaderboard": store.leaderboard(s, run_id=run_id),
             "selected_leaderboard": store.leaderboard(s, run_id=run_id, metric="selected"),
-            "trials": store.run_results(s, run_id), "epoch_rows": store.export_rows(s, run_id)}
+            "trials": [{**t, "model_label": label} for t in store.run_results(s, run_id)],
+            "epoch_rows": [{**r, "model_label": label} for r in store.export_rows(s, run_id)]}
+
+
+def load_study_records(s: Session, run_ids: list[int]) -> dict | int:
+    """The records of several runs reported together (e.g. one run per model size of a capacity study):
+    their leaderboards, trials and epoch rows concatenated, under a ``run`` that lists them (``runs``) and
+    whose ``spec`` is the list of their specs. One run id gives :func:`load_records`'s. Returns the first
+    unknown run id instead where one is unknown."""
+    loaded = []
+    for run_id in dict.fromkeys(run_ids):
+        records = load_records(s, run_id)
+        if records is None:
+            return run_id
+        loaded.append(records)
+    if len(loaded) == 1:
+        return loaded[0]
+    runs = [r["run"] for r in loaded]
+    names = [r["name"] for r in runs]
+    common = os.path.commonprefix(names)
+    if common not in names:  # cut a shared prefix at its last separator: "study: Model A", "study: Model B" → "study"
+        common = common[:max(common.rfind(c) for c in ":;,·(")].rstrip() if any(c in common for c in ":;,·(") else ""
+    run = {**runs[0], "id": ", ".join(str(r["id"]) for r in runs), "name": common or "; ".join(names),
+           "model": ", ".join(dict.fromkeys(r["model"] for r in runs)),
+           "dataset": ", ".join(dict.fromkeys(r["dataset"] for r in runs)),
+           "status": ", ".join(dict.fromkeys(r["status"] for r in runs)),
+           "trial_count": sum(r["trial_count"] for r in runs), "spec": [r["spec"] for r in runs], "runs": runs}
+    return {"run": run, **{key: [row for r in loaded for row in r[key]]
+                           for key in ("leaderboard", "selected_leaderboard", "trials", "epoch_rows")}}
 
 
 def write_records(records: dict, out_dir: str | Path, *, png: bool = True) -> dict[str, Path]:
@@ -98,10 +128,12 @@ def write_records(records: dict, out_dir: str | Path, *, png: bool = True) -> di
     return write_report(out_dir, **records, environment=environment(records["trials"]), png=png)
 
 
-def build_report(s: Session, run_id: int, out_dir: str | Path, *, png: bool = True) -> dict[str, Path] | None:
-    """Write run ``run_id``'s report into ``out_dir``; None for an unknown run."""
-    records = load_records(s, run_id)
-    return None if records is None else write_records(records, out_dir, png=png)
+def build_report(s: Session, run_id: int | list[int], out_dir: str | Path, *,
+                 png: bool = True) -> dict[str, Path] | None:
+    """Write run ``run_id``'s report into ``out_dir`` (a list of run ids: one report over them all,
+    :func:`load_study_records`); None for an unknown run."""
+    records = load_study_records(s, run_id if isinstance(run_id, list) else [run_id])
+    return None if isinstance(records, int) else write_records(records, out_dir, png=png)
 
 
 def zip_folder(folder: str | Path, prefix: str) -> bytes:
@@ -113,8 +145,10 @@ def zip_folder(folder: str | Path, prefix: str) -> bytes:
     return buf.getvalue()
 
 
-def archive_name(run_id: int) -> str:
-    return f"bitbench-run-{run_id}"
+def archive_name(run_id: int | str) -> str:
+    """``bitbench-run-3``; for a report over several runs (id ``"3, 4, 5"``) ``bitbench-runs-3-4-5``."""
+    ids = str(run_id).split(", ")
+    return f"bitbench-run-{ids[0]}" if len(ids) == 1 else "bitbench-runs-" + "-".join(ids)
 
 
 def render_archive(records: dict, png: bool) -> tuple[bytes, bool]:
@@ -185,6 +219,27 @@ class ReportService:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # seen even if no request waits
         return await asyncio.shield(task)  # a client that goes away does not stop the render
 
+    async def combined(self, run_ids: list[int], png: bool) -> bytes | int:
+        """One report over several runs (:func:`load_study_records`) as a zip, or the first unknown run's id.
+        Rendered on every request, never stored (its runs' archives are; this one is asked for once, by hand).
+        Takes a render slot like any render; raises :class:`RendersBusy`."""
+        records = await run_in_threadpool(self._load_several, run_ids)
+        if isinstance(records, int):
+            return records
+        if not self.slots.acquire(blocking=False):
+            raise RendersBusy(self.retry_after(), self.max_renders)
+        try:
+            self.renders += 1
+            start = time.monotonic()
+            body, _ = await asyncio.wrap_future(self._pool().submit(self._render_fn, records, png))
+            self._seconds.append(time.monotonic() - start)
+            return body
+        except BrokenProcessPool:
+            self._executor = None
+            raise
+        finally:
+            self.slots.release()
+
     def retry_after(self) -> int:
         """Seconds a client should wait for a free slot: the mean of the last renders."""
         return math.ceil(sum(self._seconds) / len(self._seconds)) if self._seconds else FIRST_RETRY_AFTER_S
@@ -205,6 +260,10 @@ class ReportService:
         if records is None or state is None:
             return None
         return records, state[0], _fingerprint(state[1])
+
+    def _load_several(self, run_ids: list[int]) -> dict | int:
+        with self.sessions() as s:
+            return load_study_records(s, run_ids)
 
     def _save(self, run_id: int, png: bool, fingerprint: str, body: bytes) -> None:
         with self.sessions() as s:

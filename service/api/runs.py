@@ -8,8 +8,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
+from pydantic import Field
 
 from service import report, store
+from service.tables import MAX_ID
 from workers import plan
 from workers.records import METRIC_KEYS, Run, Status
 
@@ -27,6 +29,7 @@ from .deps import (
 from .schemas import DryRunOut, ErrorOut, RunCreated, RunDetail, RunOut, RunPage, RunStatus, TrialOut
 
 router = APIRouter(prefix="/runs", tags=["runs"])
+MAX_ALSO = 31  # a report over at most 32 runs
 # the header of an export with no epochs yet (store.export_rows' columns, less schedule values)
 _EXPORT_COLUMNS = ("run_id", "trial_key", "estimator", "estimator_label", "w_bits", "a_bits", "seed",
                    *(f for f in METRIC_KEYS if f != "schedule"))
@@ -131,20 +134,28 @@ def export_run(run_id: RowId, session: SessionDep, format: Literal["csv", "json"
 @router.get("/{run_id}/report", response_class=Response, responses={
     200: {"content": {"application/zip": {}}, "description": "the report folder, zipped"},
     404: {"model": ErrorOut}, 503: {"model": ErrorOut, "description": "every render slot is taken: see Retry-After"}})
-async def run_report(run_id: RowId, request: Request, png: bool = True):
+async def run_report(run_id: RowId, request: Request, png: bool = True, also: Annotated[
+        list[Annotated[int, Field(ge=1, le=MAX_ID)]], Query(max_length=MAX_ALSO, description=(
+            f"up to {MAX_ALSO} more run ids reported together with this one (e.g. one run per model size: the "
+            "report then compares the sizes); such a report is rendered on every request"))] = []):  # noqa: B006
     """The run's report (RESULTS.md, figures as HTML and PNG, LaTeX table, spec, environment) as a zip.
 
     A finished run's archive is rendered once and stored; a running one's on every request. Renders
     are bounded per process (``BITBENCH_REPORT_RENDERS``): beyond that, 503 with ``Retry-After``."""
+    service = report.reports(request.app)
     try:
-        body = await report.reports(request.app).archive(run_id, png)
+        body = await (service.combined([run_id, *also], png) if also else service.archive(run_id, png))
     except report.RendersBusy as busy:
         raise http_error(status.HTTP_503_SERVICE_UNAVAILABLE, (), str(busy), "renders_busy",
                          {"Retry-After": str(busy.retry_after)}) from None
+    if isinstance(body, int):
+        raise http_error(status.HTTP_404_NOT_FOUND, ("query", "also"), f"run {body} not found", "not_found") \
+            if body != run_id else not_found("run", run_id, "run_id")
     if body is None:
         raise not_found("run", run_id, "run_id")
+    name = report.archive_name(", ".join(str(i) for i in dict.fromkeys([run_id, *also])))
     return Response(body, media_type="application/zip",
-                    headers={"Content-Disposition": f'attachment; filename="{report.archive_name(run_id)}.zip"'})
+                    headers={"Content-Disposition": f'attachment; filename="{name}.zip"'})
 
 
 def _csv(rows: list[dict]) -> str:
