@@ -87,8 +87,8 @@ def test_latex_table_is_a_well_formed_tabular(sessions, finished_run, tmp_path):
         files = build_report(s, finished_run, tmp_path / "r", png=False)
     tex = files["leaderboard.tex"].read_text()
     body = [line for line in tex.splitlines() if line.endswith(r"\\")]
-    assert tex.startswith(r"\begin{tabular}{lrrr}") and tex.rstrip().endswith(r"\end{tabular}")
-    assert all(line.count("&") == 3 for line in body) and len(body) == 1 + 4  # header + aqe, clipped_ste, float, ste
+    assert tex.startswith(r"\begin{tabular}{llrrr}") and tex.rstrip().endswith(r"\end{tabular}")
+    assert all(line.count("&") == 4 for line in body) and len(body) == 1 + 4  # header + aqe, clipped_ste, float, ste
     assert r"clipped\_ste" in tex and r"\textbf{82.00 $\pm$ 2.00}" in tex
     if shutil.which("pdflatex"):
         doc = tmp_path / "t.tex"
