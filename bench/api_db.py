@@ -46,6 +46,7 @@ from sqlalchemy import bindparam, func, select, text, update  # noqa: E402
 
 from service import store  # noqa: E402
 from service.db import make_engine, migrate, session_factory  # noqa: E402
+from service.store.sql import dialect  # noqa: E402
 from service.tables import metrics, runs, trials  # noqa: E402
 
 TARGET_MS = 100.0
@@ -186,23 +187,41 @@ def _same_rows(a: list[dict], b: list[dict]) -> bool:
         for x, y in zip(a, b, strict=True) for k in x)
 
 
+def _server_cpu_s(s) -> float | None:
+    """CPU seconds the session's PostgreSQL backend has used (``/proc``: a server on this machine), else None."""
+    if dialect(s) != "postgresql":
+        return None
+    try:
+        pid = s.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def _leaderboard_side_by_side(engine, s, *, repeat: int, rounds: int, baseline) -> dict:
-    """All-rows leaderboard times per (index revision, code): ``rounds`` alternating blocks of ``repeat`` calls
-    per index, the baseline code's call right after each current one."""
-    codes = {"current": store.leaderboard, **({"baseline": baseline.leaderboard} if baseline else {})}
+    """All-rows leaderboard per (index revision, code): wall times of ``rounds`` alternating blocks of ``repeat``
+    calls per index, the baseline code's call right after each current one; and the CPU time per call, this
+    process's plus (PostgreSQL on this machine) the server backend's, which other jobs on the machine inflate
+    less than the wall time (the lowest block mean)."""
+    codes = {**({"baseline": baseline.leaderboard} if baseline else {}), "current": store.leaderboard}
     times: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
     for _ in range(rounds):
         for revision in ("0008", "0009"):
             s.commit()  # the session's open transaction would hold back DROP INDEX on PostgreSQL
             _use_index(engine, revision)
-            for fn in codes.values():
+            for code, fn in codes.items():
                 fn(s)  # warm caches and the statement cache
-            for _ in range(repeat):
-                for code, fn in codes.items():
+                server0, cpu0 = _server_cpu_s(s), time.process_time()
+                for _ in range(repeat):
                     t0 = time.perf_counter()
                     fn(s)
                     times.setdefault((revision, code), []).append((time.perf_counter() - t0) * 1000)
-    return {f"{revision} index, {code} code": _stats(t) for (revision, code), t in times.items()}
+                used = time.process_time() - cpu0 + ((_server_cpu_s(s) or 0.0) - (server0 or 0.0))
+                cpu.setdefault((revision, code), []).append(used / repeat * 1000)
+    return {f"{revision} index, {code} code": {**_stats(t), "cpu_ms": min(cpu[(revision, code)])}
+            for (revision, code), t in times.items()}
 
 
 def _pooled(s) -> list:
@@ -267,19 +286,20 @@ def _table(results: list[dict]) -> str:
 
 
 def _side_by_side_table(results: list[dict]) -> str:
-    """The all-rows leaderboard per index and code: p50 (min), and × the 0009 index with the current code."""
-    names = list(results[0]["side_by_side"])
-    head = " | ".join(f"{r['dialect']} p50 (min), ms | × after" for r in results)
-    lines = [f"| all-rows leaderboard | {head} |", "|---|" + "---:|---:|" * len(results)]
-    for name in names:
+    """The all-rows leaderboard per index and code: wall p50 (min) and CPU per call, each × the current code with
+    0009's index."""
+    head = " | ".join(f"{r['dialect']}: p50 (min), ms | × | CPU ms a call | ×" for r in results)
+    lines = [f"| all-rows leaderboard | {head} |", "|---|" + "---:|---:|---:|---:|" * len(results)]
+    for name in results[0]["side_by_side"]:
         cells = []
         for r in results:
-            t, after = r["side_by_side"][name], r["leaderboard"]["p50_ms"]
-            cells.append(f"{t['p50_ms']:.1f} ({t['min_ms']:.1f}) | {t['p50_ms'] / after:.2f}")
+            t, after = r["side_by_side"][name], r["side_by_side"]["0009 index, current code"]
+            cells.append(f"{t['p50_ms']:.1f} ({t['min_ms']:.1f}) | {t['p50_ms'] / after['p50_ms']:.2f} | "
+                         f"{t['cpu_ms']:.1f} | {t['cpu_ms'] / after['cpu_ms']:.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     same = [r["baseline_same_rows"] for r in results if r["baseline_same_rows"] is not None]
     if same:
-        lines.append(f"\nbaseline code returns the same rows: {'yes' if all(same) else 'NO'}")
+        lines.append(f"\nthe baseline code returns the same rows: {'yes' if all(same) else 'NO'}")
     return "\n".join(lines)
 
 
