@@ -30,9 +30,10 @@ DEFAULT_GRIDS = {
     "xnor": "minw", "dorefa": "uniform", "pact": "uniform", "dsq": "uniform_signed", "ewgs": "uniform_signed",
     "hwgq": "half_normal", "lq_nets": "learned_basis", "lsq": "learned_step",
 }
-OLD_INDEX = ("ix_trials_protocol_estimator_label_w_bits_a_bits_seed",
-             ["protocol", "estimator_label", "w_bits", "a_bits", "seed"])
-NEW_INDEX = ("ix_trials_leaderboard", [*OLD_INDEX[1], sa.text("finished_at DESC"), sa.text("id DESC")])
+CELL_SEED = ["protocol", "estimator_label", "w_bits", "a_bits", "seed"]
+Cols = list[str | sa.TextClause]
+OLD_INDEX: tuple[str, Cols] = ("ix_trials_protocol_estimator_label_w_bits_a_bits_seed", [*CELL_SEED])
+NEW_INDEX: tuple[str, Cols] = ("ix_trials_leaderboard", [*CELL_SEED, sa.text("finished_at DESC"), sa.text("id DESC")])
 CHUNK = 500  # ids per UPDATE
 
 
