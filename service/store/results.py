@@ -130,12 +130,14 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
     says which.
 
     Within a protocol one trial per (estimator label, w_bits, a_bits, seed) counts: the latest
-    finished (``ROW_NUMBER()`` by finish time, then id, descending); ``set_aside`` counts the older
-    repeats left out. Count, mean and spread of the counted trials are aggregated in SQL over ``done``
-    trials (with the mean packed export size and the lowest packed-engine agreement, where trials
-    have them); the 95% interval is ``mean ± t(0.975, n−1)·std/√n`` (:func:`dashboard.stats.t_interval`)
-    clipped to [0, 1] (sample std; None when n < 2) and rank 1 is the best mean within its
-    (protocol, w_bits, a_bits) (ties share a rank; ``best`` marks rank 1).
+    finished (``ROW_NUMBER()`` by finish time, then id, descending, the order of ``ix_trials_leaderboard``);
+    ``set_aside`` counts the older repeats left out. ``grid`` is the quantizer grid the label's trials
+    quantize to (``estimators.grids``; None for the float reference). Count, mean and spread of the
+    counted trials are aggregated in SQL over ``done`` trials (with the mean packed export size and the
+    lowest packed-engine agreement, where trials have them); the 95% interval is
+    ``mean ± t(0.975, n−1)·std/√n`` (:func:`dashboard.stats.t_interval`) clipped to [0, 1] (sample std;
+    None when n < 2) and rank 1 is the best mean within its (protocol, w_bits, a_bits) (ties share a
+    rank; ``best`` marks rank 1).
     Rows come ordered by dataset, model, protocol label, then w_bits + a_bits (the float reference
     last), w_bits, a_bits, rank. ``run_id`` restricts it to one run's trials (a study's report)."""
     from dashboard.stats import t_interval  # on first use: the dashboard package loads plotly
@@ -160,18 +162,18 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
     # a protocol names its data set and model and has one label, an estimator label names its grid (its ``grid``
     # parameter, else the estimator's own): carried, not grouped by; data set and model from any one of its runs
     carried = [func.max(ranked.c[c]).label(c) for c in ("protocol_label", "grid", "run_id")]
-    cells = (select(*ranked.c["protocol", "estimator_label", "w_bits", "a_bits"], *carried,  # the window's order
-                    func.count(y).label("n"), func.count().label("total"), func.avg(y).label("mean"),
+    keys = ranked.c["protocol", "estimator_label", "w_bits", "a_bits"]  # the window's order
+    cells = (select(*keys, *carried, func.count(y).label("n"), func.count().label("total"), func.avg(y).label("mean"),
                     spread.label("spread"), func.avg(case((counted, ranked.c.packed_bytes))).label("packed_bytes"),
                     func.min(case((counted, ranked.c.packed_agreement))).label("packed_agreement"))
-             .group_by(*ranked.c["protocol", "estimator_label", "w_bits", "a_bits"]).subquery())
+             .group_by(*keys).subquery())
     q = (select(*cells.c["protocol", "protocol_label"], runs.c.dataset, runs.c.model,
                 *cells.c["w_bits", "a_bits", "estimator_label", "grid", "n", "total", "mean", "spread", "packed_bytes",
                          "packed_agreement"])
          .join_from(cells, runs, runs.c.id == cells.c.run_id))
     postgres = dialect(s) == "postgresql"
     rows: list[dict] = []
-    # plain tuples: a Row's attribute access costs ~1 µs, the unpacking ~0.1 µs a row (bench/api_db.py)
+    # unpacked: a Row's attribute read costs ~1 µs, unpacking ~0.1 µs a row (BENCHMARKS.md, issue 14)
     for (prot, prot_label, data, net, w, a, label, grid, n, total, mean, spread, packed_bytes,
          packed_agreement) in s.execute(q):
         n, mean = int(n), float(mean)
