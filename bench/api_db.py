@@ -1,25 +1,38 @@
 """Database benchmarks: the leaderboard over a database of 1,000,000 metric rows.
 
-    python bench/api_db.py [--trials 10000] [--epochs 100] [--repeat 9] [--postgres-url URL] [--no-postgres]
+    python bench/api_db.py [--trials 10000] [--epochs 100] [--repeat 9] [--rounds 3] [--baseline REV]
+                           [--postgres-url URL] [--no-postgres]
 
 ``bench_leaderboard(url)`` fills an empty database (migrated to head) through ``store.create_run``
 with runs of a 12-estimator × 9-bit-cell grid over several data sets, marks every trial done
 with a final accuracy, bulk-loads ``n_trials × epochs`` metric rows (PostgreSQL ``COPY``, SQLite
-``executemany``), runs ANALYZE, then times ``store.leaderboard`` (all rows, one data set, one
-protocol) and ``store.trial_metrics`` (one trial's curve). It runs on a SQLite file and on PostgreSQL
+``executemany``), then times ``store.leaderboard`` (all rows, one data set, one protocol) and
+``store.trial_metrics`` (one trial's curve). It runs on a SQLite file and on PostgreSQL
 (``--postgres-url``, else a throwaway server from the installed binaries, as the tests start
 it). Target: leaderboard p50 ≤ 100 ms. The leaderboard aggregates the trials' final accuracies
 in SQL, one trial per (protocol, estimator, bits, seed); the runs use three recipes (epochs
 100, 50 and 100 with SGD) per data set and repeat their seeds, so protocols split the rows and
 the dedupe sets most repeats aside; the metric rows give the database a realistic size.
+
+Planner statistics as a deployment has them: PostgreSQL's autovacuum analyzes a table after such a load
+(``ANALYZE`` here, so as not to wait for it); nothing analyzes a SQLite database, so it has none.
+
+The all-rows leaderboard is timed side by side with migration 0009's index (``ix_trials_leaderboard``,
+in the dedupe's order) and with 0008's in its place, in ``--rounds`` alternating blocks of ``--repeat``
+calls; ``--baseline REV`` also times ``service/store/results.py`` as it was at git revision ``REV``
+(``git show``), call for call with the current one, and checks that both return the same rows.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
+import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +46,7 @@ from sqlalchemy import bindparam, func, select, text, update  # noqa: E402
 
 from service import store  # noqa: E402
 from service.db import make_engine, migrate, session_factory  # noqa: E402
+from service.store.sql import dialect  # noqa: E402
 from service.tables import metrics, runs, trials  # noqa: E402
 
 TARGET_MS = 100.0
@@ -54,7 +68,8 @@ def _grid_spec(i: int, seeds: int) -> dict:
 
 
 def fill(url: str, *, trials_wanted: int, epochs: int, seed: int = 0) -> dict:
-    """Runs and trials through the store, final accuracies, then the metric rows in bulk."""
+    """Runs and trials through the store, final accuracies, then the metric rows in bulk; planner statistics
+    where a deployment has them (PostgreSQL: autovacuum)."""
     rng = random.Random(seed)
     engine = make_engine(url)
     migrate(engine)
@@ -82,9 +97,10 @@ def fill(url: str, *, trials_wanted: int, epochs: int, seed: int = 0) -> dict:
 
     t0 = time.perf_counter()
     _bulk_metrics(engine, [tid for tid, _ in ids], epochs, rng)
-    with engine.connect() as c:
-        c.execute(text("ANALYZE"))
-        c.commit()
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as c:
+            c.execute(text("ANALYZE"))
+            c.commit()
     t_metrics = time.perf_counter() - t0
     with sessions() as s:
         counts = store.count_rows(s)
@@ -119,6 +135,10 @@ def _bulk_metrics(engine, trial_ids, epochs, rng, chunk=100_000) -> None:
         raw.close()
 
 
+def _stats(times: list[float]) -> dict:
+    return {"p50_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+
+
 def _time_ms(fn, repeat: int) -> dict:
     fn()  # warm caches and the statement cache
     times = []
@@ -126,7 +146,82 @@ def _time_ms(fn, repeat: int) -> dict:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1000)
-    return {"p50_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+    return _stats(times)
+
+
+#: the leaderboard's index of migration 0009 and 0008's, which it replaced: (name, CREATE INDEX)
+INDEXES = {
+    "0009": ("ix_trials_leaderboard", "CREATE INDEX ix_trials_leaderboard ON trials "
+                                      "(protocol, estimator_label, w_bits, a_bits, seed, finished_at DESC, id DESC)"),
+    "0008": ("ix_trials_protocol_estimator_label_w_bits_a_bits_seed",
+             "CREATE INDEX ix_trials_protocol_estimator_label_w_bits_a_bits_seed ON trials "
+             "(protocol, estimator_label, w_bits, a_bits, seed)"),
+}
+
+
+def _use_index(engine, revision: str) -> None:
+    """Leave the leaderboard index of migration ``revision`` in place of the other (PostgreSQL: analyzed)."""
+    with engine.begin() as c:
+        for name, _ in INDEXES.values():
+            c.execute(text(f"DROP INDEX IF EXISTS {name}"))
+        c.execute(text(INDEXES[revision][1]))
+        if engine.dialect.name == "postgresql":
+            c.execute(text("ANALYZE trials"))
+
+
+def load_baseline(rev: str):
+    """``service/store/results.py`` at git revision ``rev``, as a module of the store package."""
+    source = subprocess.run(["git", "show", f"{rev}:service/store/results.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    spec = importlib.util.spec_from_loader("service.store._baseline_results", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "service.store"
+    exec(compile(source, f"{rev}:service/store/results.py", "exec"), module.__dict__)
+    return module
+
+
+def _same_rows(a: list[dict], b: list[dict]) -> bool:
+    """The baseline's rows (its keys) equal the current ones, floats to 1e-9 relative."""
+    return len(a) == len(b) and all(
+        math.isclose(x[k], y[k], rel_tol=1e-9) if isinstance(x[k], float) and y[k] is not None else x[k] == y[k]
+        for x, y in zip(a, b, strict=True) for k in x)
+
+
+def _server_cpu_s(s) -> float | None:
+    """CPU seconds the session's PostgreSQL backend has used (``/proc``: a server on this machine), else None."""
+    if dialect(s) != "postgresql":
+        return None
+    try:
+        pid = s.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _leaderboard_side_by_side(engine, s, *, repeat: int, rounds: int, baseline) -> dict:
+    """All-rows leaderboard per (index revision, code): wall times of ``rounds`` alternating blocks of ``repeat``
+    calls per index, the baseline code's call right after each current one; and the CPU time per call, this
+    process's plus (PostgreSQL on this machine) the server backend's, which other jobs on the machine inflate
+    less than the wall time (the lowest block mean)."""
+    codes = {**({"baseline": baseline.leaderboard} if baseline else {}), "current": store.leaderboard}
+    times: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
+    for _ in range(rounds):
+        for revision in ("0008", "0009"):
+            s.commit()  # the session's open transaction would hold back DROP INDEX on PostgreSQL
+            _use_index(engine, revision)
+            for code, fn in codes.items():
+                fn(s)  # warm caches and the statement cache
+                server0, cpu0 = _server_cpu_s(s), time.process_time()
+                for _ in range(repeat):
+                    t0 = time.perf_counter()
+                    fn(s)
+                    times.setdefault((revision, code), []).append((time.perf_counter() - t0) * 1000)
+                used = time.process_time() - cpu0 + ((_server_cpu_s(s) or 0.0) - (server0 or 0.0))
+                cpu.setdefault((revision, code), []).append(used / repeat * 1000)
+    return {f"{revision} index, {code} code": {**_stats(t), "cpu_ms": min(cpu[(revision, code)])}
+            for (revision, code), t in times.items()}
 
 
 def _pooled(s) -> list:
@@ -138,11 +233,13 @@ def _pooled(s) -> list:
                      .where(trials.c.status == "done", x.isnot(None)).group_by(*keys)).all()
 
 
-def bench_leaderboard(url: str, *, n_trials: int = 10_000, epochs: int = 100, repeat: int = 9) -> dict:
+def bench_leaderboard(url: str, *, n_trials: int = 10_000, epochs: int = 100, repeat: int = 9, rounds: int = 3,
+                      baseline=None) -> dict:
     """Fill the empty database at ``url`` (``n_trials × epochs`` metric rows) and time the leaderboard.
 
-    Returns ``{"dialect", "counts", "load": {...}, "leaderboard": {p50_ms, min_ms, max_ms, rows},
-    "leaderboard_one_dataset": {...}, "trial_metrics": {...}, "target_ms", "ok"}``."""
+    Returns ``{"dialect", "counts", "load": {...}, "leaderboard": {p50_ms, min_ms, max_ms, rows, ...},
+    "side_by_side": {"<rev> index, <code> code": {...}}, "leaderboard_one_dataset": {...}, "trial_metrics": {...},
+    "target_ms", "ok"}``; ``leaderboard`` is the current code with 0009's index, from ``side_by_side``."""
     load = fill(url, trials_wanted=n_trials, epochs=epochs)
     engine = make_engine(url)
     sessions = session_factory(engine)
@@ -150,13 +247,16 @@ def bench_leaderboard(url: str, *, n_trials: int = 10_000, epochs: int = 100, re
         board = store.leaderboard(s)
         protocol = board[0]["protocol"]
         one_trial = s.execute(select(trials.c.id).order_by(trials.c.id.desc()).limit(1)).scalar_one()
+        side = _leaderboard_side_by_side(engine, s, repeat=repeat, rounds=rounds, baseline=baseline)
         result = {
             "dialect": engine.dialect.name,
             "counts": load.pop("counts"),
             "load": load,
-            "leaderboard": {**_time_ms(lambda: store.leaderboard(s), repeat), "rows": len(board),
+            "leaderboard": {**side["0009 index, current code"], "rows": len(board),
                             "protocols": len({r["protocol"] for r in board}),
                             "set_aside": sum(r["set_aside"] for r in board)},
+            "side_by_side": side,
+            "baseline_same_rows": _same_rows(baseline.leaderboard(s), board) if baseline else None,
             "pooled_baseline": _time_ms(lambda: _pooled(s), repeat),
             "leaderboard_one_dataset": _time_ms(lambda: store.leaderboard(s, dataset="mnist"), repeat),
             "leaderboard_one_protocol": _time_ms(lambda: store.leaderboard(s, protocol=protocol), repeat),
@@ -185,15 +285,38 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _side_by_side_table(results: list[dict]) -> str:
+    """The all-rows leaderboard per index and code: wall p50 (min) and CPU per call, each × the current code with
+    0009's index."""
+    head = " | ".join(f"{r['dialect']}: p50 (min), ms | × | CPU ms a call | ×" for r in results)
+    lines = [f"| all-rows leaderboard | {head} |", "|---|" + "---:|---:|---:|---:|" * len(results)]
+    for name in results[0]["side_by_side"]:
+        cells = []
+        for r in results:
+            t, after = r["side_by_side"][name], r["side_by_side"]["0009 index, current code"]
+            cells.append(f"{t['p50_ms']:.1f} ({t['min_ms']:.1f}) | {t['p50_ms'] / after['p50_ms']:.2f} | "
+                         f"{t['cpu_ms']:.1f} | {t['cpu_ms'] / after['cpu_ms']:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    same = [r["baseline_same_rows"] for r in results if r["baseline_same_rows"] is not None]
+    if same:
+        lines.append(f"\nthe baseline code returns the same rows: {'yes' if all(same) else 'NO'}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=10_000)
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=9)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating blocks per index in the side-by-side table")
+    ap.add_argument("--baseline", metavar="REV", default=None,
+                    help="also time service/store/results.py as it was at this git revision")
     ap.add_argument("--postgres-url", default=None, help="an empty PostgreSQL database (default: a throwaway server)")
     ap.add_argument("--no-postgres", action="store_true")
     args = ap.parse_args(argv)
-    kw = {"n_trials": args.trials, "epochs": args.epochs, "repeat": args.repeat}
+    kw = {"n_trials": args.trials, "epochs": args.epochs, "repeat": args.repeat, "rounds": args.rounds,
+          "baseline": load_baseline(args.baseline) if args.baseline else None}
+    load_before = os.getloadavg()
     results = []
     with tempfile.TemporaryDirectory(prefix="bitbench-bench-") as d:
         results.append(bench_leaderboard(f"sqlite:///{d}/bench.sqlite", **kw))
@@ -214,8 +337,12 @@ def main(argv: list[str] | None = None) -> int:
                     dbs.admin.dispose()
                 finally:
                     server.stop()
-    print(f"{platform.node()} · Python {platform.python_version()} · target leaderboard p50 ≤ {TARGET_MS:.0f} ms\n")
+    print(f"{platform.node()} · Python {platform.python_version()} · target leaderboard p50 ≤ {TARGET_MS:.0f} ms · "
+          f"load average {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+          + (f" · baseline {args.baseline}" if args.baseline else "") + "\n")
     print(_table(results))
+    print()
+    print(_side_by_side_table(results))
     return 0 if all(r["ok"] for r in results) else 1
 
 

@@ -158,17 +158,19 @@ def reestimation_rows(trials: list[dict]) -> list[dict]:
 
 
 def latex_table(rows: list[dict]) -> str:
-    """Estimators × bit configurations, mean ± std test accuracy (%), best per column in bold."""
+    """Estimators (with their quantizer grid) × bit configurations, mean ± std test accuracy (%), best per
+    column in bold."""
     configs = sorted({bit_config(r["w_bits"], r["a_bits"]) for r in rows}, key=config_sort_key)
     labels = sorted({r["estimator_label"] for r in rows})
+    grid = {r["estimator_label"]: r.get("grid") for r in rows}  # an estimator label names its grid
     cell = {(r["estimator_label"], bit_config(r["w_bits"], r["a_bits"])): r for r in rows}
 
     def tex(s: str) -> str:
         return s.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("&", r"\&").replace("%", r"\%") \
             .replace("#", r"\#").replace("{", r"\{").replace("}", r"\}").replace("$", r"\$")
 
-    lines = [r"\begin{tabular}{l" + "r" * len(configs) + "}", r"\hline",
-             "Estimator & " + " & ".join(tex(config_label(c)) for c in configs) + r" \\", r"\hline"]
+    lines = [r"\begin{tabular}{ll" + "r" * len(configs) + "}", r"\hline",
+             "Estimator & Grid & " + " & ".join(tex(config_label(c)) for c in configs) + r" \\", r"\hline"]
     for label in labels:
         cells = []
         for c in configs:
@@ -178,7 +180,8 @@ def latex_table(rows: list[dict]) -> str:
                 continue
             body = f"{100 * r['mean']:.2f}" + (rf" $\pm$ {100 * r['std']:.2f}" if r["std"] is not None else "")
             cells.append(rf"\textbf{{{body}}}" if r.get("best") else body)
-        lines.append(tex(label) + " & " + " & ".join(cells) + r" \\")
+        lines.append(tex(label) + " & " + (tex(grid[label]) if grid[label] else "--") + " & " + " & ".join(cells)
+                     + r" \\")
     lines += [r"\hline", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 

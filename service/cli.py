@@ -323,7 +323,8 @@ def leaderboard(
         table = Table(title=escape(f"{label} — {METRIC_TITLES[metric.value]}"), title_justify="left",
                       caption=escape(caption), caption_justify="left")
         columns: tuple[tuple[str, Literal["left", "right"]], ...] = (
-            ("bits", "left"), ("rank", "right"), ("estimator", "left"), ("mean", "right"), ("± std", "right"),
+            ("bits", "left"), ("rank", "right"), ("estimator", "left"), ("grid", "left"), ("mean", "right"),
+            ("± std", "right"),
             ("95% CI", "right"), ("n", "right"))
         for name, justify in columns:
             table.add_column(name, justify=justify, overflow="fold")
@@ -333,8 +334,8 @@ def leaderboard(
             for j, r in enumerate(cells):
                 ci = "–" if r.get("ci_low") is None else f"{_pct(r['ci_low'])}–{_pct(r['ci_high'])}"
                 bits = "" if j else config_label((r["w_bits"], r["a_bits"]))
-                values = (bits, r["rank"], r["estimator_label"], _pct(r["mean"]), _pct(r.get("std")),
-                          ci, r["n"])  # labels such as aqe[backward=alg1] are text, not markup
+                values = (bits, r["rank"], r["estimator_label"], r.get("grid") or "–", _pct(r["mean"]),
+                          _pct(r.get("std")), ci, r["n"])  # labels such as aqe[backward=alg1] are text, not markup
                 table.add_row(*(Text(str(v)) for v in values), style="bold" if r.get("best") else None)
         out.print(table)
 

@@ -134,13 +134,15 @@ trials = Table(
     # the trial's protocol: its run's, but where a named method's first/last-layer policy differs
     Column("protocol", String(16), nullable=False),
     Column("protocol_label", String(300), nullable=False),
+    Column("grid", String(32), nullable=True),  # the quantizer grid (estimators.grids); None for float
     UniqueConstraint("run_id", "key"),  # also the index for a run's trials
     _status_check("status"),
     Index(None, "w_bits", "a_bits"),
-    # the leaderboard: one trial per (protocol, estimator label, bits, seed), the latest finished
-    Index(None, "protocol", "estimator_label", "w_bits", "a_bits", "seed"),
     Index(None, "status"),
 )
+# the leaderboard: one trial per (protocol, estimator label, bits, seed), the latest finished (in its order)
+Index("ix_trials_leaderboard", trials.c.protocol, trials.c.estimator_label, trials.c.w_bits, trials.c.a_bits,
+      trials.c.seed, trials.c.finished_at.desc(), trials.c.id.desc())
 
 metrics = Table(
     "metrics", metadata,

@@ -276,7 +276,7 @@ def test_leaderboard_table_grouped_by_bits(server, bitbench, run_id):
     assert len(rows) == 5  # 2 estimators × 2 bit cells + float
     assert rows[0]["protocol_label"].startswith("digits/digits_net · ") and rows[0]["protocol_label"] in out
     assert f"protocol {rows[0]['protocol']}" in out  # the table's caption: what --protocol takes
-    for needle in ("W1A1", "W2A1", "float", "aqe[backward=alg1]", "ste", "95% CI"):
+    for needle in ("W1A1", "W2A1", "float", "aqe[backward=alg1]", "ste", "95% CI", "grid", "minw"):
         assert needle in out
     assert f"{100 * rows[0]['mean']:.2f}" in out
     only = bitbench("leaderboard", "--protocol", rows[0]["protocol"])

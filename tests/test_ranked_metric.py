@@ -85,8 +85,8 @@ def test_report_gives_both_rankings_late_drops_and_reestimation(ranked, tmp_path
     with api.sessions() as s:
         md = build_report(s, rid, tmp_path / "r", png=False)["RESULTS.md"].read_text()
     # side by side: aqe first by final (83.00 ± 2.65), second by selected (82.00 ± 2.00)
-    assert "| 1 | `aqe` **(best)** | 83.00 ± 2.65 | 3 |" in md and "| 82.00 ± 2.00 | 2 |" in md
-    assert re.search(r"\| 2 \| `ste` \| 82\.33 ± 4\.93 \| 3 \| [^|]+\| 90\.00 ± 1\.00 \| 1 \|", md), md
+    assert "| 1 | `aqe` **(best)** | minw | 83.00 ± 2.65 | 3 |" in md and "| 82.00 ± 2.00 | 2 |" in md
+    assert re.search(r"\| 2 \| `ste` \| minw \| 82\.33 ± 4\.93 \| 3 \| [^|]+\| 90\.00 ± 1\.00 \| 1 \|", md), md
     # ste's seeds 0 and 2 ended 15 points below their selected epoch; seed 1 lost 1 point exactly (not more)
     assert "**2 of 6 trials** ended their last epoch more than 1 point" in md
     assert "| `ste-w1a1-s0` | 75.00 | 90.00 | 2 |" in md and "ste-w1a1-s1` |" not in md

@@ -53,8 +53,8 @@ def test_report_rows_come_from_the_database(sessions, finished_run, tmp_path):
         files = build_report(s, finished_run, tmp_path / "report", png=False)
     md = files["RESULTS.md"].read_text()
     # spot-check by hand: aqe at W1A1 = mean(80, 82, 84) = 82.00, std = 2.00, n = 3
-    assert re.search(r"\| 1 \| `aqe` \*\*\(best\)\*\* \| 82\.00 ± 2\.00 \| 3 \|", md), md
-    assert "| `clipped_ste` | 81.33 ± 3.21 | 3 |" in md
+    assert re.search(r"\| 1 \| `aqe` \*\*\(best\)\*\* \| minw \| 82\.00 ± 2\.00 \| 3 \|", md), md
+    assert "| `clipped_ste` | minw | 81.33 ± 3.21 | 3 |" in md
     # paired: aqe − ste at W1A1 is exactly +2.00 points on every seed → zero spread, significant
     assert "| `aqe` | `ste` | W1A1 | 0,1,2 | +2.00 |" in md
     assert "Full-precision reference: 96.00 ± 1.00 % (n = 3)." in md
@@ -87,8 +87,8 @@ def test_latex_table_is_a_well_formed_tabular(sessions, finished_run, tmp_path):
         files = build_report(s, finished_run, tmp_path / "r", png=False)
     tex = files["leaderboard.tex"].read_text()
     body = [line for line in tex.splitlines() if line.endswith(r"\\")]
-    assert tex.startswith(r"\begin{tabular}{lrrr}") and tex.rstrip().endswith(r"\end{tabular}")
-    assert all(line.count("&") == 3 for line in body) and len(body) == 1 + 4  # header + aqe, clipped_ste, float, ste
+    assert tex.startswith(r"\begin{tabular}{llrrr}") and tex.rstrip().endswith(r"\end{tabular}")
+    assert all(line.count("&") == 4 for line in body) and len(body) == 1 + 4  # header + aqe, clipped_ste, float, ste
     assert r"clipped\_ste" in tex and r"\textbf{82.00 $\pm$ 2.00}" in tex
     if shutil.which("pdflatex"):
         doc = tmp_path / "t.tex"

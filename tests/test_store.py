@@ -47,7 +47,7 @@ def test_migrated_schema_matches_tables(engine):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    assert current_revision(engine) == head_revision() == "0008"
+    assert current_revision(engine) == head_revision() == "0009"
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata) == []
         if engine.dialect.name == "sqlite":
@@ -55,7 +55,7 @@ def test_migrated_schema_matches_tables(engine):
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
     migrate(engine)  # again: a no-op
-    assert current_revision(engine) == head_revision() == "0008"
+    assert current_revision(engine) == head_revision() == "0009"
 
 
 def test_migrations_race_on_an_empty_database(db_url):
@@ -484,7 +484,7 @@ def test_leaderboard_matches_a_hand_computation(session, sessions):
     assert store.leaderboard(session, dataset="mnist") == [
         {"protocol": of_mnist["protocol"], "protocol_label": "mnist/digits_net · 3 ep · adam 0.01 exp 0.98 · bs 128",
          "dataset": "mnist", "model": "digits_net", "w_bits": 1, "a_bits": 1, "estimator_label": "ste",
-         "metric": "final", "n": 1, "set_aside": 0,
+         "grid": "minw", "metric": "final", "n": 1, "set_aside": 0,
          "mean": 0.5, "std": None, "ci_low": None, "ci_high": None, "rank": 1, "best": True,
          "packed_bytes": 1234, "packed_agreement": 0.999}]
     assert got[("aqe", 1, 1)]["packed_bytes"] is None

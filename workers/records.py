@@ -146,6 +146,7 @@ class Trial(TypedDict):
     error: str | None
     protocol: str
     protocol_label: str
+    grid: str | None  # the quantizer grid its estimator quantizes to (estimators.grids); None for float
 
 
 class Metric(TypedDict):
@@ -189,6 +190,7 @@ class LeaderboardRow(TypedDict):
     w_bits: int
     a_bits: int
     estimator_label: str
+    grid: str | None
     metric: str
     n: int
     set_aside: int

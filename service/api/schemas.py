@@ -155,6 +155,8 @@ class TrialOut(_Out):
     protocol: str = Field(description="the trial's protocol: its run's, or a named method's own where its "
                           "first/last-layer policy differs")
     protocol_label: str
+    grid: str | None = Field(None, description="the quantizer grid its estimator quantizes to (GET /catalog lists "
+                             "the grids); null for the float reference")
 
 
 class TrialDetail(TrialOut):
@@ -171,6 +173,8 @@ class LeaderboardRow(_Out):
     w_bits: int
     a_bits: int
     estimator_label: str
+    grid: str | None = Field(None, description="the quantizer grid of the estimator's trials (GET /catalog lists "
+                             "the grids); null for the float reference")
     metric: RankMetric = Field(description="final: the trained network's test accuracy; selected: the test "
                                "accuracy at the epoch with the best validation accuracy")
     n: int = Field(description="seeds counted: one trial per seed, the latest finished")

@@ -87,7 +87,7 @@ def create_run(s: Session, spec, *, idempotency_key: str | None = None) -> tuple
             {"run_id": run_id, "key": t.key, "estimator": t.estimator, "estimator_label": t.label,
              "estimator_params": dict(t.estimator_params), "w_bits": t.w_bits, "a_bits": t.a_bits,
              "seed": t.seed, "status": Status.QUEUED, "attempts": 0, "epochs_done": 0,
-             "protocol": (p := own.get(t.first_last_float, of_spec)).id, "protocol_label": p.label}
+             "protocol": (p := own.get(t.first_last_float, of_spec)).id, "protocol_label": p.label, "grid": t.grid}
             for t in cells
         ])
         s.commit()

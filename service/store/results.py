@@ -23,7 +23,7 @@ from workers.records import (
 )
 
 from ..tables import metrics, report_archives, runs, trials, utcnow
-from .sql import dialect, record, upsert_insert
+from .sql import dialect, record, unindexed, upsert_insert
 
 
 def _rank_metric(metric: str):
@@ -31,9 +31,9 @@ def _rank_metric(metric: str):
     return trials.c[metric_field(metric)]
 
 
-def _finished_results(metric: str) -> list:
+def _finished_results(metric: str, *, status=trials.c.status) -> list:
     """The conditions of a trial that counts: done, with a value of ``metric``."""
-    return [trials.c.status == Status.DONE, _rank_metric(metric).isnot(None)]
+    return [status == Status.DONE, _rank_metric(metric).isnot(None)]
 
 
 # -- a run's results --------------------------------------------------------------------------
@@ -130,59 +130,68 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
     says which.
 
     Within a protocol one trial per (estimator label, w_bits, a_bits, seed) counts: the latest
-    finished (``ROW_NUMBER()`` by finish time, then id, descending); ``set_aside`` counts the older
-    repeats left out. Count, mean and spread of the counted trials are aggregated in SQL over ``done``
-    trials (with the mean packed export size and the lowest packed-engine agreement, where trials
-    have them); the 95% interval is ``mean ± t(0.975, n−1)·std/√n`` (:func:`dashboard.stats.t_interval`)
-    clipped to [0, 1] (sample std; None when n < 2) and rank 1 is the best mean within its
-    (protocol, w_bits, a_bits) (ties share a rank; ``best`` marks rank 1).
+    finished (``ROW_NUMBER()`` by finish time, then id, descending, the order of ``ix_trials_leaderboard``);
+    ``set_aside`` counts the older repeats left out. ``grid`` is the quantizer grid the label's trials
+    quantize to (``estimators.grids``; None for the float reference). Count, mean and spread of the
+    counted trials are aggregated in SQL over ``done`` trials (with the mean packed export size and the
+    lowest packed-engine agreement, where trials have them); the 95% interval is
+    ``mean ± t(0.975, n−1)·std/√n`` (:func:`dashboard.stats.t_interval`) clipped to [0, 1] (sample std;
+    None when n < 2) and rank 1 is the best mean within its (protocol, w_bits, a_bits) (ties share a
+    rank; ``best`` marks rank 1).
     Rows come ordered by dataset, model, protocol label, then w_bits + a_bits (the float reference
     last), w_bits, a_bits, rank. ``run_id`` restricts it to one run's trials (a study's report)."""
     from dashboard.stats import t_interval  # on first use: the dashboard package loads plotly
 
     x = _rank_metric(metric)
-    cell = (trials.c.protocol, trials.c.estimator_label, trials.c.w_bits, trials.c.a_bits)
+    cell = (trials.c.protocol, trials.c.estimator_label, trials.c.w_bits, trials.c.a_bits)  # ix_trials_leaderboard's
     latest = func.row_number().over(partition_by=(*cell, trials.c.seed),
                                     order_by=(trials.c.finished_at.desc().nulls_last(), trials.c.id.desc()))
-    ranked = (select(*cell, trials.c.protocol_label, runs.c.dataset, runs.c.model, x.label("x"),
+    of_runs = [*([runs.c.dataset == dataset] if dataset is not None else []),
+               *([runs.c.model == model] if model is not None else [])]
+    ranked = (select(*cell, trials.c.protocol_label, trials.c.grid, trials.c.run_id, x.label("x"),
                      trials.c.packed_bytes, trials.c.packed_agreement, latest.label("pick"))
-              .select_from(trials.join(runs, runs.c.id == trials.c.run_id))
-              .where(*_finished_results(metric),
-                     *([runs.c.dataset == dataset] if dataset is not None else []),
-                     *([runs.c.model == model] if model is not None else []),
+              # the status picks no index: ix_trials_leaderboard gives the rows in the window's order
+              .where(*_finished_results(metric, status=unindexed(s, trials.c.status)),
+                     *([trials.c.run_id.in_(select(runs.c.id).where(*of_runs))] if of_runs else []),
                      *([trials.c.protocol == protocol] if protocol is not None else []),
-                     *([runs.c.id == run_id] if run_id is not None else []))
+                     *([trials.c.run_id == run_id] if run_id is not None else []))
               .subquery())
     counted = ranked.c.pick == 1
     y = case((counted, ranked.c.x))
-    keys = (ranked.c.protocol, ranked.c.w_bits, ranked.c.a_bits, ranked.c.estimator_label)
-    # a protocol names its data set and model (and has one label): carried, not grouped by
-    named = (func.max(ranked.c.protocol_label).label("protocol_label"), func.max(ranked.c.dataset).label("dataset"),
-             func.max(ranked.c.model).label("model"))
-    spread = (func.stddev_samp(y) if dialect(s) == "postgresql" else func.avg(y * y)).label("spread")
-    packed = (func.avg(case((counted, ranked.c.packed_bytes))).label("packed_bytes"),
-              func.min(case((counted, ranked.c.packed_agreement))).label("packed_agreement"))
-    q = (select(*keys, *named, func.count(y).label("n"), func.count().label("total"), func.avg(y).label("mean"), spread,
-                *packed)
-         .group_by(*keys))
+    spread = func.stddev_samp(y) if dialect(s) == "postgresql" else func.avg(y * y)
+    # a protocol names its data set and model and has one label, an estimator label names its grid (its ``grid``
+    # parameter, else the estimator's own): carried, not grouped by; data set and model from any one of its runs
+    carried = [func.max(ranked.c[c]).label(c) for c in ("protocol_label", "grid", "run_id")]
+    keys = ranked.c["protocol", "estimator_label", "w_bits", "a_bits"]  # the window's order
+    cells = (select(*keys, *carried, func.count(y).label("n"), func.count().label("total"), func.avg(y).label("mean"),
+                    spread.label("spread"), func.avg(case((counted, ranked.c.packed_bytes))).label("packed_bytes"),
+                    func.min(case((counted, ranked.c.packed_agreement))).label("packed_agreement"))
+             .group_by(*keys).subquery())
+    q = (select(*cells.c["protocol", "protocol_label"], runs.c.dataset, runs.c.model,
+                *cells.c["w_bits", "a_bits", "estimator_label", "grid", "n", "total", "mean", "spread", "packed_bytes",
+                         "packed_agreement"])
+         .join_from(cells, runs, runs.c.id == cells.c.run_id))
+    postgres = dialect(s) == "postgresql"
     rows: list[dict] = []
-    for r in s.execute(q):
-        n, mean = int(r.n), float(r.mean)
+    # unpacked: a Row's attribute read costs ~1 µs, unpacking ~0.1 µs a row (BENCHMARKS.md, issue 14)
+    for (prot, prot_label, data, net, w, a, label, grid, n, total, mean, spread, packed_bytes,
+         packed_agreement) in s.execute(q):
+        n, mean = int(n), float(mean)
         std = ci_low = ci_high = None
         if n >= 2:
-            if dialect(s) == "postgresql":
-                std = float(r.spread)
+            if postgres:
+                std = float(spread)
             else:  # E[x²] − E[x]², made unbiased
-                std = math.sqrt(max(float(r.spread) - mean * mean, 0.0) * n / (n - 1))
+                std = math.sqrt(max(float(spread) - mean * mean, 0.0) * n / (n - 1))
             interval = t_interval(mean, std, n)
             if interval is not None:
                 ci_low, ci_high = max(interval[0], 0.0), min(interval[1], 1.0)  # an accuracy stays in [0, 1]
-        rows.append({"protocol": r.protocol, "protocol_label": r.protocol_label, "dataset": r.dataset,
-                     "model": r.model, "w_bits": r.w_bits, "a_bits": r.a_bits,
-                     "estimator_label": r.estimator_label, "metric": metric, "n": n, "set_aside": int(r.total) - n,
+        rows.append({"protocol": prot, "protocol_label": prot_label, "dataset": data, "model": net, "w_bits": w,
+                     "a_bits": a, "estimator_label": label, "grid": grid, "metric": metric, "n": n,
+                     "set_aside": int(total) - n,
                      "mean": mean, "std": std, "ci_low": ci_low, "ci_high": ci_high,
-                     "packed_bytes": None if r.packed_bytes is None else round(float(r.packed_bytes)),
-                     "packed_agreement": None if r.packed_agreement is None else float(r.packed_agreement)})
+                     "packed_bytes": None if packed_bytes is None else round(float(packed_bytes)),
+                     "packed_agreement": None if packed_agreement is None else float(packed_agreement)})
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["protocol"], row["w_bits"], row["a_bits"]), []).append(row)

@@ -10,6 +10,8 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, Executable
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import UnaryExpression
 
 
 def plain(value: Any) -> Any:
@@ -26,6 +28,14 @@ def record(row, fields: Iterable[str]) -> dict:
 def dialect(s: Session) -> str:
     """``"sqlite"`` or ``"postgresql"``."""
     return s.get_bind().dialect.name
+
+
+def unindexed(s: Session, column):
+    """``column`` for a WHERE term that must not choose the query's index. SQLite plans without statistics
+    (nothing runs ANALYZE on it) and then prefers any equality term's index; its documented hint is a unary
+    ``+`` on the column. Other dialects plan by their statistics: the column as it is."""
+    return UnaryExpression(column, operator=operators.custom_op("+"), type_=column.type) \
+        if dialect(s) == "sqlite" else column
 
 
 def upsert_insert(s: Session, table):
