@@ -71,9 +71,7 @@ class AQE(MinwEstimator):
                 return torch.lerp(t, q, a, out=q)
 
         def eq18(t, g):  # 2α·g·1[|t| ≤ 1]
-            grad = clipped_grad(t, g)
-            with one_thread(t):
-                return grad.mul_(2 * a)
+            return clipped_grad(t, g, 2 * a)
 
         def autodiff(t, g):  # the mix's own derivative where Q's is taken as 0
             return g * (1.0 - a)

@@ -99,16 +99,28 @@ class MinwEstimator(Estimator):
 
     # -- statistics ------------------------------------------------------------------------------
     def batch_stat(self, x: torch.Tensor) -> torch.Tensor:
-        """s over the whole tensor: mean|x| (ternary) or max|x| (powers of two)."""
-        return x.abs().mean() if self.quantizer == "ternary" else x.abs().amax()
+        """s over the whole tensor: mean|x| (ternary) or max|x| (powers of two).
+
+        max|x| = max(−min x, max x) from one read of x (no |x| written; exact, + 0 makes a zero +0)."""
+        if self.quantizer == "ternary":
+            return x.abs().mean()
+        low, high = torch.aminmax(x)
+        return torch.maximum(low.neg(), high).add_(0.0)
 
     @torch.no_grad()
     def track(self, x: torch.Tensor) -> torch.Tensor:
         """One training batch's update of the running statistic (no host sync); returns it in x's dtype."""
         batch = self.batch_stat(x.detach()).to(self.running_stat.dtype)
         m = self.hparams["act_momentum"]
-        self.running_stat.copy_(torch.where(self.running_stat_set, self.running_stat.lerp(batch, m), batch))
-        self.running_stat_set.fill_(True)
+        if self.running_stat.device.type == "cpu":  # the flag read costs nothing: fewer small ops
+            if bool(self.running_stat_set):
+                self.running_stat.lerp_(batch, m)
+            else:
+                self.running_stat.copy_(batch)
+                self.running_stat_set.fill_(True)
+        else:
+            self.running_stat.copy_(torch.where(self.running_stat_set, self.running_stat.lerp(batch, m), batch))
+            self.running_stat_set.fill_(True)
         return self.running_stat.to(x.dtype)
 
     def _given_stat(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -182,15 +194,22 @@ def clip_mask(x: torch.Tensor, limit: float = 1.0) -> torch.Tensor:
     return (x.abs() <= limit).to(x.dtype)
 
 
-def clipped_grad(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """g·1[|x| ≤ 1] in one fused pass (HardTanh's backward kernel).
+def clipped_grad(x: torch.Tensor, g: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """g·1[|x| ≤ 1] (times ``scale`` when given), never modifying g.
 
-    That kernel zeroes |x| ≥ limit; with limit = the next float above 1 in x's dtype this is
-    exactly |x| ≤ 1, so latent weights clipped to ±1 keep their gradient.
+    On the CPU one read of x (min and max) first: when all of x lies in [−1, 1], as a HardTanh output
+    or clipped latent weights do, the mask is all ones and g itself (or g·scale) is the answer.
+    Otherwise HardTanh's backward kernel in one pass: it zeroes |x| ≥ limit, and with limit = the next
+    float above 1 in x's dtype that is exactly |x| ≤ 1, so latent weights clipped to ±1 keep their gradient.
     """
-    limit = _float_above_one(x.dtype)
     with one_thread(x):
-        return torch.ops.aten.hardtanh_backward(g, x, -limit, limit)
+        if x.device.type == "cpu" and x.numel():
+            low, high = torch.aminmax(x)
+            if bool(low >= -1) and bool(high <= 1):  # False at NaN
+                return g if scale is None else g * scale
+        limit = _float_above_one(x.dtype)
+        grad = torch.ops.aten.hardtanh_backward(g, x, -limit, limit)
+        return grad if scale is None else grad.mul_(scale)
 
 
 @functools.cache

@@ -300,3 +300,24 @@ def test_the_quantizer_values_of_a_training_network_stay_on_the_levels():
     y = q(x)
     levels = set(Qz.levels("pow2", 3).tolist())
     assert set(y.unique().tolist()) <= levels and not math.isnan(float(q.running_stat))
+
+
+@pytest.mark.parametrize("name, params", [("clipped_ste", {}), ("aqe", {"backward": "eq18"}),
+                                          ("aqe", {"backward": "alg1"}), ("xnor", {})])
+@pytest.mark.parametrize("bits", [1, 2])
+def test_inputs_inside_or_just_outside_the_unit_interval(name, params, bits):
+    """All of x in [−1, 1] (a HardTanh output): the mask is skipped, with the same gradient; one value a float
+    beyond 1 (or a NaN) makes the masked path run: still the same gradient."""
+    dtype = torch.float32
+    one = torch.tensor(1.0)
+    edge = [1.0, -1.0, float(torch.nextafter(one, -one)), float(-torch.nextafter(one, -one))]
+    inside = inputs(dtype, specials=edge).clamp(-1, 1)
+    g = torch.randn(inside.shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    above = inside.clone()
+    above[3, 5] = float(torch.nextafter(one, one + 1))
+    for x in (inside, above):
+        check_steps(make(name, bits, "activation", "running", dtype, **params), [x], g)
+    est = make(name, bits, "activation", "running", dtype, **params)
+    _, gx = step(est, lambda e, t: e(t), above, g)
+    at_one = above.abs() == 1
+    assert gx[3, 5] == 0 and at_one.any() and (gx[at_one] != 0).all()
