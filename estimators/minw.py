@@ -205,7 +205,7 @@ def clipped_grad(x: torch.Tensor, g: torch.Tensor, scale: float | None = None) -
     with one_thread(x):
         if x.device.type == "cpu" and x.numel():
             low, high = torch.aminmax(x)
-            if bool(low >= -1) and bool(high <= 1):  # False at NaN
+            if low.item() >= -1 and high.item() <= 1:  # False at NaN
                 return g if scale is None else g * scale
         limit = _float_above_one(x.dtype)
         grad = torch.ops.aten.hardtanh_backward(g, x, -limit, limit)

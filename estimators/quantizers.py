@@ -36,6 +36,14 @@ def _reduce_dims(x: torch.Tensor, dims) -> tuple[int, ...] | None:
     return tuple(dims)
 
 
+def _broadcasts_to(s: torch.Tensor, x: torch.Tensor) -> bool:
+    """True when a statistic of s's shape broadcasts to x's shape without enlarging it (torch.broadcast_shapes
+    costs a hundred microseconds of symbolic-shape machinery per call)."""
+    if s.dim() > x.dim():
+        return False
+    return all(a == 1 or a == b for a, b in zip(reversed(s.shape), reversed(x.shape), strict=False))
+
+
 def _mean_abs(x: torch.Tensor, dims) -> torch.Tensor:
     d = _reduce_dims(x, dims)
     return x.abs().mean() if d is None else x.abs().mean(dim=d, keepdim=True)
@@ -66,7 +74,7 @@ def ternary(x: torch.Tensor, delta_ratio: float = 0.7, dims=None, mean_abs: torc
     delta = delta_ratio * (_mean_abs(x, dims) if mean_abs is None else mean_abs)
     if delta.dim() == 0 and x.device.type == "cpu":
         return ternary_at(x, delta.item())
-    if torch.broadcast_shapes(x.shape, delta.shape) != x.shape:
+    if not _broadcasts_to(delta, x):
         return ternary_composed(x, delta_ratio, dims, mean_abs)
     with one_thread(x):
         return torch.sign(x * (x.abs() > delta))
@@ -119,8 +127,7 @@ def pow2(x: torch.Tensor, bits: int = 3, thresholds: Sequence[float] | None = No
     |x| < t_0·M → 0; t_j·M ≤ |x| < t_{j+1}·M → sign(x)·2^−(q−1−j); |x| ≥ t_{q−1}·M → sign(x).
     """
     t = _pow2_checked_thresholds(bits, thresholds)
-    if len(t) > POW2_STAIRCASE_LEVELS or (
-            max_abs is not None and torch.broadcast_shapes(x.shape, max_abs.shape) != x.shape):
+    if len(t) > POW2_STAIRCASE_LEVELS or (max_abs is not None and not _broadcasts_to(max_abs, x)):
         return pow2_composed(x, bits, t, dims, max_abs)
     with torch.no_grad():
         a = x.detach().abs()
