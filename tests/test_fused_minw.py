@@ -171,6 +171,7 @@ def reference(est, x):
         return composed_quantize(est, t, stat)
 
     name = est.name
+    composed_grads = {"approx_sign": approx_sign_grad, "reste": reste_grad_of(est)}
     if not est.training:
         if name == "xnor" and est.role == "weight":
             return quantize(x) * est.scale(x)
@@ -189,7 +190,22 @@ def reference(est, x):
                          lambda t, g: g * ((t.abs() <= 1).to(t.dtype) * alpha + 1.0 / n))
     if name in ("clipped_ste", "xnor"):
         return surrogate(x, quantize, composed_clipped_grad)
-    return surrogate(x, quantize, est.pseudo_grad)  # approx_sign, ede, reste: pseudo-gradients unchanged
+    return surrogate(x, quantize, composed_grads.get(name, est.pseudo_grad))  # ede's pseudo-gradient is unchanged
+
+
+def approx_sign_grad(x, g):
+    return g * (2 - 2 * x.abs()).clamp_min(0)
+
+
+def reste_grad_of(est):
+    def grad(x, g):
+        o, t, eps = est.o, est.hparams["t"], est.hparams["eps"]
+        a = x.abs()
+        slope = (1 / o) * a.clamp_min(eps).pow((1 - o) / o)
+        slope = torch.where(a <= eps, eps ** (1 / o) / eps, slope)
+        return g * slope * (a <= t).to(x.dtype)
+
+    return grad
 
 
 def make(name, bits, role, mode, dtype, **params):
