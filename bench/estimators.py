@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import platform
 import random
 import statistics
@@ -247,7 +248,8 @@ def main() -> None:
         E.get_estimator_class(n)  # an unknown name fails here, listing the known ones
     bits = [int(b) for b in a.bits.split(",")]
     cpu = platform.processor() or platform.machine()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, {a.clock} clock, malloc: {malloc}\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, {a.clock} clock, malloc: {malloc}, "
+          f"load average {load_average()} at the start\n")
     shape = f"{a.batch}×{a.channels}×{a.size}×{a.size}, 3×3, {a.channels}→{a.channels}"
     if "tensor" in sections:
         print(table(bench_estimators(a.numel, a.repeats, names), f"estimator, fwd+bwd on {a.numel:,} elements (1 bit)"))
@@ -259,6 +261,12 @@ def main() -> None:
     if "block" in sections:
         rows = bench_block(a.batch, a.channels, a.size, a.block_repeats, names, bits, baseline, a.all_threads)
         print(block_table(rows, bits, f"conv+BN+HardTanh step, SGD momentum, {shape}"))
+    print(f"\nload average {load_average()} at the end")
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (a shared machine's other work shows here)."""
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -1,28 +1,40 @@
 """CPU training throughput of every estimator against float (synthetic 3×32×32 images).
 
-    python bench/throughput.py [--models convnet_d resnet20] [--batch 64] [--batches 2] [--out FILE.md]
+    python bench/throughput.py [--models convnet_d resnet20] [--estimators ste aqe] [--bits 1 2] [--batch 64]
+                               [--batches 2] [--repeats 7] [--threads 1] [--baseline DIR] [--out FILE.md]
 
 For each model: images per second of training steps (forward, backward, Adam step, latent-weight
-clip: ``workers.train.train_epoch``) at float and, per estimator, at W1A1 and W2A2, with the
-ratio to float. Timed in process CPU seconds, best of --repeats, on --threads threads (default
-1): on a shared machine CPU time is far steadier than wall time, and with one thread it equals
-the wall time an otherwise idle core would take. Prints a markdown table (and writes it to --out)
-headed by the command that made it.
+clip: ``workers.train.train_epoch``) at float and, per estimator, at each WbAb of ``--bits``, with the
+ratio to float. Every cell of a model is built first and then timed in ``--repeats`` rounds, each
+cell once per round in a shuffled order (medians), so slow minutes of a shared machine hit every
+cell alike; a second float model ("float (control)") shows how far two identical rows drift apart.
+Timed in process CPU seconds on --threads threads (default 1): on a shared machine CPU time is far
+steadier than wall time, and with one thread it equals the wall time an otherwise idle core would
+take. ``--baseline DIR`` adds every estimator row again with the ``estimators`` package found in DIR
+(e.g. ``git archive COMMIT estimators | tar -x -C DIR``), its estimators put into the same models in
+this process, so before and after are measured in the same run. Prints a markdown table (and
+writes it to --out) headed by the command that made it and the load average.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
+import random
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import estimators  # noqa: E402
 from workers.datasets import load_dataset  # noqa: E402
+from workers.malloc import keep_freed_memory  # noqa: E402
 from workers.models import create_model  # noqa: E402
 from workers.spec import Optimizer  # noqa: E402
 from workers.train import build_optimizer, train_epoch  # noqa: E402
@@ -30,60 +42,109 @@ from workers.train import build_optimizer, train_epoch  # noqa: E402
 FLOAT = estimators.FLOAT_BITS
 
 
-def images_per_s(model_name: str, data, w: int, a: int, estimator: str | None, batch: int, batches: int,
-                 repeats: int) -> float:
-    """Training images per CPU second over ``batches`` batches (best of ``repeats``) after a warm-up batch."""
+def load_baseline(directory: str):
+    """The ``estimators`` package in ``directory`` beside this one (bench/estimators.py's loader)."""
+    spec = importlib.util.spec_from_file_location("bench_estimators", Path(__file__).with_name("estimators.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load_estimators(directory)
+
+
+def with_estimators(model: nn.Module, package) -> nn.Module:
+    """``model`` with every estimator rebuilt from ``package`` (same name, bits, role and parameters)."""
+    for m in model.modules():
+        for attr in ("quantizer", "weight_quantizer"):
+            est = getattr(m, attr, None)
+            if isinstance(est, estimators.Estimator):
+                setattr(m, attr, package.create_estimator(est.name, bits=est.bits, role=est.role, **est.hparams))
+    return model
+
+
+def training_cell(model_name: str, data, bits: int, estimator: str | None, package, batches):
+    """A function running ``train_epoch`` over ``batches`` on a fresh model (after one warm-up batch)."""
     torch.manual_seed(0)
     quant = {"estimator": estimator} if estimator else {}
     model = create_model(model_name, num_classes=data.num_classes, input_shape=data.input_shape,
-                         w_bits=w, a_bits=a, **quant)
+                         w_bits=bits, a_bits=bits, **quant)
+    if package is not None:
+        with_estimators(model, package)
     opt = build_optimizer(model.parameters(), Optimizer())
-    xs = [(data.train_x[i * batch:(i + 1) * batch], data.train_y[i * batch:(i + 1) * batch])
-          for i in range(batches + 1)]
-    train_epoch(model, opt, xs[:1])  # warm-up (allocations, lazy init)
-    best = float("inf")
+    train_epoch(model, opt, batches[:1])  # warm-up (allocations, lazy init, LSQ's step)
+    return lambda: train_epoch(model, opt, batches[1:])[2]
+
+
+def median_images_per_s(cells: dict, repeats: int) -> dict[str, float]:
+    """Images per CPU second of each cell: median over ``repeats`` interleaved rounds (shuffled each round)."""
+    times: dict[str, list[float]] = {k: [] for k in cells}
+    images: dict[str, int] = {}
+    order = list(cells)
+    rng = random.Random(0)
     for _ in range(repeats):
-        t0 = time.process_time()
-        _, _, n = train_epoch(model, opt, xs[1:])
-        best = min(best, time.process_time() - t0)
-    return n / best
+        rng.shuffle(order)
+        for k in order:
+            t0 = time.process_time()
+            images[k] = cells[k]()
+            times[k].append(time.process_time() - t0)
+    return {k: images[k] / statistics.median(v) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["convnet_d", "resnet20"])
     p.add_argument("--estimators", nargs="+", default=estimators.list_estimators())
+    p.add_argument("--bits", nargs="+", type=int, default=[1, 2], help="WbAb bit widths, one column pair each")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--batches", type=int, default=2, help="timed batches per repeat (after one warm-up batch)")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--batches", type=int, default=2, help="timed batches per round (after one warm-up batch)")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (medians)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--baseline", metavar="DIR", help="also time every estimator with the estimators package in DIR")
     p.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = p.parse_args(argv)
+    for name in args.estimators:
+        estimators.get_estimator_class(name)  # an unknown name fails here, listing the known ones
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as training does (workers.malloc)
+    baseline = load_baseline(args.baseline) if args.baseline else None
     data = load_dataset("synthetic", shape=(3, 32, 32), n_train=args.batch * (args.batches + 1), n_val=0, n_test=1)
+    batches = [(data.train_x[i * args.batch:(i + 1) * args.batch], data.train_y[i * args.batch:(i + 1) * args.batch])
+               for i in range(args.batches + 1)]
 
+    load = "/".join(f"{v:.1f}" for v in os.getloadavg())
+    head = " | ".join(f"W{b}A{b} img/s | W{b}A{b} ×float" for b in args.bits)
     lines = [f"`python bench/throughput.py {shlex.join(sys.argv[1:] if argv is None else argv)}` "
-             f"(CPU, {args.threads} thread(s), batch {args.batch}, images per CPU-second, best of {args.repeats}, "
-             f"torch {torch.__version__})", "",
-             "| model | estimator | W1A1 img/s | W1A1 ×float | W2A2 img/s | W2A2 ×float |",
-             "|---|---|---:|---:|---:|---:|"]
+             f"(CPU, {args.threads} thread(s), batch {args.batch}, images per CPU-second, medians of {args.repeats} "
+             f"interleaved rounds, torch {torch.__version__}, load average {load} at the start)", "",
+             f"| model | estimator | {head} |", "|---|---|" + "---:|---:|" * len(args.bits)]
     print("\n".join(lines), flush=True)
+    variants = [("", None)] + ([(" (baseline)", baseline)] if baseline else [])
     for model_name in args.models:
-        ref = images_per_s(model_name, data, FLOAT, FLOAT, None, args.batch, args.batches, args.repeats)
-        row = f"| {model_name} | float | {ref:.0f} | 1.00 | {ref:.0f} | 1.00 |"
-        lines.append(row)
-        print(row, flush=True)
+        cells = {"float": training_cell(model_name, data, FLOAT, None, None, batches),
+                 "float (control)": training_cell(model_name, data, FLOAT, None, None, batches)}
+        skipped: dict[str, str] = {}
         for est in args.estimators:
-            cells = []
-            for bits in (1, 2):
-                try:
-                    ips = images_per_s(model_name, data, bits, bits, est, args.batch, args.batches, args.repeats)
-                    cells += [f"{ips:.0f}", f"{ips / ref:.2f}"]
-                except ValueError as e:  # an estimator that does not support these bits
-                    cells += [f"n/a ({str(e)[:40]})", "–"]
-            row = f"| {model_name} | {est} | " + " | ".join(cells) + " |"
+            for suffix, package in variants:
+                for b in args.bits:
+                    key = f"{est}{suffix} W{b}"
+                    try:
+                        cells[key] = training_cell(model_name, data, b, est, package, batches)
+                    except ValueError as e:  # an estimator that does not support these bits
+                        skipped[key] = str(e)[:40]
+        ips = median_images_per_s(cells, args.repeats)
+        ref = ips["float"]
+        rows = [(k, [ips[k]] * len(args.bits)) for k in ("float", "float (control)")]
+        rows += [(f"{est}{suffix}", [ips.get(f"{est}{suffix} W{b}") for b in args.bits])
+                 for est in args.estimators for suffix, _ in variants]
+        for label, values in rows:
+            cells_md = [f"{v:.0f} | {v / ref:.2f}" if v is not None else "n/a | –" for v in values]
+            row = f"| {model_name} | {label} | " + " | ".join(cells_md) + " |"
             lines.append(row)
             print(row, flush=True)
+        if skipped:
+            print(f"(not run: {skipped})", flush=True)
+    load = "/".join(f"{v:.1f}" for v in os.getloadavg())
+    lines += ["", f"load average {load} at the end"]
+    print(lines[-1])
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
 

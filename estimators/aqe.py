@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .base import Param, register_estimator, surrogate
+from .fused_ops import one_thread
 from .minw import MINW_PARAMS, MinwEstimator, clipped_grad
 
 
@@ -64,11 +65,13 @@ class AQE(MinwEstimator):
     def train_forward(self, x):
         a = self.alpha
 
-        def mix(t):  # t + α·(Q(t) − t)
-            return torch.lerp(t, self.quantize(t), a)
+        def mix(t):  # t + α·(Q(t) − t), into Q's tensor
+            q = self.quantize(t)
+            with one_thread(t):
+                return torch.lerp(t, q, a, out=q)
 
         def eq18(t, g):  # 2α·g·1[|t| ≤ 1]
-            return clipped_grad(t, g).mul_(2 * a)
+            return clipped_grad(t, g, 2 * a)
 
         def autodiff(t, g):  # the mix's own derivative where Q's is taken as 0
             return g * (1.0 - a)

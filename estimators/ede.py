@@ -10,6 +10,7 @@ import math
 import torch
 
 from .base import Param, register_estimator
+from .fused_ops import one_thread
 from .minw import MINW_PARAMS, MinwEstimator
 
 
@@ -88,7 +89,8 @@ class ReSTE(MinwEstimator):
 
     def pseudo_grad(self, x, g):
         o, t, eps = self.o, self.hparams["t"], self.hparams["eps"]
-        a = x.abs()
-        slope = (1 / o) * a.clamp_min(eps).pow((1 - o) / o)
-        slope = torch.where(a <= eps, eps ** (1 / o) / eps, slope)
-        return g * slope * (a <= t).to(x.dtype)
+        with one_thread(x):  # in place on one new tensor; masked_fill_ rather than where (several times slower here)
+            a = x.abs()
+            slope = a.clamp_min(eps).pow_((1 - o) / o).mul_(1 / o)
+            slope.masked_fill_(a <= eps, eps ** (1 / o) / eps)
+            return slope.mul_(g).mul_(a <= t)

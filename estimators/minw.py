@@ -8,12 +8,14 @@ Subclasses give the training forward and the pseudo-gradient.
 """
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
 
 from . import quantizers as Qz
 from .base import Estimator, Param, surrogate
+from .fused_ops import one_thread
 from .grids import FIXED_GRIDS
 
 #: how activation statistics are taken (see :class:`MinwEstimator`)
@@ -88,6 +90,7 @@ class MinwEstimator(Estimator):
         self.act_stats = self.hparams.get("act_stats", "per_sample") if role == "activation" else None
         self._dims = "sample" if self.act_stats == "per_sample" else None
         self.tracks_running_stat = self.act_stats == "running" and self.quantizer in ("ternary", "pow2")
+        self._stat: torch.Tensor | None = None  # the statistic this training forward tracked (see forward)
         if self.tracks_running_stat:
             self.register_buffer("running_stat", torch.tensor(0.0))
             self.register_buffer("running_stat_set", torch.tensor(False))
@@ -96,21 +99,42 @@ class MinwEstimator(Estimator):
 
     # -- statistics ------------------------------------------------------------------------------
     def batch_stat(self, x: torch.Tensor) -> torch.Tensor:
-        """s over the whole tensor: mean|x| (ternary) or max|x| (powers of two)."""
-        return x.abs().mean() if self.quantizer == "ternary" else x.abs().amax()
+        """s over the whole tensor: mean|x| (ternary) or max|x| (powers of two).
+
+        max|x| = max(−min x, max x) from one read of x (no |x| written; exact, + 0 makes a zero +0)."""
+        if self.quantizer == "ternary":
+            return x.abs().mean()
+        low, high = torch.aminmax(x)
+        return torch.maximum(low.neg(), high).add_(0.0)
 
     @torch.no_grad()
-    def track(self, x: torch.Tensor) -> None:
-        """One training batch's update of the running statistic (no host sync)."""
+    def track(self, x: torch.Tensor) -> torch.Tensor:
+        """One training batch's update of the running statistic (no host sync); returns it in x's dtype."""
         batch = self.batch_stat(x.detach()).to(self.running_stat.dtype)
         m = self.hparams["act_momentum"]
-        self.running_stat.copy_(torch.where(self.running_stat_set, self.running_stat.lerp(batch, m), batch))
-        self.running_stat_set.fill_(True)
+        if self.running_stat.device.type == "cpu":  # the flag read costs nothing: fewer small ops
+            if bool(self.running_stat_set):
+                self.running_stat.lerp_(batch, m)
+            else:
+                self.running_stat.copy_(batch)
+                self.running_stat_set.fill_(True)
+        else:
+            self.running_stat.copy_(torch.where(self.running_stat_set, self.running_stat.lerp(batch, m), batch))
+            self.running_stat_set.fill_(True)
+        return self.running_stat.to(x.dtype)
 
     def _given_stat(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The running statistic Q uses (the batch's before any training batch), or None to take it over dims."""
+        """The running statistic Q uses (the batch's before any training batch), or None to take it over dims.
+
+        In a tracking training forward, the value :meth:`track` just returned (the batch's statistic is taken
+        once). Otherwise on the CPU the flag is read (no device to wait for) and the batch's statistic taken
+        only when the estimate is unset; elsewhere both go into a ``where`` (no host sync)."""
         if not self.tracks_running_stat:
             return None
+        if self._stat is not None:
+            return self._stat
+        if x.device.type == "cpu":
+            return self.running_stat.to(x.dtype) if bool(self.running_stat_set) else self.batch_stat(x.detach())
         return torch.where(self.running_stat_set, self.running_stat.to(x.dtype), self.batch_stat(x.detach()))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -122,7 +146,11 @@ class MinwEstimator(Estimator):
     # -- quantization ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.tracks_running_stat and not self.frozen_stats:
-            self.track(x)
+            self._stat = self.track(x)
+            try:
+                return super().forward(x)
+            finally:
+                self._stat = None
         return super().forward(x)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,12 +194,25 @@ def clip_mask(x: torch.Tensor, limit: float = 1.0) -> torch.Tensor:
     return (x.abs() <= limit).to(x.dtype)
 
 
-def clipped_grad(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """g·1[|x| ≤ 1] in one fused pass (HardTanh's backward kernel).
+def clipped_grad(x: torch.Tensor, g: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """g·1[|x| ≤ 1] (times ``scale`` when given), never modifying g.
 
-    That kernel zeroes |x| ≥ limit; with limit = the next float above 1 in x's dtype this is
-    exactly |x| ≤ 1, so latent weights clipped to ±1 keep their gradient.
+    On the CPU one read of x (min and max) first: when all of x lies in [−1, 1], as a HardTanh output
+    or clipped latent weights do, the mask is all ones and g itself (or g·scale) is the answer.
+    Otherwise HardTanh's backward kernel in one pass: it zeroes |x| ≥ limit, and with limit = the next
+    float above 1 in x's dtype that is exactly |x| ≤ 1, so latent weights clipped to ±1 keep their gradient.
     """
-    one = torch.ones((), dtype=x.dtype)
-    limit = torch.nextafter(one, one + 1).item()
-    return torch.ops.aten.hardtanh_backward(g, x, -limit, limit)
+    with one_thread(x):
+        if x.device.type == "cpu" and x.numel():
+            low, high = torch.aminmax(x)
+            if low.item() >= -1 and high.item() <= 1:  # False at NaN
+                return g if scale is None else g * scale
+        limit = _float_above_one(x.dtype)
+        grad = torch.ops.aten.hardtanh_backward(g, x, -limit, limit)
+        return grad if scale is None else grad.mul_(scale)
+
+
+@functools.cache
+def _float_above_one(dtype: torch.dtype) -> float:
+    one = torch.ones((), dtype=dtype)
+    return torch.nextafter(one, one + 1).item()
