@@ -73,13 +73,20 @@ def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) 
 
 def paired_comparisons(trials: list[dict], candidates: Iterable[str], baselines: Iterable[str],
                        metric: str = DEFAULT_METRIC) -> list[dict]:
-    """Every candidate against every baseline, per bit configuration, over their common seeds
-    (``metric``: final or validation-selected test accuracy)."""
+    """Every candidate against every baseline on the same quantizer grid (trials' ``grid``; a label whose
+    trials carry none pairs with any), per bit configuration, over their common seeds (``metric``: final or
+    validation-selected test accuracy): a comparison of estimators, never of grids."""
     rows = []
     baselines = list(baselines)
+    grids: dict[str, set] = {}
+    for t in trials:
+        if t.get("grid") is not None:
+            grids.setdefault(estimator_label(t), set()).add(t["grid"])
     for cand in candidates:
         cand_runs = _by_seed(trials, cand, metric)
         for base in baselines:
+            if cand in grids and base in grids and not grids[cand] & grids[base]:
+                continue
             base_runs = _by_seed(trials, base, metric)
             for config in sorted(set(cand_runs) & set(base_runs), key=config_sort_key):
                 seeds = sorted(set(cand_runs[config]) & set(base_runs[config]))

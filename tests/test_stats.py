@@ -87,3 +87,19 @@ def test_paired_comparisons_use_common_seeds_per_bit_configuration():
     assert [(r["candidate"], r["baseline"], r["bits"], r["seeds"]) for r in rows] == [
         ("aqe", "ste", "W2A2", [1, 2]), ("aqe", "ewgs", "W2A2", [1])]
     assert rows[0]["n"] == 2 and rows[0]["diff"] == pytest.approx(0.10) and rows[1]["diff"] == pytest.approx(0.31)
+
+
+def test_paired_comparisons_pair_a_candidate_only_with_a_baseline_on_its_grid():
+    """aqe on the uniform grid is compared with clipped STE on the uniform grid, not with clipped STE on MINW's
+    levels (that would compare grids); labels whose trials carry no grid pair as before."""
+    def on(grid, label, seed, acc):
+        return {**trial(label, 2, 2, seed, acc), "grid": grid}
+    trials = [on("minw", "aqe", s, 0.86) for s in (0, 1)] + [on("minw", "clipped_ste", s, 0.85) for s in (0, 1)] + [
+        on("uniform", "aqe[grid=uniform]", s, 0.84) for s in (0, 1)] + [
+        on("uniform", "clipped_ste[grid=uniform]", s, 0.83) for s in (0, 1)] + [
+        trial("ste", 2, 2, s, 0.80) for s in (0, 1)]  # no grid recorded
+    rows = paired_comparisons(trials, ["aqe", "aqe[grid=uniform]"], ["clipped_ste", "clipped_ste[grid=uniform]", "ste"])
+    assert {(r["candidate"], r["baseline"]) for r in rows} == {
+        ("aqe", "clipped_ste"), ("aqe", "ste"), ("aqe[grid=uniform]", "clipped_ste[grid=uniform]"),
+        ("aqe[grid=uniform]", "ste")}
+    assert all(r["diff"] == pytest.approx(0.01) for r in rows if r["baseline"] != "ste")
