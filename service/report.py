@@ -97,10 +97,11 @@ def load_records(s: Session, run_id: int) -> dict | None:
 
 
 def load_study_records(s: Session, run_ids: list[int]) -> dict | int:
-    """The records of several runs reported together (e.g. one run per model size of a capacity study):
-    their leaderboards, trials and epoch rows concatenated, under a ``run`` that lists them (``runs``) and
-    whose ``spec`` is the list of their specs. One run id gives :func:`load_records`'s. Returns the first
-    unknown run id instead where one is unknown."""
+    """The records of several runs reported together (e.g. one run per model size of a capacity study, or a
+    study's runs under one protocol): one leaderboard over their trials (per protocol, so runs of one protocol
+    are ranked together and a seed two of them trained counts once), their trials and epoch rows concatenated,
+    under a ``run`` that lists them (``runs``) and whose ``spec`` is the list of their specs. One run id gives
+    :func:`load_records`'s. Returns the first unknown run id instead where one is unknown."""
     loaded = []
     for run_id in dict.fromkeys(run_ids):
         records = load_records(s, run_id)
@@ -119,8 +120,10 @@ def load_study_records(s: Session, run_ids: list[int]) -> dict | int:
            "dataset": ", ".join(dict.fromkeys(r["dataset"] for r in runs)),
            "status": ", ".join(dict.fromkeys(r["status"] for r in runs)),
            "trial_count": sum(r["trial_count"] for r in runs), "spec": [r["spec"] for r in runs], "runs": runs}
-    return {"run": run, **{key: [row for r in loaded for row in r[key]]
-                           for key in ("leaderboard", "selected_leaderboard", "trials", "epoch_rows")}}
+    ids = [r["id"] for r in runs]
+    return {"run": run, "leaderboard": store.leaderboard(s, run_id=ids),
+            "selected_leaderboard": store.leaderboard(s, run_id=ids, metric="selected"),
+            **{key: [row for r in loaded for row in r[key]] for key in ("trials", "epoch_rows")}}
 
 
 def write_records(records: dict, out_dir: str | Path, *, png: bool = True) -> dict[str, Path]:

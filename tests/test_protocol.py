@@ -245,3 +245,22 @@ def test_the_report_names_the_run_protocol_and_a_method_protocol_of_its_own(sess
     body = pages.render_main(pages.report_page(page, store.list_trials(session, run["id"]),
                                                store.run_results(session, run["id"])))
     assert f'data-protocol="{run["protocol"]}">{run["protocol_label"]}<' in body
+
+
+def test_a_report_of_runs_of_one_protocol_ranks_them_together(session, sessions):
+    """A study's two runs of one protocol (e.g. own grids and one shared grid): one leaderboard over both, a seed
+    both trained counts once (the latest), and another run of the protocol stays out of it."""
+    from service.report import load_study_records
+
+    a = store.create_run(session, spec(estimators=["ste", "aqe"]))[0]
+    b = store.create_run(session, spec(estimators=["ste"], seeds=[1, 2]))[0]
+    other = store.create_run(session, spec(estimators=["ste"], seeds=[5]))[0]
+    finish(sessions, a["id"], {"ste-w1a1-s0": 0.60, "ste-w1a1-s1": 0.62, "aqe-w1a1-s0": 0.7, "aqe-w1a1-s1": 0.7})
+    finish(sessions, b["id"], {"ste-w1a1-s1": 0.64, "ste-w1a1-s2": 0.66})
+    finish(sessions, other["id"], {"ste-w1a1-s5": 0.10})
+    records = load_study_records(session, [a["id"], b["id"]])
+    rows = {r["estimator_label"]: r for r in records["leaderboard"]}
+    assert set(rows) == {"ste", "aqe"} and {r["protocol"] for r in rows.values()} == {a["protocol"]}
+    assert (rows["ste"]["n"], rows["ste"]["set_aside"]) == (3, 1)
+    assert rows["ste"]["mean"] == pytest.approx((0.60 + 0.64 + 0.66) / 3) and rows["aqe"]["rank"] == 1
+    assert [r["seed"] for r in records["trials"] if r["estimator_label"] == "ste"] == [0, 1, 1, 2]

@@ -121,7 +121,7 @@ def save_report_archive(s: Session, run_id: int, png: bool, fingerprint: str, bo
 
 # -- leaderboard ------------------------------------------------------------------------------
 def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = None, protocol: str | None = None,
-                run_id: int | None = None, metric: str = DEFAULT_RANK_METRIC) -> list[LeaderboardRow]:
+                run_id: int | list[int] | None = None, metric: str = DEFAULT_RANK_METRIC) -> list[LeaderboardRow]:
     """Estimators ranked by mean test accuracy over seeds, per protocol × bits (``workers.protocol``:
     trials trained under different recipes are never pooled).
 
@@ -139,7 +139,8 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
     None when n < 2) and rank 1 is the best mean within its (protocol, w_bits, a_bits) (ties share a
     rank; ``best`` marks rank 1).
     Rows come ordered by dataset, model, protocol label, then w_bits + a_bits (the float reference
-    last), w_bits, a_bits, rank. ``run_id`` restricts it to one run's trials (a study's report)."""
+    last), w_bits, a_bits, rank. ``run_id`` restricts it to one run's trials, or a list of runs' (a study's
+    report: runs of one protocol are ranked together, a seed trained by two of them counts once)."""
     from dashboard.stats import t_interval  # on first use: the dashboard package loads plotly
 
     x = _rank_metric(metric)
@@ -154,7 +155,8 @@ def leaderboard(s: Session, *, dataset: str | None = None, model: str | None = N
               .where(*_finished_results(metric, status=unindexed(s, trials.c.status)),
                      *([trials.c.run_id.in_(select(runs.c.id).where(*of_runs))] if of_runs else []),
                      *([trials.c.protocol == protocol] if protocol is not None else []),
-                     *([trials.c.run_id == run_id] if run_id is not None else []))
+                     *([trials.c.run_id.in_([run_id] if isinstance(run_id, int) else run_id)]
+                       if run_id is not None else []))
               .subquery())
     counted = ranked.c.pick == 1
     y = case((counted, ranked.c.x))
