@@ -32,6 +32,8 @@ BASELINES = ("ste", "clipped_ste")
 CANDIDATES = ("aqe", "minw_aqe")  # the paper's estimator, and its named method
 #: a label's grid parameter (``clipped_ste[grid=uniform]`` is the clipped STE baseline on the uniform grid)
 GRID_PARAM = re.compile(r"(?<=\[)grid=[^,\]]*,?|,grid=[^,\]]*")
+#: the fewest seeds of a study's paired comparisons before its report calls it a pilot
+MIN_SEEDS = 5
 #: a trial "fell" when its last epoch is this far below its validation-selected epoch
 LATE_DROP = 0.01
 
@@ -251,7 +253,7 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
 
     fp = [t["final_test_acc"] for t in trials if t.get("estimator") == "float" and t.get("final_test_acc") is not None]
     md = _templates.get_template("results.md").render(
-        run=run, trials=trials, environment=environment, pairs=pairs, alpha=ALPHA, power=POWER,
+        run=run, trials=trials, environment=environment, pairs=pairs, alpha=ALPHA, power=POWER, min_seeds=MIN_SEEDS,
         family_sizes={metric: sum(r["p_value"] is not None for r in rows) for metric, rows in families.items()},
         full_precision={"n": len(fp), "mean_std": mean_std(fp)} if fp else None,
         leaderboard=leaderboard_tables(leaderboard, selected_leaderboard), with_selected=bool(selected_leaderboard),

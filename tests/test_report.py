@@ -74,6 +74,7 @@ def test_paired_comparisons_are_judged_as_a_family(sessions, db_url, tmp_path):
         md = build_report(s, run_id, tmp_path / "report", png=False)["RESULTS.md"].read_text()
     assert "| p | p (Holm) | significant (Holm p < 0.05) | d_z | detectable Δ (points) | accuracy |" in md
     assert "one family of tests (final: 4 tests)" in md and "Cohen's d_z" in md
+    assert "**Fewer than 5 seeds:** some comparisons below pair only 3 seeds" in md  # a pilot, and it says so
     # t = 3√3 on 2 degrees of freedom: p = 1 − t/√(t² + 2); the other three p-values are 0.529, 0.529 and 1
     p = 1 - 3 * math.sqrt(3) / math.sqrt(29)
     detectable = 100 * detectable_difference(3, 0.01)  # sd of (2, 3, 4) points = 1 point
