@@ -2,6 +2,12 @@
 
     python bench/packed.py [--models digits_net convnet_d] [--bits 1/1 2/2 3/3] [--batch 256]
                            [--threads 1 2] [--repeats 15] [--micro-batch 64] [--no-memory] [--no-compile]
+                           [--backends numba numpy] [--unfolded]
+
+Models use ``act_stats=running`` (estimated with ``estimators.calibrate_activation_stats`` on one random
+batch), so ternary / pow2 inputs have a constant statistic and are folded into integer steps. ``--unfolded``
+adds a column: the first backend on the same model exported with ``fold_levels=False`` (float32 BN and
+run-time quantizers, the layout before the level folds), in the same interleaving.
 
 Throughput: images/s on one batch, median over interleaved repeats (numba engine, numpy engine and
 torch in turn, same process, same thread count: ``torch.set_num_threads(t)`` and the engine's
@@ -39,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import estimators  # noqa: E402
 from workers.models import create_model  # noqa: E402
 from workers.packed import PackedNet, export_model  # noqa: E402
 from workers.packed.kernels import BACKENDS  # noqa: E402
@@ -46,8 +53,9 @@ from workers.packed.kernels import BACKENDS  # noqa: E402
 SHAPES = {"digits_net": (1, 8, 8), "fashion_net": (1, 28, 28)}
 
 
-def build(name: str, w_bits: int, a_bits: int, path: str):
-    """An eval-mode model (seeded, BN statistics made non-trivial) and its packed file."""
+def build(name: str, w_bits: int, a_bits: int, path: str, unfolded: str | None = None):
+    """An eval-mode model (seeded, BN statistics made non-trivial, running activation statistics estimated on one
+    random batch) and its packed file (and, given ``unfolded``, the file without level folds there)."""
     torch.manual_seed(0)
     shape = SHAPES.get(name, (3, 32, 32))
     model = create_model(name, num_classes=10, input_shape=shape, w_bits=w_bits, a_bits=a_bits, estimator="aqe")
@@ -56,8 +64,10 @@ def build(name: str, w_bits: int, a_bits: int, path: str):
             if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
                 m.running_mean.normal_(0, 2)
                 m.running_var.uniform_(1, 10)
-    model.eval()
+    estimators.calibrate_activation_stats(model, [torch.randn(64, *shape)])
     report = export_model(model, path, input_shape=shape)
+    if unfolded:
+        export_model(model, unfolded, input_shape=shape, fold_levels=False)
     return model, report, shape
 
 
@@ -223,6 +233,8 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=None, help="engine rows per pass (default: the engine's)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--backends", nargs="+", default=["numba", "numpy"])
+    p.add_argument("--unfolded", action="store_true", help="add the first backend without level folds")
     for a in ("side", "model", "dir"):
         p.add_argument(f"--child-{a}", help=argparse.SUPPRESS)
     for a in ("w", "a", "threads"):
@@ -231,22 +243,24 @@ def main() -> None:
     if args.child_side:
         return child(args)
     args.threads = sorted(set(args.threads))
-    backends = [b for b in ("numba", "numpy") if b in BACKENDS]
+    backends = [b for b in args.backends if b in BACKENDS]
+    engines = backends + ["unfolded"] * args.unfolded
 
     command = " ".join(["python", "bench/packed.py", *sys.argv[1:]])
     print(f"`{command}` — {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} CPUs, "
           f"torch {torch.__version__}, numpy {np.__version__}, backends {', '.join(backends)}, batch {args.batch}, "
           f"load average {os.getloadavg()[0]:.1f} at the start\n")
-    cols = " | ".join(f"{b} img/s" for b in backends + ["torch"])
-    ratios = " | ".join(f"{b} / torch" for b in backends)
-    print(f"| model | W/A | threads | {cols} | {ratios} | numba / torch, CPU clock | agreement | numba = numpy |")
-    print("|---|---|---|" + "---|" * (2 * len(backends) + 4))
+    cols = " | ".join(f"{b} img/s" for b in engines + ["torch"])
+    ratios = " | ".join(f"{b} / torch" for b in engines)
+    print(f"| model | W/A | threads | {cols} | {ratios} | {backends[0]} / torch, CPU clock | agreement | "
+          "engines bit-identical |")
+    print("|---|---|---|" + "---|" * (2 * len(engines) + 4))
     latency, memory = [], []
     for name in args.models:
         for bits in args.bits:
             w, a = (int(v) for v in bits.split("/"))
             with tempfile.TemporaryDirectory() as d:
-                model, report, shape = build(name, w, a, f"{d}/m.bbpack")
+                model, report, shape = build(name, w, a, f"{d}/m.bbpack", f"{d}/u.bbpack" if args.unfolded else None)
                 torch.save(model.state_dict(), f"{d}/m.pt")
                 x = np.random.default_rng(0).standard_normal((args.batch, *shape)).astype(np.float32)
                 xt = torch.from_numpy(x)
@@ -254,6 +268,9 @@ def main() -> None:
                     torch.set_num_threads(t)
                     nets = {b: PackedNet.load(f"{d}/m.bbpack", threads=t, micro_batch=args.micro_batch, backend=b)
                             for b in backends}
+                    if args.unfolded:
+                        nets["unfolded"] = PackedNet.load(f"{d}/u.bbpack", threads=t, micro_batch=args.micro_batch,
+                                                          backend=backends[0])
                     with torch.no_grad():
                         ref = model(xt).numpy()
                         logits = {b: net.logits(x, args.batch) for b, net in nets.items()}
@@ -263,11 +280,12 @@ def main() -> None:
                     for net in nets.values():
                         net.close()
                     agree = (logits[backends[0]].argmax(1) == ref.argmax(1)).mean()
-                    same = "yes" if len(backends) > 1 and (logits["numba"] == logits["numpy"]).all() else "–"
+                    first = logits[backends[0]]
+                    same = "yes" if len(logits) > 1 and all((v == first).all() for v in logits.values()) else "–"
                     rate = {k: args.batch / v[0] for k, v in s.items()}
-                    cpu = f"{s['torch'][1] / s['numba'][1]:.2f}×" if t == 1 and "numba" in s else "–"
-                    print(f"| {name} | W{w}A{a} | {t} | " + " | ".join(f"{rate[k]:,.0f}" for k in backends + ["torch"])
-                          + " | " + " | ".join(f"{rate[b] / rate['torch']:.2f}×" for b in backends)
+                    cpu = f"{s['torch'][1] / s[backends[0]][1]:.2f}×" if t == 1 else "–"
+                    print(f"| {name} | W{w}A{a} | {t} | " + " | ".join(f"{rate[k]:,.0f}" for k in engines + ["torch"])
+                          + " | " + " | ".join(f"{rate[b] / rate['torch']:.2f}×" for b in engines)
                           + f" | {cpu} | {agree:.4f} | {same} |", flush=True)
                 if not args.no_memory and (w, a) == (1, 1):
                     sides = {side: run_child(name, w, a, side, d, args) for side in ("engine", "torch")}
@@ -275,11 +293,11 @@ def main() -> None:
     print(f"\nload average {os.getloadavg()[0]:.1f} after the throughput rows")
 
     print("\nLatency, one image, 1 thread (median ms):\n")
-    print("| model | W/A | " + " | ".join(f"{b} ms" for b in backends) + f" | torch ms | torch / {backends[0]} | "
+    print("| model | W/A | " + " | ".join(f"{b} ms" for b in engines) + f" | torch ms | torch / {backends[0]} | "
           "CPU clock |")
-    print("|---|---|" + "---|" * (len(backends) + 3))
+    print("|---|---|" + "---|" * (len(engines) + 3))
     for name, w, a, s in latency:
-        print(f"| {name} | W{w}A{a} | " + " | ".join(f"{s[k][0] * 1e3:.3f}" for k in backends + ["torch"])
+        print(f"| {name} | W{w}A{a} | " + " | ".join(f"{s[k][0] * 1e3:.3f}" for k in engines + ["torch"])
               + f" | {s['torch'][0] / s[backends[0]][0]:.2f}× | {s['torch'][1] / s[backends[0]][1]:.2f}× |")
 
     if memory:

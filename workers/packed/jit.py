@@ -201,31 +201,36 @@ def steps(acc, t, g, k, out, n0, n1):
     ph, pw = acc.shape[1] // k, acc.shape[2] // k
     q = t.shape[0] // 2
     top = np.empty(n_out, np.int32)
-    level = np.empty(n_out, np.int64)
+    level = np.empty(n_out, np.int32)
+    neg = np.empty(n_out, np.uint64)
+    sgn = np.where(g, -1, 1).astype(np.int32)
     for b in range(n0, n1):
         for py in range(ph):
             for px in range(pw):
                 top[:] = acc[b, py * k, px * k]
                 for dy in range(k):
                     for dx in range(k):
-                        for o in range(n_out):
+                        for o in range(n_out):  # the loops over channels vectorise
                             top[o] = max(top[o], acc[b, py * k + dy, px * k + dx, o])
-                for o in range(n_out):  # vectorised over the channels
-                    c = np.int64(0)
-                    for i in range(2 * q):
-                        c += top[o] >= t[i, o]
-                    level[o] = q - c if g[o] else c - q
+                level[:] = -q
+                for i in range(2 * q):
+                    for o in range(n_out):
+                        level[o] += top[o] >= t[i, o]
+                for o in range(n_out):
+                    level[o] *= sgn[o]
+                    neg[o] = np.uint64(level[o] < 0)
+                    level[o] = abs(level[o])
                 for qw in range(out.shape[4]):
-                    for e in range(q + 1):
-                        out[e, b, py, px, qw] = 0
-                    for j in range(min(64, n_out - 64 * qw)):
-                        lv = level[64 * qw + j]
-                        bit = np.uint64(1) << np.uint64(j)
-                        if lv < 0:
-                            out[0, b, py, px, qw] |= bit
-                            out[-lv, b, py, px, qw] |= bit
-                        elif lv > 0:
-                            out[lv, b, py, px, qw] |= bit
+                    base, nb = 64 * qw, min(64, n_out - 64 * qw)
+                    word = np.uint64(0)
+                    for j in range(nb):  # OR reductions, no branches (random levels would mispredict)
+                        word |= neg[base + j] << np.uint64(j)
+                    out[0, b, py, px, qw] = word
+                    for e in range(1, q + 1):
+                        word = np.uint64(0)
+                        for j in range(nb):
+                            word |= np.uint64(level[base + j] == e) << np.uint64(j)
+                        out[e, b, py, px, qw] = word
 
 
 @jit
