@@ -11,7 +11,9 @@ The header holds the model description (a :class:`PackedHeader`: format, record 
 ``layers`` = :class:`LayerRecord` dicts, written by ``export`` and read by ``engine``) and an
 ``arrays`` table ``name → {offset, dtype, shape}`` (offsets relative to the blob start). Arrays
 are read back zero-copy with ``np.frombuffer``. The magic's "01" is the container layout; the
-record ``version`` (2; version-1 files of issue 7 are still read) changes when record keys do.
+record ``version`` (2; version-1 files of issue 7 are still read) changes when record keys do; an
+optional key added since (``steps``, issue 16) is written only where used, so files without it read as
+before and a reader without it refuses a file that has it (a malformed-record error, never a misreading).
 
 Bit planes: a boolean matrix (rows, K) is packed along K, bit k of row r at word k // 64, bit
 k % 64 (LSB first), K padded with zero bits to a multiple of 64 → ``uint64`` (rows, ⌈K/64⌉).
