@@ -7,7 +7,8 @@
 Models use ``act_stats=running`` (estimated with ``estimators.calibrate_activation_stats`` on one random
 batch), so ternary / pow2 inputs have a constant statistic and are folded into integer steps. ``--unfolded``
 adds a column: the first backend on the same model exported with ``fold_levels=False`` (float32 BN and
-run-time quantizers, the layout before the level folds), in the same interleaving.
+run-time quantizers, the layout before the level folds), in the same interleaving, and a table of what
+follows each folded accumulator alone (the steps kernel vs float32 BN + the run-time quantizer).
 
 Throughput: images/s on one batch, median over interleaved repeats (numba engine, numpy engine and
 torch in turn, same process, same thread count: ``torch.set_num_threads(t)`` and the engine's
@@ -210,6 +211,36 @@ def binary_convs(args) -> None:
         net.close()
 
 
+def level_folds(args) -> None:
+    """What follows each hidden accumulator of convnet_d W2A2 / W3A3 (running statistics), one thread, the
+    engine's micro-batch: the level fold (integer steps straight to the next input's planes) vs float32
+    BN + HardTanh (+ max-pool) and the next layer's run-time quantizer (the unfolded file), same accumulator."""
+    torch.set_num_threads(1)
+    print("\nAfter the accumulator (convnet_d, batch 64, 1 thread; median ms, CPU clock):\n")
+    print("| W/A | layer | accumulator | max-pool | folded steps ms | float32 BN + quantizer ms | unfolded / folded |")
+    print("|---|---|---|---|---|---|---|")
+    for w, a in [(2, 2), (3, 3)]:
+        with tempfile.TemporaryDirectory() as d:
+            _, _, shape = build("convnet_d", w, a, f"{d}/f.bbpack", f"{d}/u.bbpack")
+            folded = PackedNet.load(f"{d}/f.bbpack", threads=1, backend="numba")
+            plain = PackedNet.load(f"{d}/u.bbpack", threads=1, backend="numba")
+            x = np.random.default_rng(0).standard_normal((folded.micro_batch, *shape)).astype(np.float32)
+            act = x.transpose(0, 2, 3, 1)
+            for i, (lf, lu) in enumerate(zip(folded.layers[:-1], plain.layers[:-1], strict=True)):
+                if lf.steps is not None:
+                    op = lf._quantized(act) if isinstance(act, np.ndarray) else act
+                    acc, nxt = lf._int_acc(op), plain.layers[i + 1]
+                    s = timed({"folded": lambda lf=lf, acc=acc: lf.kernels.steps(acc, *lf.steps, lf.rec.pool),
+                               "plain": lambda lu=lu, acc=acc, nxt=nxt: nxt._quantized(lu._affine(acc.copy()))},
+                              4 * args.repeats)
+                    ms = {k: v[1] * 1e3 for k, v in s.items()}
+                    print(f"| W{w}A{a} | {lf.rec.name} | {'×'.join(map(str, acc.shape[1:]))} | {lf.rec.pool or '–'} | "
+                          f"{ms['folded']:.2f} | {ms['plain']:.2f} | {ms['plain'] / ms['folded']:.1f}× |")
+                act = lf(act)
+            folded.close()
+            plain.close()
+
+
 def compile_times(args) -> None:
     """JIT compile (empty cache) and cached first call of a W1A1 and a W3A3 digits_net, in fresh processes."""
     print("\n| model | W/A | first call, empty numba cache s (compile) | first call, cached s | second call s |")
@@ -252,9 +283,10 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f} at the start\n")
     cols = " | ".join(f"{b} img/s" for b in engines + ["torch"])
     ratios = " | ".join(f"{b} / torch" for b in engines)
-    print(f"| model | W/A | threads | {cols} | {ratios} | {backends[0]} / torch, CPU clock | agreement | "
+    folds = " folded speed-up, CPU clock |" if args.unfolded else ""
+    print(f"| model | W/A | threads | {cols} | {ratios} | {backends[0]} / torch, CPU clock |{folds} agreement | "
           "engines bit-identical |")
-    print("|---|---|---|" + "---|" * (2 * len(engines) + 4))
+    print("|---|---|---|" + "---|" * (2 * len(engines) + 4 + args.unfolded))
     latency, memory = [], []
     for name in args.models:
         for bits in args.bits:
@@ -284,6 +316,8 @@ def main() -> None:
                     same = "yes" if len(logits) > 1 and all((v == first).all() for v in logits.values()) else "–"
                     rate = {k: args.batch / v[0] for k, v in s.items()}
                     cpu = f"{s['torch'][1] / s[backends[0]][1]:.2f}×" if t == 1 else "–"
+                    if args.unfolded:
+                        cpu += f" | {s['unfolded'][1] / s[backends[0]][1]:.2f}×" if t == 1 else " | –"
                     print(f"| {name} | W{w}A{a} | {t} | " + " | ".join(f"{rate[k]:,.0f}" for k in engines + ["torch"])
                           + " | " + " | ".join(f"{rate[b] / rate['torch']:.2f}×" for b in engines)
                           + f" | {cpu} | {agree:.4f} | {same} |", flush=True)
@@ -294,11 +328,12 @@ def main() -> None:
 
     print("\nLatency, one image, 1 thread (median ms):\n")
     print("| model | W/A | " + " | ".join(f"{b} ms" for b in engines) + f" | torch ms | torch / {backends[0]} | "
-          "CPU clock |")
-    print("|---|---|" + "---|" * (len(engines) + 3))
+          "CPU clock |" + (" folded speed-up, CPU clock |" if args.unfolded else ""))
+    print("|---|---|" + "---|" * (len(engines) + 3 + args.unfolded))
     for name, w, a, s in latency:
         print(f"| {name} | W{w}A{a} | " + " | ".join(f"{s[k][0] * 1e3:.3f}" for k in engines + ["torch"])
-              + f" | {s['torch'][0] / s[backends[0]][0]:.2f}× | {s['torch'][1] / s[backends[0]][1]:.2f}× |")
+              + f" | {s['torch'][0] / s[backends[0]][0]:.2f}× | {s['torch'][1] / s[backends[0]][1]:.2f}× |"
+              + (f" {s['unfolded'][1] / s[backends[0]][1]:.2f}× |" if args.unfolded else ""))
 
     if memory:
         print(f"\nMemory, {min(args.threads)} thread(s), {backends[0]} engine:\n")
@@ -311,6 +346,8 @@ def main() -> None:
                   f"{mib(e['working'])} ({mib(e['traced'])}) | {mib(t['working'])} |")
     if "numba" in backends:
         binary_convs(args)
+    if args.unfolded and "numba" in backends:
+        level_folds(args)
     if not args.no_compile and "numba" in backends:
         compile_times(args)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
