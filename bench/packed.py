@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -73,12 +74,17 @@ def build(name: str, w_bits: int, a_bits: int, path: str, unfolded: str | None =
 
 
 def timed(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
-    """(median wall s, median thread-CPU s) per call, calls interleaved round robin after one warm-up each."""
+    """(median wall s, median thread-CPU s) per call, calls interleaved after one warm-up each, in a fresh
+    seeded random order each repeat (a call right after torch's pays for cold caches, ~0.1 ms at one image:
+    a fixed order would always charge the same side)."""
     for f in fns.values():
         f()
     times = {k: ([], []) for k in fns}
+    keys, order = list(fns), random.Random(0)
     for _ in range(repeats):
-        for k, f in fns.items():
+        order.shuffle(keys)
+        for k in keys:
+            f = fns[k]
             t, c = time.perf_counter(), time.thread_time()
             f()
             times[k][1].append(time.thread_time() - c)

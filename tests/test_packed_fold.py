@@ -176,3 +176,30 @@ def test_files_written_before_the_level_folds_still_run(name, backend):
         assert [r.steps for r in net.header.layers] == [None] * 4
         assert [r.input.stats for r in net.header.layers[1:]] == ["constant"] * 3
         assert (net.logits(saved["x"]) == saved["logits"]).all()
+
+
+def test_fold_into_a_float_weight_head(tmp_path, digits):  # noqa: F811
+    """first_last_float: the last hidden layer's steps feed a float-weight head that dequantizes the planes."""
+    torch.manual_seed(0)
+    model = create_model("digits_net", num_classes=10, input_shape=digits.input_shape, w_bits=2, a_bits=3,
+                         estimator=("aqe", {"act_stats": "running"}), first_last_float=True)
+    estimators.calibrate_activation_stats(model, [digits.train_x[:256]])
+    report = export_model(model, tmp_path / "h.bbpack")
+    assert [r["folded"] for r in report.layers] == [False, True, True, False] and report.layers[-1]["w"] == "float"
+    with PackedNet.load(tmp_path / "h.bbpack", threads=1) as net, torch.no_grad():
+        ours, ref = net.logits(digits.test_x.numpy()), model(digits.test_x).numpy()
+    assert (ours.argmax(1) == ref.argmax(1)).all() and np.abs(ours - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+
+
+def test_steps_that_do_not_fit_the_layer_are_refused(tmp_path):
+    from workers.packed.format import write_packed
+
+    model = level_block(3, "pos", pool=False)
+    export_model(model, tmp_path / "s.bbpack")
+    raw, arrays = read_packed(tmp_path / "s.bbpack")
+    assert raw["layers"][0]["steps"]["levels"] == 3
+    raw["layers"][0]["steps"]["levels"] = 2
+    del raw["arrays"]
+    write_packed(tmp_path / "bad.bbpack", raw, arrays)
+    with pytest.raises(ValueError, match=r"steps arrays \(6, 16\), \(16,\) do not fit 2 levels × 16 outputs"):
+        PackedNet.load(tmp_path / "bad.bbpack")

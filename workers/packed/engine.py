@@ -106,6 +106,9 @@ class Layer:
         self.bias = get(rec.bias)
         self.u, self.g = (get(rec.fold.u), get(rec.fold.g).astype(bool)) if rec.fold else (None, None)
         self.steps = (np.ascontiguousarray(get(rec.steps.t)), get(rec.steps.g).astype(bool)) if rec.steps else None
+        if rec.steps and (self.steps[0].shape, self.steps[1].shape) != ((2 * rec.steps.levels, self.out), (self.out,)):
+            raise ValueError(f"{rec.name}: steps arrays {self.steps[0].shape}, {self.steps[1].shape} do not fit "
+                             f"{rec.steps.levels} levels × {self.out} outputs")
         self._corr: dict[tuple[int, int], np.ndarray] = {}
 
     # accumulators
