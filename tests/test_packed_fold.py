@@ -178,14 +178,14 @@ def test_files_written_before_the_level_folds_still_run(name, backend):
         assert (net.logits(saved["x"]) == saved["logits"]).all()
 
 
-def test_fold_into_a_float_weight_head(tmp_path, digits):  # noqa: F811
-    """first_last_float: the last hidden layer's steps feed a float-weight head that dequantizes the planes."""
+def test_steps_next_to_float_first_and_last_layers(tmp_path, digits):  # noqa: F811
+    """first_last_float: the middle layer folds into steps, the one before the float head stays float32."""
     torch.manual_seed(0)
     model = create_model("digits_net", num_classes=10, input_shape=digits.input_shape, w_bits=2, a_bits=3,
                          estimator=("aqe", {"act_stats": "running"}), first_last_float=True)
     estimators.calibrate_activation_stats(model, [digits.train_x[:256]])
     report = export_model(model, tmp_path / "h.bbpack")
-    assert [r["folded"] for r in report.layers] == [False, True, True, False] and report.layers[-1]["w"] == "float"
+    assert [r["folded"] for r in report.layers] == [False, True, False, False] and report.layers[-1]["w"] == "float"
     with PackedNet.load(tmp_path / "h.bbpack", threads=1) as net, torch.no_grad():
         ours, ref = net.logits(digits.test_x.numpy()), model(digits.test_x).numpy()
     assert (ours.argmax(1) == ref.argmax(1)).all() and np.abs(ours - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
