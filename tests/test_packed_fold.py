@@ -53,8 +53,8 @@ def tie_stat(z_star: float, a_bits: int) -> float:
 
 def level_block(a_bits: int, gamma: str, pool: bool, w_bits: int = 1, in_bits: int = 1, cin: int = 8) -> nn.Sequential:
     """conv (``w_bits`` × ``in_bits``) → [MaxPool] → BN → HT → a conv whose ``a_bits`` input quantizer has a
-    running statistic. BN: exact arithmetic (ε = 0, var = 1) so that z lands on
-    exact values (γ in steps of 2^−10); channel 0 carries a tie at Δ / at the top pow2 edge; channel 1 saturates at ±1;
+    running statistic. BN: ε = 0, var = 1, γ in steps of 2^−10, integer means (z on exact values); channel 0
+    carries a tie at Δ / at the top pow2 edge (the statistic is chosen for it); channel 1 saturates at ±1;
     channel 2 has γ = 0; ``gamma`` pos / neg / mixed gives the others' signs."""
     torch.manual_seed(a_bits + 7 * pool)
     est = ("aqe", {"act_stats": "running"})
