@@ -2,6 +2,13 @@
 
     python bench/packed.py [--models digits_net convnet_d] [--bits 1/1 2/2 3/3] [--batch 256]
                            [--threads 1 2] [--repeats 15] [--micro-batch 64] [--no-memory] [--no-compile]
+                           [--backends numba numpy] [--unfolded]
+
+Models use ``act_stats=running`` (estimated with ``estimators.calibrate_activation_stats`` on one random
+batch), so ternary / pow2 inputs have a constant statistic and are folded into integer steps. ``--unfolded``
+adds a column: the first backend on the same model exported with ``fold_levels=False`` (float32 BN and
+run-time quantizers, the layout before the level folds), in the same interleaving, and a table of what
+follows each folded accumulator alone (the steps kernel vs float32 BN + the run-time quantizer).
 
 Throughput: images/s on one batch, median over interleaved repeats (numba engine, numpy engine and
 torch in turn, same process, same thread count: ``torch.set_num_threads(t)`` and the engine's
@@ -23,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -39,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import estimators  # noqa: E402
 from workers.models import create_model  # noqa: E402
 from workers.packed import PackedNet, export_model  # noqa: E402
 from workers.packed.kernels import BACKENDS  # noqa: E402
@@ -46,8 +55,9 @@ from workers.packed.kernels import BACKENDS  # noqa: E402
 SHAPES = {"digits_net": (1, 8, 8), "fashion_net": (1, 28, 28)}
 
 
-def build(name: str, w_bits: int, a_bits: int, path: str):
-    """An eval-mode model (seeded, BN statistics made non-trivial) and its packed file."""
+def build(name: str, w_bits: int, a_bits: int, path: str, unfolded: str | None = None):
+    """An eval-mode model (seeded, BN statistics made non-trivial, running activation statistics estimated on one
+    random batch) and its packed file (and, given ``unfolded``, the file without level folds there)."""
     torch.manual_seed(0)
     shape = SHAPES.get(name, (3, 32, 32))
     model = create_model(name, num_classes=10, input_shape=shape, w_bits=w_bits, a_bits=a_bits, estimator="aqe")
@@ -56,18 +66,25 @@ def build(name: str, w_bits: int, a_bits: int, path: str):
             if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
                 m.running_mean.normal_(0, 2)
                 m.running_var.uniform_(1, 10)
-    model.eval()
+    estimators.calibrate_activation_stats(model, [torch.randn(64, *shape)])
     report = export_model(model, path, input_shape=shape)
+    if unfolded:
+        export_model(model, unfolded, input_shape=shape, fold_levels=False)
     return model, report, shape
 
 
 def timed(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
-    """(median wall s, median thread-CPU s) per call, calls interleaved round robin after one warm-up each."""
+    """(median wall s, median thread-CPU s) per call, calls interleaved after one warm-up each, in a fresh
+    seeded random order each repeat (a call right after torch's pays for cold caches, ~0.1 ms at one image:
+    a fixed order would always charge the same side)."""
     for f in fns.values():
         f()
     times = {k: ([], []) for k in fns}
+    keys, order = list(fns), random.Random(0)
     for _ in range(repeats):
-        for k, f in fns.items():
+        order.shuffle(keys)
+        for k in keys:
+            f = fns[k]
             t, c = time.perf_counter(), time.thread_time()
             f()
             times[k][1].append(time.thread_time() - c)
@@ -200,6 +217,36 @@ def binary_convs(args) -> None:
         net.close()
 
 
+def level_folds(args) -> None:
+    """What follows each hidden accumulator of convnet_d W2A2 / W3A3 (running statistics), one thread, the
+    engine's micro-batch: the level fold (integer steps straight to the next input's planes) vs float32
+    BN + HardTanh (+ max-pool) and the next layer's run-time quantizer (the unfolded file), same accumulator."""
+    torch.set_num_threads(1)
+    print("\nAfter the accumulator (convnet_d, batch 64, 1 thread; median ms, CPU clock):\n")
+    print("| W/A | layer | accumulator | max-pool | folded steps ms | float32 BN + quantizer ms | unfolded / folded |")
+    print("|---|---|---|---|---|---|---|")
+    for w, a in [(2, 2), (3, 3)]:
+        with tempfile.TemporaryDirectory() as d:
+            _, _, shape = build("convnet_d", w, a, f"{d}/f.bbpack", f"{d}/u.bbpack")
+            folded = PackedNet.load(f"{d}/f.bbpack", threads=1, backend="numba")
+            plain = PackedNet.load(f"{d}/u.bbpack", threads=1, backend="numba")
+            x = np.random.default_rng(0).standard_normal((folded.micro_batch, *shape)).astype(np.float32)
+            act = x.transpose(0, 2, 3, 1)
+            for i, (lf, lu) in enumerate(zip(folded.layers[:-1], plain.layers[:-1], strict=True)):
+                if lf.steps is not None:
+                    op = lf._quantized(act) if isinstance(act, np.ndarray) else act
+                    acc, nxt = lf._int_acc(op), plain.layers[i + 1]
+                    s = timed({"folded": lambda lf=lf, acc=acc: lf.kernels.steps(acc, *lf.steps, lf.rec.pool),
+                               "plain": lambda lu=lu, acc=acc, nxt=nxt: nxt._quantized(lu._affine(acc.copy()))},
+                              4 * args.repeats)
+                    ms = {k: v[1] * 1e3 for k, v in s.items()}
+                    print(f"| W{w}A{a} | {lf.rec.name} | {'×'.join(map(str, acc.shape[1:]))} | {lf.rec.pool or '–'} | "
+                          f"{ms['folded']:.2f} | {ms['plain']:.2f} | {ms['plain'] / ms['folded']:.1f}× |")
+                act = lf(act)
+            folded.close()
+            plain.close()
+
+
 def compile_times(args) -> None:
     """JIT compile (empty cache) and cached first call of a W1A1 and a W3A3 digits_net, in fresh processes."""
     print("\n| model | W/A | first call, empty numba cache s (compile) | first call, cached s | second call s |")
@@ -223,6 +270,8 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=None, help="engine rows per pass (default: the engine's)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--backends", nargs="+", default=["numba", "numpy"])
+    p.add_argument("--unfolded", action="store_true", help="add the first backend without level folds")
     for a in ("side", "model", "dir"):
         p.add_argument(f"--child-{a}", help=argparse.SUPPRESS)
     for a in ("w", "a", "threads"):
@@ -231,22 +280,25 @@ def main() -> None:
     if args.child_side:
         return child(args)
     args.threads = sorted(set(args.threads))
-    backends = [b for b in ("numba", "numpy") if b in BACKENDS]
+    backends = [b for b in args.backends if b in BACKENDS]
+    engines = backends + ["unfolded"] * args.unfolded
 
     command = " ".join(["python", "bench/packed.py", *sys.argv[1:]])
     print(f"`{command}` — {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} CPUs, "
           f"torch {torch.__version__}, numpy {np.__version__}, backends {', '.join(backends)}, batch {args.batch}, "
           f"load average {os.getloadavg()[0]:.1f} at the start\n")
-    cols = " | ".join(f"{b} img/s" for b in backends + ["torch"])
-    ratios = " | ".join(f"{b} / torch" for b in backends)
-    print(f"| model | W/A | threads | {cols} | {ratios} | numba / torch, CPU clock | agreement | numba = numpy |")
-    print("|---|---|---|" + "---|" * (2 * len(backends) + 4))
+    cols = " | ".join(f"{b} img/s" for b in engines + ["torch"])
+    ratios = " | ".join(f"{b} / torch" for b in engines)
+    folds = " folded speed-up, CPU clock |" if args.unfolded else ""
+    print(f"| model | W/A | threads | {cols} | {ratios} | {backends[0]} / torch, CPU clock |{folds} agreement | "
+          "engines bit-identical |")
+    print("|---|---|---|" + "---|" * (2 * len(engines) + 4 + args.unfolded))
     latency, memory = [], []
     for name in args.models:
         for bits in args.bits:
             w, a = (int(v) for v in bits.split("/"))
             with tempfile.TemporaryDirectory() as d:
-                model, report, shape = build(name, w, a, f"{d}/m.bbpack")
+                model, report, shape = build(name, w, a, f"{d}/m.bbpack", f"{d}/u.bbpack" if args.unfolded else None)
                 torch.save(model.state_dict(), f"{d}/m.pt")
                 x = np.random.default_rng(0).standard_normal((args.batch, *shape)).astype(np.float32)
                 xt = torch.from_numpy(x)
@@ -254,6 +306,9 @@ def main() -> None:
                     torch.set_num_threads(t)
                     nets = {b: PackedNet.load(f"{d}/m.bbpack", threads=t, micro_batch=args.micro_batch, backend=b)
                             for b in backends}
+                    if args.unfolded:
+                        nets["unfolded"] = PackedNet.load(f"{d}/u.bbpack", threads=t, micro_batch=args.micro_batch,
+                                                          backend=backends[0])
                     with torch.no_grad():
                         ref = model(xt).numpy()
                         logits = {b: net.logits(x, args.batch) for b, net in nets.items()}
@@ -263,11 +318,14 @@ def main() -> None:
                     for net in nets.values():
                         net.close()
                     agree = (logits[backends[0]].argmax(1) == ref.argmax(1)).mean()
-                    same = "yes" if len(backends) > 1 and (logits["numba"] == logits["numpy"]).all() else "–"
+                    first = logits[backends[0]]
+                    same = "yes" if len(logits) > 1 and all((v == first).all() for v in logits.values()) else "–"
                     rate = {k: args.batch / v[0] for k, v in s.items()}
-                    cpu = f"{s['torch'][1] / s['numba'][1]:.2f}×" if t == 1 and "numba" in s else "–"
-                    print(f"| {name} | W{w}A{a} | {t} | " + " | ".join(f"{rate[k]:,.0f}" for k in backends + ["torch"])
-                          + " | " + " | ".join(f"{rate[b] / rate['torch']:.2f}×" for b in backends)
+                    cpu = f"{s['torch'][1] / s[backends[0]][1]:.2f}×" if t == 1 else "–"
+                    if args.unfolded:
+                        cpu += f" | {s['unfolded'][1] / s[backends[0]][1]:.2f}×" if t == 1 else " | –"
+                    print(f"| {name} | W{w}A{a} | {t} | " + " | ".join(f"{rate[k]:,.0f}" for k in engines + ["torch"])
+                          + " | " + " | ".join(f"{rate[b] / rate['torch']:.2f}×" for b in engines)
                           + f" | {cpu} | {agree:.4f} | {same} |", flush=True)
                 if not args.no_memory and (w, a) == (1, 1):
                     sides = {side: run_child(name, w, a, side, d, args) for side in ("engine", "torch")}
@@ -275,12 +333,13 @@ def main() -> None:
     print(f"\nload average {os.getloadavg()[0]:.1f} after the throughput rows")
 
     print("\nLatency, one image, 1 thread (median ms):\n")
-    print("| model | W/A | " + " | ".join(f"{b} ms" for b in backends) + f" | torch ms | torch / {backends[0]} | "
-          "CPU clock |")
-    print("|---|---|" + "---|" * (len(backends) + 3))
+    print("| model | W/A | " + " | ".join(f"{b} ms" for b in engines) + f" | torch ms | torch / {backends[0]} | "
+          "CPU clock |" + (" folded speed-up, CPU clock |" if args.unfolded else ""))
+    print("|---|---|" + "---|" * (len(engines) + 3 + args.unfolded))
     for name, w, a, s in latency:
-        print(f"| {name} | W{w}A{a} | " + " | ".join(f"{s[k][0] * 1e3:.3f}" for k in backends + ["torch"])
-              + f" | {s['torch'][0] / s[backends[0]][0]:.2f}× | {s['torch'][1] / s[backends[0]][1]:.2f}× |")
+        print(f"| {name} | W{w}A{a} | " + " | ".join(f"{s[k][0] * 1e3:.3f}" for k in engines + ["torch"])
+              + f" | {s['torch'][0] / s[backends[0]][0]:.2f}× | {s['torch'][1] / s[backends[0]][1]:.2f}× |"
+              + (f" {s['unfolded'][1] / s[backends[0]][1]:.2f}× |" if args.unfolded else ""))
 
     if memory:
         print(f"\nMemory, {min(args.threads)} thread(s), {backends[0]} engine:\n")
@@ -293,6 +352,8 @@ def main() -> None:
                   f"{mib(e['working'])} ({mib(e['traced'])}) | {mib(t['working'])} |")
     if "numba" in backends:
         binary_convs(args)
+    if args.unfolded and "numba" in backends:
+        level_folds(args)
     if not args.no_compile and "numba" in backends:
         compile_times(args)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")

@@ -112,6 +112,33 @@ def test_threshold_numba_equals_numpy(kernels, n_out, pool):
     assert all_equal(flat) and flat["numba", 1].shape == (4, -(-n_out // 64))
 
 
+@pytest.mark.parametrize("n_out", [1, 10, 64, 65, 130])
+@pytest.mark.parametrize("pool", [None, 2, 3])
+@pytest.mark.parametrize("levels", [1, 3, 7])
+def test_steps_numba_equal_numpy(kernels, n_out, pool, levels):
+    """Level folds: ℓ = ±(#{i : max-pooled A ≥ t_i} − q) → packed sign and |ℓ| = e + 1 planes, thresholds
+    with ties, ±BIG (unreachable / always reached) and falling channels (g)."""
+    acc = RNG.integers(-20, 20, (4, 7, 5, n_out)).astype(np.int32)
+    t = np.sort(RNG.integers(-22, 22, (2 * levels, n_out)), axis=0).astype(np.int32)
+    t[0, ::3], t[-1, 1::3] = -2**30, 2**30
+    g = RNG.random(n_out) < 0.5
+    got = {key: kern.steps(acc, t, g, pool) for key, kern in kernels.items()}
+    for i in range(1 + levels):
+        assert all_equal({key: np.asarray(([op.neg] + [p for _, p in op.masks])[i]) for key, op in got.items()})
+    k = pool or 1
+    top = acc[:, : 7 // k * k, : 5 // k * k].reshape(4, 7 // k, k, 5 // k, k, n_out).max(axis=(2, 4))
+    c = (top[..., None, :] >= t).sum(axis=-2)
+    level = np.where(g, levels - c, c - levels)
+    op = got["numba", 1]
+    assert [e for e, _ in op.masks] == list(range(levels)) and op.bits == n_out
+    assert (unpack_bits(op.neg, n_out) == (level < 0)).all()
+    for e, plane in op.masks:
+        assert (unpack_bits(plane, n_out) == (np.abs(level) == e + 1)).all()
+    flat = {key: kern.steps(acc[:, 0, 0], t, g, None) for key, kern in kernels.items()}  # linear outputs
+    assert all_equal({key: op.neg for key, op in flat.items()}) and flat["numba", 1].neg.shape == (4, -(-n_out // 64))
+    assert all_equal({key: op.masks[-1][1] for key, op in flat.items()})
+
+
 @pytest.mark.parametrize("enc", ["sign", "ternary", "pow2"])
 @pytest.mark.parametrize("shape", [(3, 4, 5, 7), (3, 4, 5, 64), (3, 2, 2, 130), (5, 67)])
 def test_input_codes_numba_equal_numpy(kernels, enc, shape):

@@ -8,7 +8,9 @@ A −= Σ_(padded taps t) Σ_c w[o, t, c]. Layers whose input is float (the raw 
 last layer) are float32 matmuls, as in the trained model.
 
 After the accumulator: a folded sign threshold ``(A ≥ U) XOR g`` with max-pooling as an OR of
-the threshold bits, or float32 ``z = HT(BN(maxpool(s·A) + b))`` and the next layer's quantizer
+the threshold bits; a folded constant-statistic ternary / powers-of-two next quantizer (``steps``:
+level ℓ = ±(#{i : max_window(A) ≥ T_i} − q), integer comparisons only, straight into the next layer's
+planes); or float32 ``z = HT(BN(maxpool(s·A) + b))`` and the next layer's quantizer
 at run time with per-sample statistics (ternary Δ = r·mean|z|, powers of two max|z|) or the layer's
 frozen running estimate, as torch's eval mode computes them (statistics here in numpy on both backends, so that the two
 backends agree bit for bit). Activations are NHWC, quantized ones packed per pixel; no per-pixel
@@ -103,6 +105,10 @@ class Layer:
         self.alpha, self.beta = (get(rec.bn.alpha), get(rec.bn.beta)) if rec.bn else (None, None)
         self.bias = get(rec.bias)
         self.u, self.g = (get(rec.fold.u), get(rec.fold.g).astype(bool)) if rec.fold else (None, None)
+        self.steps = (np.ascontiguousarray(get(rec.steps.t)), get(rec.steps.g).astype(bool)) if rec.steps else None
+        if rec.steps and (self.steps[0].shape, self.steps[1].shape) != ((2 * rec.steps.levels, self.out), (self.out,)):
+            raise ValueError(f"{rec.name}: steps arrays {self.steps[0].shape}, {self.steps[1].shape} do not fit "
+                             f"{rec.steps.levels} levels × {self.out} outputs")
         self._corr: dict[tuple[int, int], np.ndarray] = {}
 
     # accumulators
@@ -159,8 +165,8 @@ class Layer:
         return np.clip(z, -1, 1, out=z) if self.rec.hardtanh else z
 
     def __call__(self, act: np.ndarray | Planes) -> np.ndarray | Planes:
-        """Float activations (NHWC / (N, F)) or packed sign planes of the previous layer's folded
-        threshold → this layer's float output, or packed sign planes when it is folded."""
+        """Float activations (NHWC / (N, F)) or packed planes of the previous layer's fold → this layer's
+        float output, or the next layer's packed input planes when it is folded (sign threshold or steps)."""
         inp = self.rec.input
         if self.float_in:
             if not inp.is_float:  # quantized input, float weights
@@ -169,6 +175,8 @@ class Layer:
         else:
             op = act if isinstance(act, Planes) else self._quantized(np.asarray(act, np.float32))
             acc = self._int_acc(op)
+        if self.steps is not None:
+            return self.kernels.steps(acc, *self.steps, self.rec.pool)
         if self.u is None:
             return self._affine(acc)
         return Planes(self.kernels.threshold(acc, self.u, self.g, self.rec.pool), bits=self.out)

@@ -32,13 +32,14 @@ from estimators.base import Estimator
 from estimators.quantizers import pow2_thresholds
 from workers.models import trial_model
 
-from .fold import bn_affine, sign_threshold
+from .fold import bn_affine, level_thresholds, sign_threshold
 from .format import (
     FLOAT,
     Affine,
     Encoding,
     LayerRecord,
     PackedHeader,
+    Steps,
     Threshold,
     WeightArrays,
     pack_bits,
@@ -224,8 +225,10 @@ def _geometry(layer: nn.Module) -> dict:
     return {"kind": "linear", "fan_in": layer.in_features, "out": layer.out_features}
 
 
-def _layer_record(i: int, b: dict, nxt: dict | None, flatten_channels: int | None, arrays: dict) -> LayerRecord:
-    """The record (and arrays) of block ``b``; ``nxt`` is the following block or None."""
+def _layer_record(i: int, b: dict, nxt: dict | None, flatten_channels: int | None, arrays: dict,
+                  fold_levels: bool = True) -> LayerRecord:
+    """The record (and arrays) of block ``b``; ``nxt`` is the following block or None; ``fold_levels``:
+    fold a constant-statistic ternary / pow2 next quantizer into integer steps (else run it in float32)."""
     _check_modules(b)
     layer, p = b["layer"], f"L{i}"
     quantized = isinstance(layer, (QConv2d, QLinear))
@@ -237,17 +240,24 @@ def _layer_record(i: int, b: dict, nxt: dict | None, flatten_channels: int | Non
     a_max = w.shape[1] * a_enc.max_int * w_enc.max_int if integer else None
     if a_max is not None and a_max >= 2**31:
         raise UnsupportedModelError(f"{b['name']}: accumulator range {a_max} overflows int32")
-    bias = bn = fold = None
+    bias = bn = fold = steps = None
     if layer.bias is not None:
         bias = f"{p}.bias"
         arrays[bias] = layer.bias.detach().numpy().astype(np.float32)
     quantized_next = nxt is not None and isinstance(nxt["layer"], (QConv2d, QLinear))
     nq = nxt["layer"].input_quantizer.quantizer if quantized_next else None
-    if integer and nq is not None and _encoding(nq, f"{nxt['name']} input").enc == "sign":
-        u, g = sign_threshold(a_max=a_max, unit=unit, spatial=isinstance(layer, nn.Conv2d), channels=w.shape[0],
-                              bias=layer.bias, bn=b.get("bn"), hardtanh=b.get("hardtanh"), quantizer=nq)
+    n_enc = _encoding(nq, f"{nxt['name']} input") if integer and nq is not None else None
+    after = dict(a_max=a_max, unit=unit, spatial=isinstance(layer, nn.Conv2d), channels=w.shape[0], bias=layer.bias,
+                 bn=b.get("bn"), hardtanh=b.get("hardtanh"), quantizer=nq)
+    if n_enc is not None and n_enc.enc == "sign":
+        u, g = sign_threshold(**after)
         fold = Threshold(u=f"{p}.U", g=f"{p}.g")
         arrays[fold.u], arrays[fold.g] = u, g.astype(np.uint8)
+    elif n_enc is not None and n_enc.stats == "constant" and fold_levels:
+        levels = 1 if n_enc.enc == "ternary" else len(n_enc.thresholds)
+        t, g = level_thresholds(levels=levels, **after)
+        steps = Steps(t=f"{p}.T", g=f"{p}.g", levels=levels)
+        arrays[steps.t], arrays[steps.g] = t, g.astype(np.uint8)
     elif b.get("bn") is not None:
         bn = Affine(alpha=f"{p}.bn.alpha", beta=f"{p}.bn.beta")
         arrays[bn.alpha], arrays[bn.beta] = bn_affine(b["bn"])
@@ -255,13 +265,16 @@ def _layer_record(i: int, b: dict, nxt: dict | None, flatten_channels: int | Non
         name=b["name"], **_geometry(layer), K=w.shape[1], words=words_for(w.shape[1]), input=a_enc, weight=w_enc,
         weight_arrays=_encode_weights(f"{p}.w", w, w_enc, arrays), unit=unit, a_max=a_max,
         flatten_channels=flatten_channels, pool=b["pool"].kernel_size if b.get("pool") is not None else None,
-        bias=bias, bn=bn, hardtanh=b.get("hardtanh") is not None, fold=fold)
+        bias=bias, bn=bn, hardtanh=b.get("hardtanh") is not None, fold=fold, steps=steps)
 
 
 # -- public API ------------------------------------------------------------------------------
 @torch.no_grad()
-def export_model(model: nn.Module, path: str | Path, *, input_shape=None) -> ExportReport:
-    """Write ``model`` (its eval-mode behaviour; the model itself is not changed) to ``path``."""
+def export_model(model: nn.Module, path: str | Path, *, input_shape=None, fold_levels: bool = True) -> ExportReport:
+    """Write ``model`` (its eval-mode behaviour; the model itself is not changed) to ``path``.
+
+    ``fold_levels`` False keeps constant-statistic ternary / pow2 inputs as float32 BN + quantizer at run time
+    (the layout before their integer steps; for comparisons)."""
     m = copy.deepcopy(model).cpu().eval()
     blocks = _blocks(m)
     arrays: dict[str, np.ndarray] = {}
@@ -269,7 +282,7 @@ def export_model(model: nn.Module, path: str | Path, *, input_shape=None) -> Exp
     for i, b in enumerate(blocks):
         layer = b["layer"]
         fc = channels if isinstance(layer, nn.Linear) and channels and layer.in_features != channels else None
-        records.append(_layer_record(i, b, blocks[i + 1] if i + 1 < len(blocks) else None, fc, arrays))
+        records.append(_layer_record(i, b, blocks[i + 1] if i + 1 < len(blocks) else None, fc, arrays, fold_levels))
         channels = layer.out_channels if isinstance(layer, nn.Conv2d) else None
     wrec = [(r, r.weight.bits, r.out * r.K) for r in records]
     payload = sum(arrays[n].nbytes for r in records for n in r.weight_arrays.names())
@@ -277,7 +290,7 @@ def export_model(model: nn.Module, path: str | Path, *, input_shape=None) -> Exp
                           input_shape=tuple(input_shape) if input_shape else None)
     size = save_packed(path, header, arrays)
     summary = [{"name": r.name, "kind": r.kind, "out": r.out, "K": r.K, "words": r.words, "a": r.input.enc,
-                "w": r.weight.enc, "folded": r.fold is not None} for r in records]
+                "w": r.weight.enc, "folded": r.fold is not None or r.steps is not None} for r in records]
     return ExportReport(
         path=str(path), file_bytes=size, payload_bytes=payload,
         weight_bits=sum(bits * n for _, bits, n in wrec if bits < 32),

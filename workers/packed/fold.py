@@ -10,9 +10,21 @@ channel and g = 1 where α < 0 (there ``+1 ⇔ A ≤ U − 1``); α = 0 gives a 
 before BN commutes with the threshold: ``+1 after max-pool ⇔ OR_window(A ≥ U) XOR g`` (γ > 0:
 max ≥ t ⇔ any ≥ t; γ < 0: max ≤ t' ⇔ all ≤ t' ⇔ NOT any(A ≥ t'+1)).
 
-U is not computed from a formula but found by running the model's own torch modules (bias add,
-BN, HardTanh, quantizer) on integer candidates around τ = μ − β·σ/γ: the fold reproduces
-torch's float32 eval arithmetic, rounding included.
+Exact fold (next quantizer ternary or powers of two with a constant statistic, ``act_stats=running``):
+Δ and max|x| are fixed numbers, so the next layer's signed level index ℓ ∈ {−q, …, q} (ternary q = 1:
+ℓ = output; pow2 with q magnitudes: output = sign(ℓ)·2^(|ℓ|−q)) is a monotone step function of A per
+channel (every float32 operation on the way is monotone: non-decreasing where α > 0, non-increasing where
+α < 0, constant where α = 0). With c(A) = #{i : A ≥ T_i} over 2q integer thresholds T_1 ≤ … ≤ T_2q:
+``ℓ = c − q`` (g = 0) or ``ℓ = q − c`` (g = 1). Levels HardTanh makes unreachable get T = ``BIG``, two
+levels switched at the same A get equal thresholds. Max-pool sits before BN, on y = s·A + b, which rises
+with A: the pooled code is the code of max_window(A) for either sign of α (α < 0: the minimum of the
+window's codes).
+
+Thresholds are not computed from a formula but found by running the model's own torch modules (bias add,
+BN, HardTanh, quantizer) on integer candidates (sign: around τ = μ − β·σ/γ; levels: a bisection per level
+and channel): the fold reproduces torch's float32 eval arithmetic, rounding, HardTanh saturation, the strict
+``|x| > Δ`` and ``bucketize(right=True)`` edges included. Accumulator ranges up to :data:`FULL_RANGE` wide
+are searched exhaustively (which also checks monotonicity).
 
 Not folded (kept as float32 α, β and applied at run time): a next quantizer with per-sample
 statistics (ternary Δ = 0.7·mean|x|, powers of two max|x|), float accumulators (float input),
@@ -54,8 +66,8 @@ def _switch_estimate(bn: nn.Module | None, bias: torch.Tensor | None, c: int, un
 
 
 @torch.no_grad()
-def _torch_positive(cand: np.ndarray, unit: float, spatial: bool, bias, bn, hardtanh, quantizer) -> np.ndarray:
-    """Torch's eval output > 0 for accumulators ``cand`` (n, C): quantizer(HT(BN(s·A + b))) > 0.
+def _torch_output(cand: np.ndarray, unit: float, spatial: bool, bias, bn, hardtanh, quantizer) -> np.ndarray:
+    """Torch's eval output quantizer(HT(BN(s·A + b))) for accumulators ``cand`` (n, C), float32 (n, C).
 
     The modules must be on the CPU and in eval mode (export works on a CPU copy of the model)."""
     y = torch.from_numpy(cand.astype(np.float32) * np.float32(unit))
@@ -67,7 +79,12 @@ def _torch_positive(cand: np.ndarray, unit: float, spatial: bool, bias, bn, hard
         if m is not None:
             y = m(y)
     q = quantizer(y)
-    return (q.reshape(q.shape[0], q.shape[1]) > 0).numpy()
+    return q.reshape(q.shape[0], q.shape[1]).numpy()
+
+
+def _torch_positive(cand: np.ndarray, unit: float, spatial: bool, bias, bn, hardtanh, quantizer) -> np.ndarray:
+    """Torch's eval output > 0 for accumulators ``cand`` (n, C)."""
+    return _torch_output(cand, unit, spatial, bias, bn, hardtanh, quantizer) > 0
 
 
 def sign_threshold(*, a_max: int, unit: float, spatial: bool, channels: int, bias=None, bn=None, hardtanh=None,
@@ -103,3 +120,47 @@ def sign_threshold(*, a_max: int, unit: float, spatial: bool, channels: int, bia
             raise ValueError(f"threshold search window missed the switch in channels {np.flatnonzero(inside)[:8]}")
     # falling (α < 0): +1 ⇔ A < first negative ⇔ NOT (A ≥ U); constant: +1 ⇔ (A ≥ −BIG)
     return u.astype(np.int32), down
+
+
+def level_index(out: np.ndarray, levels: int) -> np.ndarray:
+    """Quantizer outputs {0, ±2^(j−q)} (ternary: q = 1, {0, ±1}) → signed level indices ±j (int64)."""
+    mag = np.abs(out)
+    j = np.where(mag > 0, np.log2(np.where(mag > 0, mag, 1)) + levels, 0)
+    if (j != np.round(j)).any() or (j < 0).any() or (j > levels).any():
+        raise ValueError(f"quantizer outputs off the {levels}-magnitude power-of-two levels")
+    return (np.sign(out) * j).astype(np.int64)
+
+
+def level_thresholds(*, a_max: int, unit: float, spatial: bool, channels: int, levels: int, bias=None, bn=None,
+                     hardtanh=None, quantizer) -> tuple[np.ndarray, np.ndarray]:
+    """Fold [bias] → BN → [HT] → a constant-statistic ternary / powers-of-two quantizer with ``levels`` = q
+    magnitudes into (T int32 (2q, C), g bool (C,)), exactly: the level index is ℓ = c − q (g = 0) or q − c
+    (g = 1) with c = #{i : A ≥ T[i, channel]}.
+
+    ``a_max`` bounds |A|. Every integer in [−a_max, a_max] is evaluated when that range is at most
+    :data:`FULL_RANGE` wide (and monotonicity checked), else each threshold is bisected on torch's output.
+    """
+    q = levels
+    run = lambda cand: level_index(  # noqa: E731
+        _torch_output(cand, unit, spatial, bias, bn, hardtanh, quantizer), q)
+    ends = run(np.array([[-a_max], [a_max]]).repeat(channels, axis=1))
+    g = ends[1] < ends[0]
+    sgn = np.where(g, -1, 1)  # sgn·ℓ rises with A
+    goal = np.arange(1, 2 * q + 1)[:, None] - q  # (2q, 1): levels −q+1 … q of sgn·ℓ
+    if 2 * a_max + 1 <= FULL_RANGE:
+        cand = np.arange(-a_max, a_max + 1)
+        lv = run(cand[:, None].repeat(channels, axis=1)) * sgn  # (n, C)
+        if (np.diff(lv, axis=0) < 0).any():
+            raise ValueError("BN → quantizer is not monotone in the accumulator; cannot fold")
+        reach = lv[None, :, :] >= goal[:, :, None]  # (2q, n, C)
+        t = np.where(reach.any(axis=1), cand[np.argmax(reach, axis=1)], BIG)
+    else:  # bisection: lo never reaches the level, hi does (hi = a_max where a_max itself does not: BIG below)
+        lo = np.full((2 * q, channels), -a_max - 1, np.int64)
+        hi = np.full((2 * q, channels), a_max, np.int64)
+        while (hi - lo > 1).any():
+            mid = (lo + hi) // 2
+            ok = run(mid) * sgn >= goal
+            hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid)
+        t = np.where((ends * sgn).max(axis=0) >= goal, hi, BIG)
+    t = np.where(t <= -a_max, -BIG, t)  # reached by every accumulator
+    return t.astype(np.int32), g

@@ -11,7 +11,9 @@ The header holds the model description (a :class:`PackedHeader`: format, record 
 ``layers`` = :class:`LayerRecord` dicts, written by ``export`` and read by ``engine``) and an
 ``arrays`` table ``name → {offset, dtype, shape}`` (offsets relative to the blob start). Arrays
 are read back zero-copy with ``np.frombuffer``. The magic's "01" is the container layout; the
-record ``version`` (2; version-1 files of issue 7 are still read) changes when record keys do.
+record ``version`` (2; version-1 files of issue 7 are still read) changes when record keys do; an
+optional key added since (``steps``, issue 16) is written only where used, so files without it read as
+before and a reader without it refuses a file that has it (a malformed-record error, never a misreading).
 
 Bit planes: a boolean matrix (rows, K) is packed along K, bit k of row r at word k // 64, bit
 k % 64 (LSB first), K padded with zero bits to a multiple of 64 → ``uint64`` (rows, ⌈K/64⌉).
@@ -170,6 +172,18 @@ class Threshold:
 
 
 @dataclass(frozen=True)
+class Steps:
+    """A folded constant-statistic ternary / powers-of-two next quantizer with ``levels`` = q magnitudes:
+    c = #{i : A ≥ t[i, o]} over the int32 array ``t`` (2q, out) (rows ascending), level index
+    ℓ = c − q, or q − c where the uint8 array ``g`` (out,) is 1; the next input is sign(ℓ)·2^(|ℓ|−1) in
+    its own units (ternary: ℓ itself). Array names."""
+
+    t: str
+    g: str
+    levels: int
+
+
+@dataclass(frozen=True)
 class LayerRecord:
     """One conv / linear layer and what follows its accumulator, as written by ``export`` and run by ``engine``.
 
@@ -179,7 +193,9 @@ class LayerRecord:
     output (its columns are in NHWC order). Arithmetic: accumulator A in units of ``unit`` (= input
     unit × weight unit), |A| ≤ ``a_max`` (None: a float layer). After A, in order: ``bias`` (array
     name), max-pool ``pool`` (kernel = stride), ``bn`` (:class:`Affine`), ``hardtanh`` (clip to
-    [−1, 1]) — or all of them folded into the next sign quantizer as ``fold`` (:class:`Threshold`).
+    [−1, 1]) — or all of them folded into the next sign quantizer as ``fold`` (:class:`Threshold`), or
+    into the next constant-statistic ternary / powers-of-two quantizer as ``steps`` (:class:`Steps`; the
+    key is left out of the JSON when absent, so files without such folds read as before).
     """
 
     name: str
@@ -202,8 +218,11 @@ class LayerRecord:
     bn: Affine | None = None
     hardtanh: bool = False
     fold: Threshold | None = None
+    steps: Steps | None = None
 
     def __post_init__(self):
+        if self.fold is not None and self.steps is not None:
+            raise ValueError(f"{self.name}: a layer folds into a sign threshold or into steps, not both")
         if self.kind not in ("conv", "linear"):
             raise ValueError(f"{self.name}: unknown layer kind {self.kind!r}; known: conv, linear")
         for f in ("kernel", "stride", "padding"):
@@ -219,10 +238,14 @@ class LayerRecord:
 
     def array_names(self) -> list[str]:
         nested = [x for part in (self.bn, self.fold) if part is not None for x in asdict(part).values()]
+        nested += [self.steps.t, self.steps.g] if self.steps else []
         return self.weight_arrays.names() + ([self.bias] if self.bias else []) + nested
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["steps"] is None:
+            del d["steps"]
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> LayerRecord:
@@ -231,6 +254,7 @@ class LayerRecord:
         d["weight_arrays"] = WeightArrays(**{**d["weight_arrays"], "code": tuple(d["weight_arrays"].get("code", ()))})
         d["bn"] = Affine(**d["bn"]) if d.get("bn") else None
         d["fold"] = Threshold(**d["fold"]) if d.get("fold") else None
+        d["steps"] = Steps(**d["steps"]) if d.get("steps") else None
         return cls(**d)
 
 

@@ -19,6 +19,8 @@ Same arithmetic as the numpy kernels in :mod:`workers.packed.kernels`, bit for b
   gather      per-pixel packed words (N, H, W, ⌈C/64⌉) → im2col rows of kh·kw·C bits, tap-major,
               packed tightly as the weights are (zero bits for padded taps)
   threshold   int32 accumulators → per-pixel packed sign bits: negative ⇔ (OR_window(A ≥ U) == g)
+  steps       int32 accumulators → the next ternary / pow2 input's packed planes from a level fold:
+              c = #{i : max_window(A) ≥ t_i}, ℓ = ±(c − q): negative plane ⇔ ℓ < 0, plane e ⇔ |ℓ| = e + 1
   pack_rows   bool rows → packed words (``format.pack_bits``)
   code_*      the input quantizers' levels of float32 activations, packed per pixel (sign, ternary,
               powers of two; the per-sample statistic comes from the engine)
@@ -188,6 +190,47 @@ def threshold(acc, u, g, k, out, n0, n1):
                     for j in range(min(64, n_out - 64 * q)):
                         word |= neg[64 * q + j] << np.uint64(j)
                     out[b, py, px, q] = word
+
+
+@jit
+def steps(acc, t, g, k, out, n0, n1):
+    """acc (N, H, W, O) int32 → out (1 + q, N, H//k, W//k, ⌈O/64⌉) planes of the next input for images
+    n0 ≤ b < n1, from a level fold t (2q, O), g (O,): A = max over the k×k window, c = #{i : A ≥ t[i]},
+    ℓ = c − q (q − c where g); out[0] bit ⇔ ℓ < 0, out[1 + e] bit ⇔ |ℓ| = e + 1."""
+    n_out = acc.shape[3]
+    ph, pw = acc.shape[1] // k, acc.shape[2] // k
+    q = t.shape[0] // 2
+    top = np.empty(n_out, np.int32)
+    level = np.empty(n_out, np.int32)
+    neg = np.empty(n_out, np.uint64)
+    sgn = np.where(g, -1, 1).astype(np.int32)
+    for b in range(n0, n1):
+        for py in range(ph):
+            for px in range(pw):
+                top[:] = acc[b, py * k, px * k]
+                for dy in range(k):
+                    for dx in range(k):
+                        for o in range(n_out):  # the loops over channels vectorise
+                            top[o] = max(top[o], acc[b, py * k + dy, px * k + dx, o])
+                level[:] = -q
+                for i in range(2 * q):
+                    for o in range(n_out):
+                        level[o] += top[o] >= t[i, o]
+                for o in range(n_out):
+                    level[o] *= sgn[o]
+                    neg[o] = np.uint64(level[o] < 0)
+                    level[o] = abs(level[o])
+                for qw in range(out.shape[4]):
+                    base, nb = 64 * qw, min(64, n_out - 64 * qw)
+                    word = np.uint64(0)
+                    for j in range(nb):  # OR reductions, no branches (random levels would mispredict)
+                        word |= neg[base + j] << np.uint64(j)
+                    out[0, b, py, px, qw] = word
+                    for e in range(1, q + 1):
+                        word = np.uint64(0)
+                        for j in range(nb):
+                            word |= np.uint64(level[base + j] == e) << np.uint64(j)
+                        out[e, b, py, px, qw] = word
 
 
 @jit

@@ -10,7 +10,8 @@ or more non-zero planes ``m_e`` with a shift e: value = (1 − 2n)·Σ_e m_e·2^
 and the integer accumulator is A = Σ_(e_a, e_w) dot_(e_a, e_w) << (e_a + e_w)  (SHIFT for
 powers of two: 3 bits → planes for 1, 2, 4 in units of ¼), in int32. Around it: the input
 quantizers' codes packed per pixel (:func:`code_numpy`), im2col of packed pixels
-(:func:`gather_numpy`) and folded sign thresholds with max-pooling (:func:`threshold_numpy`).
+(:func:`gather_numpy`), folded sign thresholds with max-pooling (:func:`threshold_numpy`) and folded
+multi-threshold level codes (:func:`steps_numpy`: the next ternary / pow2 input straight from A).
 
 :class:`Kernels` runs them on one of two backends that agree bit for bit: "numba" (compiled,
 :mod:`workers.packed.jit`; the default where numba is installed) and "numpy" (the fallback:
@@ -229,6 +230,20 @@ def threshold_numpy(acc: np.ndarray, u: np.ndarray, g: np.ndarray, pool: int | N
     return pack_bits(hit == g)
 
 
+def steps_numpy(acc: np.ndarray, t: np.ndarray, g: np.ndarray, pool: int | None) -> Planes:
+    """acc (N, H, W, O) → the next input's packed planes from a level fold (``format.Steps``): A max-pooled,
+    c = #{i : A ≥ t[i]}, ℓ = c − q or q − c (g), planes: negative ⇔ ℓ < 0, plane e ⇔ |ℓ| = e + 1."""
+    if pool:
+        acc = pool_windows(acc, pool).max(axis=(2, 4))
+    q = len(t) // 2
+    count = np.zeros(acc.shape, np.int8)
+    for row in t:
+        count += acc >= row
+    level = np.where(g, q - count, count - q)
+    mag = np.abs(level)
+    return Planes(level < 0, [(e, mag == e + 1) for e in range(q)]).packed()
+
+
 # -- the kernels the engine calls ------------------------------------------------------------------
 class Kernels:
     """Code, gather, accumulate and threshold on one ``backend`` ("numba" or "numpy"; default the first
@@ -374,6 +389,22 @@ class Kernels:
             acc4 = np.ascontiguousarray(acc4)
             self._split(n, lambda s, e: jit.threshold(acc4, u, g, k, out, s, e), h * w * o)
         return out if spatial else out[:, 0, 0]
+
+
+    def steps(self, acc: np.ndarray, t: np.ndarray, g: np.ndarray, pool: int | None) -> Planes:
+        """Level fold of acc (N, H, W, O) (or (N, O)) → the next layer's packed input planes (``steps_numpy``)."""
+        spatial = acc.ndim == 4
+        acc4 = acc if spatial else acc[:, None, None, :]
+        if self.backend == "numpy":
+            op = steps_numpy(acc4, t, g, pool)
+        else:
+            k, q = pool or 1, len(t) // 2
+            n, h, w, o = acc4.shape
+            stack = np.empty((1 + q, n, h // k, w // k, words_for(o)), np.uint64)
+            acc4 = np.ascontiguousarray(acc4)
+            self._split(n, lambda s, e: jit.steps(acc4, t, g, k, stack, s, e), h * w * o * (1 + len(t)))
+            op = Planes(stack[0], [(e, stack[e + 1]) for e in range(q)], o, stack)
+        return op if spatial else op.map(lambda p: p[:, 0, 0])
 
 
 def popcount_matmul(a: np.ndarray, w: np.ndarray, a_enc: str, w_enc: str, backend: str | None = None) -> np.ndarray:
