@@ -264,6 +264,7 @@ def test_trained_convnet_d_agrees():
     ("fashion_net", (1, 28, 28), 3, 2),  # max-pool right after the float-input conv
     ("digits_net", (1, 8, 8), 4, 4),  # 4-bit powers of two (codes 0..7)
     ("digits_net", (1, 8, 8), 32, 1),  # float weights, sign inputs
+    ("digits_net", (1, 8, 8), 32, 3),  # float weights, powers-of-two inputs: dequantized planes (m_e·2^e)
 ])
 def test_other_layouts_agree(name, shape, w_bits, a_bits):
     torch.manual_seed(0)
@@ -459,3 +460,23 @@ def test_unsupported_models_are_refused(tmp_path, digits, name, kw, match):
     if name == "digits_net":
         assert packed_summary(model, digits.test_x[:8], digits.test_y[:8]) == {"packed_bytes": None,
                                                                               "packed_agreement": None}
+
+
+@pytest.mark.parametrize("a_bits", [2, 3])
+def test_conv_bias_then_max_pool_runs_in_float_as_torch_does(tmp_path, a_bits):
+    """A conv with a bias before its max-pool: z = maxpool(s·A + b), pooled after the bias, in float32
+    (the next quantizer per sample, so nothing is folded), equal to torch's eval output bit for bit."""
+    torch.manual_seed(5)
+    q = dict(estimator="aqe", estimator_params={"act_stats": "per_sample"})
+    model = nn.Sequential(QConv2d(8, 16, 3, 1, 1, bias=True, w_bits=2, a_bits=1, **q), nn.MaxPool2d(2),
+                          nn.BatchNorm2d(16), nn.Hardtanh(), QConv2d(16, 4, 3, 1, 1, w_bits=2, a_bits=a_bits, **q))
+    with torch.no_grad():
+        model[0].bias.normal_(0, 2)
+        model[2].running_mean.normal_(0, 2)
+        model[2].running_var.uniform_(1, 10)
+    model.eval()
+    export_model(model, tmp_path / "b.bbpack", input_shape=(8, 8, 8))
+    x = torch.randn(6, 8, 8, 8)
+    with torch.no_grad():
+        ref = model(x).permute(0, 2, 3, 1).numpy()
+    assert (PackedNet.load(tmp_path / "b.bbpack", threads=1)._forward(x.numpy()) == ref).all()
