@@ -167,6 +167,16 @@ def gather(x, c, kh, kw, sh, sw, ph, pw, out, n0, n1):
                         pos += c
 
 
+@njit(cache=True, nogil=True, boundscheck=False, inline="always")  # inlined: as fast as the loops written out
+def window_max(acc, b, py, px, k, top):
+    """top[o] = max over the k×k window (py, px) of image b of acc[..., o] (vectorised over the channels)."""
+    top[:] = acc[b, py * k, px * k]
+    for dy in range(k):
+        for dx in range(k):
+            for o in range(top.shape[0]):
+                top[o] = max(top[o], acc[b, py * k + dy, px * k + dx, o])
+
+
 @jit
 def threshold(acc, u, g, k, out, n0, n1):
     """acc (N, H, W, O) int32 → out (N, H//k, W//k, ⌈O/64⌉) sign words for images n0 ≤ b < n1: bit o
@@ -178,11 +188,7 @@ def threshold(acc, u, g, k, out, n0, n1):
     for b in range(n0, n1):
         for py in range(ph):
             for px in range(pw):
-                top[:] = acc[b, py * k, px * k]
-                for dy in range(k):
-                    for dx in range(k):
-                        for o in range(n_out):  # vectorised over the channels
-                            top[o] = max(top[o], acc[b, py * k + dy, px * k + dx, o])
+                window_max(acc, b, py, px, k, top)
                 for o in range(n_out):
                     neg[o] = np.uint64((top[o] >= u[o]) == g[o])
                 for q in range(out.shape[3]):
@@ -207,11 +213,7 @@ def steps(acc, t, g, k, out, n0, n1):
     for b in range(n0, n1):
         for py in range(ph):
             for px in range(pw):
-                top[:] = acc[b, py * k, px * k]
-                for dy in range(k):
-                    for dx in range(k):
-                        for o in range(n_out):  # the loops over channels vectorise
-                            top[o] = max(top[o], acc[b, py * k + dy, px * k + dx, o])
+                window_max(acc, b, py, px, k, top)
                 level[:] = -q
                 for i in range(2 * q):
                     for o in range(n_out):
