@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,8 +29,6 @@ from .stats import ALPHA, POWER, adjust_family, mean, mean_std, paired_differenc
 
 BASELINES = ("ste", "clipped_ste")
 CANDIDATES = ("aqe", "minw_aqe")  # the paper's estimator, and its named method
-#: a label's grid parameter (``clipped_ste[grid=uniform]`` is the clipped STE baseline on the uniform grid)
-GRID_PARAM = re.compile(r"(?<=\[)grid=[^,\]]*,?|,grid=[^,\]]*")
 #: the fewest seeds of a study's paired comparisons before its report calls it a pilot
 MIN_SEEDS = 5
 #: a trial "fell" when its last epoch is this far below its validation-selected epoch
@@ -204,7 +201,10 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
     candidates = candidates or [lab for lab in labels if lab.split("[")[0] in CANDIDATES]
     # the STE baselines (on each grid they ran on) where the run has them; else (a methods study) every other
     # system at its bits. paired_comparisons pairs a candidate only with a baseline on its own grid.
-    baselines = [lab for lab in labels if GRID_PARAM.sub("", lab).removesuffix("[]") in BASELINES] or [
+    # (a baseline: an STE estimator with no parameter but its grid, not a named method built on it)
+    baselines = sorted({t["estimator_label"] for t in trials if t.get("estimator") in BASELINES and t["estimator_label"]
+                        in (t["estimator"], f"{t['estimator']}[grid={(t.get('estimator_params') or {}).get('grid')}]")}
+                       & set(labels)) or [
         lab for lab in labels if lab not in candidates and lab != FLOAT_LABEL]
     # one family of tests per accuracy: Holm's adjustment runs over all of the report's comparisons of it
     # seeds pair within a model (a report over several runs, one per model size, compares each model's own)
