@@ -1,7 +1,8 @@
 """CPU training throughput of every estimator against float (synthetic 3×32×32 images).
 
     python bench/throughput.py [--models convnet_d resnet20] [--estimators ste aqe] [--bits 1 2] [--batch 64]
-                               [--batches 2] [--repeats 7] [--threads 1] [--baseline DIR] [--out FILE.md]
+                               [--batches 2] [--repeats 7] [--threads 1] [--progress 50] [--baseline DIR]
+                               [--out FILE.md]
 
 For each model: images per second of training steps (forward, backward, Adam step, latent-weight
 clip: ``workers.train.train_epoch``) at float and, per estimator, at each WbAb of ``--bits``, with the
@@ -61,14 +62,16 @@ def with_estimators(model: nn.Module, package) -> nn.Module:
     return model
 
 
-def training_cell(model_name: str, data, bits: int, estimator: str | None, package, batches):
-    """A function running ``train_epoch`` over ``batches`` on a fresh model (after one warm-up batch)."""
+def training_cell(model_name: str, data, bits: int, estimator: str | None, package, batches, progress: int = 0):
+    """A function running ``train_epoch`` over ``batches`` on a fresh model (after one warm-up batch), its
+    scheduled estimators at epoch ``progress`` of 100."""
     torch.manual_seed(0)
     quant = {"estimator": estimator} if estimator else {}
     model = create_model(model_name, num_classes=data.num_classes, input_shape=data.input_shape,
                          w_bits=bits, a_bits=bits, **quant)
     if package is not None:
         with_estimators(model, package)
+    estimators.set_progress(model, progress, 100)
     opt = build_optimizer(model.parameters(), Optimizer())
     train_epoch(model, opt, batches[:1])  # warm-up (allocations, lazy init, LSQ's step)
     return lambda: train_epoch(model, opt, batches[1:])[2]
@@ -98,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=2, help="timed batches per round (after one warm-up batch)")
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (medians)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--progress", type=int, default=50, metavar="PERCENT",
+                   help="training progress of scheduled estimators (EDE's t, ReSTE's o, AQE's α): their cost can "
+                        "depend on it (ReSTE's power is free at o = 1, the first epoch's value)")
     p.add_argument("--baseline", metavar="DIR", help="also time every estimator with the estimators package in DIR")
     p.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = p.parse_args(argv)
@@ -114,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     head = " | ".join(f"W{b}A{b} img/s | W{b}A{b} ×float" for b in args.bits)
     lines = [f"`python bench/throughput.py {shlex.join(sys.argv[1:] if argv is None else argv)}` "
              f"(CPU, {args.threads} thread(s), batch {args.batch}, images per CPU-second, medians of {args.repeats} "
-             f"interleaved rounds, torch {torch.__version__}, load average {load} at the start)", "",
+             f"interleaved rounds, scheduled estimators at {args.progress} % of training, torch {torch.__version__}, "
+             f"load average {load} at the start)", "",
              f"| model | estimator | {head} |", "|---|---|" + "---:|---:|" * len(args.bits)]
     print("\n".join(lines), flush=True)
     variants = [("", None)] + ([(" (baseline)", baseline)] if baseline else [])
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                 for b in args.bits:
                     key = f"{est}{suffix} W{b}"
                     try:
-                        cells[key] = training_cell(model_name, data, b, est, package, batches)
+                        cells[key] = training_cell(model_name, data, b, est, package, batches, args.progress)
                     except ValueError as e:  # an estimator that does not support these bits
                         skipped[key] = str(e)[:40]
         ips = median_images_per_s(cells, args.repeats)

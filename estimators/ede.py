@@ -10,8 +10,8 @@ import math
 import torch
 
 from .base import Param, register_estimator
-from .fused_ops import one_thread
-from .minw import MINW_PARAMS, MinwEstimator
+from .fused_ops import all_threads, one_thread
+from .minw import MINW_PARAMS, MinwEstimator, clipped_grad
 
 
 @register_estimator
@@ -50,8 +50,14 @@ class EDE(MinwEstimator):
         return self.k * torch.tanh(self.t * x)
 
     def pseudo_grad(self, x, g):
+        """k·t·(1 − tanh²(t·x)) = 4·k·t·s·(1 − s) for s = σ(−2t·|x|) ≤ ½ (even in x; no cancellation in 1 − s,
+        so the tails are more accurate than 1 − tanh²), with torch's sigmoid, ~6× cheaper than its tanh on a CPU."""
         t, k = self.t, self.k
-        return g * (1 - torch.tanh(t * x).square()).mul_(k * t)
+        with one_thread(x):
+            s = x.abs().mul_(-2 * t)
+            with all_threads():
+                torch.sigmoid(s, out=s)
+            return torch.ops.aten.sigmoid_backward(g, s).mul_(4 * k * t)
 
 
 @register_estimator
@@ -88,9 +94,16 @@ class ReSTE(MinwEstimator):
         return torch.sign(x) * x.abs().pow(1 / self.o)
 
     def pseudo_grad(self, x, g):
+        """With s = max(|x|, ε)^((1−o)/o) (= the chord slope ε^(1/o)/ε where |x| ≤ ε) and gs = g·s, the
+        gradient is gs − inner + inner/o for inner = gs·1[|x| > ε], then the mask |x| ≤ t (skipped when
+        every |x| ≤ t): float passes only (threshold_backward), no boolean mask, no where."""
         o, t, eps = self.o, self.hparams["t"], self.hparams["eps"]
-        with one_thread(x):  # in place on one new tensor; masked_fill_ rather than where (several times slower here)
+        with one_thread(x):
             a = x.abs()
-            slope = a.clamp_min(eps).pow_((1 - o) / o).mul_(1 / o)
-            slope.masked_fill_(a <= eps, eps ** (1 / o) / eps)
-            return slope.mul_(g).mul_(a <= t)
+            gs = a.clamp_min(eps)
+            with all_threads():
+                gs.pow_((1 - o) / o)
+            gs.mul_(g)
+            inner = torch.ops.aten.threshold_backward(gs, a, eps)
+            grad = gs.sub_(inner).add_(inner, alpha=1 / o)
+        return clipped_grad(x, grad, limit=t)

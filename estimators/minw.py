@@ -194,25 +194,27 @@ def clip_mask(x: torch.Tensor, limit: float = 1.0) -> torch.Tensor:
     return (x.abs() <= limit).to(x.dtype)
 
 
-def clipped_grad(x: torch.Tensor, g: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """g·1[|x| ≤ 1] (times ``scale`` when given), never modifying g.
+def clipped_grad(x: torch.Tensor, g: torch.Tensor, scale: float | None = None, limit: float = 1.0) -> torch.Tensor:
+    """g·1[|x| ≤ limit] (times ``scale`` when given), never modifying g.
 
-    On the CPU one read of x (min and max) first: when all of x lies in [−1, 1], as a HardTanh output
-    or clipped latent weights do, the mask is all ones and g itself (or g·scale) is the answer.
-    Otherwise HardTanh's backward kernel in one pass: it zeroes |x| ≥ limit, and with limit = the next
-    float above 1 in x's dtype that is exactly |x| ≤ 1, so latent weights clipped to ±1 keep their gradient.
+    On the CPU one read of x (min and max) first: when all of x lies in [−limit, limit], as a HardTanh
+    output or clipped latent weights do for limit 1, the mask is all ones and g itself (or g·scale) is the
+    answer. Otherwise HardTanh's backward kernel in one pass: it zeroes |x| ≥ its bound, and with the bound
+    = the next float above ``limit`` in x's dtype that is exactly |x| ≤ limit, so latent weights clipped to
+    ±1 keep their gradient.
     """
     with one_thread(x):
         if x.device.type == "cpu" and x.numel():
             low, high = torch.aminmax(x)
-            if low.item() >= -1 and high.item() <= 1:  # False at NaN
+            if low.item() >= -limit and high.item() <= limit:  # False at NaN
                 return g if scale is None else g * scale
-        limit = _float_above_one(x.dtype)
-        grad = torch.ops.aten.hardtanh_backward(g, x, -limit, limit)
+        bound = _float_above(limit, x.dtype)
+        grad = torch.ops.aten.hardtanh_backward(g, x, -bound, bound)
         return grad if scale is None else grad.mul_(scale)
 
 
 @functools.cache
-def _float_above_one(dtype: torch.dtype) -> float:
-    one = torch.ones((), dtype=dtype)
-    return torch.nextafter(one, one + 1).item()
+def _float_above(limit: float, dtype: torch.dtype) -> float:
+    """The next float above ``limit`` (rounded to ``dtype``) in ``dtype``."""
+    v = torch.tensor(limit, dtype=dtype)
+    return torch.nextafter(v, v + 1).item()

@@ -277,6 +277,19 @@ def test_pseudo_gradient_is_the_derivative_of_the_proxy(name):
     torch.testing.assert_close(_grad(est, x, g), dproxy)
 
 
+def test_ede_pseudo_gradient_is_accurate_in_its_tails():
+    """Late in training (t = 10) float32 EDE keeps k·t/cosh²(t·x) to a relative 1e-5 out to |t·x| = 40, where
+    1 − tanh²(t·x) in float32 would cancel to 0 beyond |t·x| ≈ 9 (it is computed from σ(−2t|x|) ≤ ½)."""
+    est = E.create_estimator("ede", bits=1, role="activation")
+    est.set_progress(10, 10)
+    x = torch.linspace(-4, 4, 2001)
+    got = _grad(est, x, torch.ones_like(x)).double()
+    want = est.k * est.t / torch.cosh(est.t * x.double()).square()
+    assert want.min() < 1e-30 and (got > 0).all()  # the tails reach below float32's normal range, never to 0
+    normal = want > torch.finfo(torch.float32).tiny
+    torch.testing.assert_close(got[normal], want[normal], rtol=1e-5, atol=0)
+
+
 def test_gradcheck_dsq_soft_staircase():
     from estimators.dsq import dsq_soft
 
