@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 
 from tests.test_e2e import Proc, RunsClient, free_port, wait_until
+from workers.tune_callback import reported_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "local-cluster.sh"
@@ -163,8 +164,8 @@ class LocalCluster:
                 if r.get("iterations_since_restore") == 1:
                     ray_id = json.loads(r["provenance"])["ray_node_id"]
                     attempts.append(Attempt(self._names.get(ray_id, ray_id), []))
-                if r.get("epoch") is not None:
-                    attempts[-1].epochs.append(int(r["epoch"]))
+                if r.get("epoch") is not None:  # a report may carry several epochs (workers.sweep.EpochBatcher)
+                    attempts[-1].epochs += [int(m["epoch"]) for m in reported_epochs(r)]
             out[results[0]["config"]["trial"]["key"]] = attempts
         return out
 
