@@ -43,6 +43,7 @@ class Attempt:
 
     node: str  # "ray-worker-1", … (or the Ray node id, for a node this fixture did not start)
     epochs: list[int]
+    reports: list[list[int]]  # the epochs of each report (several in one when short: workers.sweep.EpochBatcher)
 
 
 def clean_environ(**extra: str) -> dict[str, str]:
@@ -163,9 +164,10 @@ class LocalCluster:
             for r in results:
                 if r.get("iterations_since_restore") == 1:
                     ray_id = json.loads(r["provenance"])["ray_node_id"]
-                    attempts.append(Attempt(self._names.get(ray_id, ray_id), []))
-                if r.get("epoch") is not None:  # a report may carry several epochs (workers.sweep.EpochBatcher)
-                    attempts[-1].epochs += [int(m["epoch"]) for m in reported_epochs(r)]
+                    attempts.append(Attempt(self._names.get(ray_id, ray_id), [], []))
+                if r.get("epoch") is not None:
+                    attempts[-1].reports.append([int(m["epoch"]) for m in reported_epochs(r)])
+                    attempts[-1].epochs.extend(attempts[-1].reports[-1])
             out[results[0]["config"]["trial"]["key"]] = attempts
         return out
 

@@ -14,6 +14,7 @@ import torch
 from ray.tune.experiment import Trial
 
 from tests.faults import FaultHooks
+from tests.test_sweep import CrashingSink
 from workers.sinks import MemorySink
 from workers.spec import parse_spec
 from workers.sweep import REPORT_EVERY_S, EpochBatcher, resolve_report_every_s, run_sweep
@@ -210,3 +211,19 @@ def test_a_trial_failing_before_its_batch_is_reported_retrains_the_batch_and_del
     assert {k: sorted(v) for k, v in sink.epochs.items()} == {key: [1, 2, 3]} and sink.duplicates == []
     assert [s["attempt"] for s in sink.starts[key]] == [1, 2] and sink.ends[key][0] == "done"
     assert len(sink.provenance[key]) == 1  # the failed attempt reported nothing, its provenance neither
+
+
+@pytest.mark.slow
+def test_a_sink_failing_inside_a_batch_gets_the_batch_s_earlier_epochs_again_after_the_rerun(ray_session):
+    """The sink raising on epoch 2 of the report [1, 2, 3] kills the driver after it stored epoch 1. The rerun
+    goes back to the experiment's last snapshot (before that report), retrains the batch and delivers it again:
+    epoch 1 a second time (sinks ignore repeats: ``service.sink.SqlSink``, ``MemorySink``), epochs 2 and 3 once."""
+    spec = make_spec(estimators=["aqe"])
+    key = "aqe-w1a1-s0"
+    sink = CrashingSink(key, 2)
+    with pytest.raises(ConnectionError):
+        run_sweep(spec, sink, experiment_name="crash-in-batch", report_every_s=math.inf)
+    assert sorted(sink.epochs[key]) == [1]
+    assert run_sweep(spec, sink, experiment_name="crash-in-batch", report_every_s=math.inf) == {key: "done"}
+    assert sorted(sink.epochs[key]) == [1, 2, 3] and sink.duplicates == [(key, 1)]
+    assert sink.ends[key][0] == "done"

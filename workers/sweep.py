@@ -268,8 +268,10 @@ def run_sweep(
     failed ones resume from their latest checkpoints (``skip_keys`` then only matters for cells
     the experiment never had). An exception from the sink stops the sweep and is re-raised
     here; the next run restores from the last experiment snapshot, which Tune forces after
-    every checkpoint (``num_to_keep=1``), so at most an epoch in flight is trained again and
-    the callback's saved state keeps it from reaching the sink twice. A snapshot that names a
+    every checkpoint (``num_to_keep=1``), so at most the epochs of a report in flight are trained again and
+    the callback's saved state keeps them from reaching the sink twice (but for those of a report the sink
+    failed in the middle of: the epochs before the failing one come again, and sinks ignore repeats). A snapshot
+    that names a
     checkpoint Tune deleted just before the driver died resumes that trial from the checkpoint that
     replaced it (:func:`replace_lost_checkpoint`). ``hooks`` run in every trial attempt (:class:`TrialHooks`).
 
