@@ -186,7 +186,8 @@ class ClusterStack(RunsClient):
         self.env = clean_environ(
             HOME=str(tmp / "home"), DATABASE_URL=f"sqlite:///{tmp / 'cluster.sqlite'}",
             BITBENCH_DATA_DIR=str(tmp / "data"), BITBENCH_API_TOKEN="", BITBENCH_HEARTBEAT_S="1",
-            BITBENCH_STALE_S="300", PYTHONUNBUFFERED="1")  # requeues here come from the dispatcher, not staleness
+            BITBENCH_STALE_S="300", PYTHONUNBUFFERED="1",  # requeues here come from the dispatcher, not staleness
+            BITBENCH_REPORT_EVERY_S="0")  # epoch by epoch: the windows to break the cluster in count stored epochs
         self.api = Proc("api", ["-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(self.port),
                                 "--log-level", "warning"], self.env, tmp)
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
