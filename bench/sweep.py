@@ -11,9 +11,13 @@
   workers do) taking the trials longest-first from one queue, no framework in between — the
   ceiling for running trials side by side on these cores;
 - *Ray Tune* (``tune``): ``workers.sweep.run_sweep`` on a fresh local Ray with ``--cpus`` CPUs, Ray's
-  start-up (``ray.init``) excluded (its median is printed).
+  start-up (``ray.init``) excluded (its median is printed); trials report short epochs in batches
+  (``workers.sweep.REPORT_EVERY_S``);
+- *Ray Tune, every epoch* (``tune-each``): the same with one report and checkpoint per epoch
+  (``report_every_s=0``), as before batching (issue 16).
 
-``--modes`` picks and orders them (``sequential``, ``threads``, ``pool``, ``tune``; default all).
+``--modes`` picks and orders them (``sequential``, ``threads``, ``pool``, ``tune``, ``tune-each``; default all
+but ``tune-each``).
 Prints markdown tables with wall times and speed-ups against the first mode, and each run's
 Tune / pool ratio (target ≤ 1.05).
 ``--repeats N`` runs the modes in turn N times (a shared machine's speed drifts between minutes) and
@@ -74,7 +78,7 @@ def process_pool(spec: ExperimentSpec, cpus: int) -> float:
     return time.perf_counter() - t0
 
 
-def through_ray(spec: ExperimentSpec, cpus: int) -> tuple[float, float]:
+def through_ray(spec: ExperimentSpec, cpus: int, report_every_s: float | None = None) -> tuple[float, float]:
     """(run_sweep seconds, ray.init seconds) on a fresh local Ray."""
     import ray
 
@@ -85,7 +89,7 @@ def through_ray(spec: ExperimentSpec, cpus: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as storage:
         sink = MemorySink(strict=True)
         t0 = time.perf_counter()
-        statuses = run_sweep(spec, sink, storage_path=storage, experiment_name="bench")
+        statuses = run_sweep(spec, sink, storage_path=storage, experiment_name="bench", report_every_s=report_every_s)
         tuned = time.perf_counter() - t0
     ray.shutdown()
     assert set(statuses.values()) == {"done"}, statuses
@@ -98,6 +102,7 @@ MODES = {
     "threads": "sequential, one process, {cpus} torch threads each",
     "pool": "process pool: {cpus} fresh processes × 1 thread, longest first, no framework",
     "tune": "Ray Tune, {cpus} trials × 1 CPU (run_sweep)",
+    "tune-each": "Ray Tune, {cpus} trials × 1 CPU, one report per epoch (report_every_s = 0)",
 }
 
 
@@ -122,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": lambda: one_after_another(spec, args.cpus),
         "pool": lambda: process_pool(spec, args.cpus),
         "tune": lambda: through_ray(spec, args.cpus),
+        "tune-each": lambda: through_ray(spec, args.cpus, report_every_s=0),
     }
 
     load_before = load_average()
@@ -150,10 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     if ray_init:
         print(f"\nray.init (excluded above): median {statistics.median(ray_init):.1f} s")
     if "pool" in modes:
-        if "tune" in modes:
-            each = sorted(r["tune"] / r["pool"] for r in runs)
-            print(f"\nTune / pool wall time, per run: {', '.join(f'{x:.3f}' for x in each)} "
-                  f"(median {statistics.median(each):.3f}; target ≤ 1.05)")
+        for tune_mode in ("tune", "tune-each"):
+            if tune_mode in modes:
+                each = sorted(r[tune_mode] / r["pool"] for r in runs)
+                print(f"\n{tune_mode} / pool wall time, per run: {', '.join(f'{x:.3f}' for x in each)} "
+                      f"(median {statistics.median(each):.3f}; target ≤ 1.05)")
     if args.repeats > 1:
         print("\n| run | " + " | ".join(f"{m} s" for m in modes) + " |")
         print("|---|" + "---:|" * len(modes))

@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 
 from tests.test_e2e import Proc, RunsClient, free_port, wait_until
+from workers.tune_callback import reported_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "local-cluster.sh"
@@ -42,6 +43,7 @@ class Attempt:
 
     node: str  # "ray-worker-1", … (or the Ray node id, for a node this fixture did not start)
     epochs: list[int]
+    reports: list[list[int]]  # the epochs of each report (several in one when short: workers.sweep.EpochBatcher)
 
 
 def clean_environ(**extra: str) -> dict[str, str]:
@@ -162,9 +164,10 @@ class LocalCluster:
             for r in results:
                 if r.get("iterations_since_restore") == 1:
                     ray_id = json.loads(r["provenance"])["ray_node_id"]
-                    attempts.append(Attempt(self._names.get(ray_id, ray_id), []))
+                    attempts.append(Attempt(self._names.get(ray_id, ray_id), [], []))
                 if r.get("epoch") is not None:
-                    attempts[-1].epochs.append(int(r["epoch"]))
+                    attempts[-1].reports.append([int(m["epoch"]) for m in reported_epochs(r)])
+                    attempts[-1].epochs.extend(attempts[-1].reports[-1])
             out[results[0]["config"]["trial"]["key"]] = attempts
         return out
 
@@ -183,7 +186,8 @@ class ClusterStack(RunsClient):
         self.env = clean_environ(
             HOME=str(tmp / "home"), DATABASE_URL=f"sqlite:///{tmp / 'cluster.sqlite'}",
             BITBENCH_DATA_DIR=str(tmp / "data"), BITBENCH_API_TOKEN="", BITBENCH_HEARTBEAT_S="1",
-            BITBENCH_STALE_S="300", PYTHONUNBUFFERED="1")  # requeues here come from the dispatcher, not staleness
+            BITBENCH_STALE_S="300", PYTHONUNBUFFERED="1",  # requeues here come from the dispatcher, not staleness
+            BITBENCH_REPORT_EVERY_S="0")  # epoch by epoch: the windows to break the cluster in count stored epochs
         self.api = Proc("api", ["-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(self.port),
                                 "--log-level", "warning"], self.env, tmp)
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)

@@ -108,6 +108,7 @@ class Stack(RunsClient):
             "DATABASE_URL": f"sqlite:///{tmp / 'e2e.sqlite'}", "BITBENCH_DATA_DIR": str(tmp / "data"),
             "BITBENCH_TUNE_DIR": str(tmp / "tune"), "BITBENCH_API_TOKEN": "",
             "BITBENCH_HEARTBEAT_S": "1", "BITBENCH_STALE_S": "4", "PYTHONUNBUFFERED": "1",
+            "BITBENCH_REPORT_EVERY_S": "0",  # epoch by epoch: the kill tests' windows are counted in stored epochs
         }
         self.env.pop("RAY_ADDRESS", None)
         self.api = Proc("api", ["-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port",

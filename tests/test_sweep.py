@@ -26,6 +26,13 @@ from workers.tune_callback import SinkCallback, SweepBinding, bound
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def report_every_epoch(monkeypatch):
+    """These tests trace checkpoints epoch by epoch: every epoch is reported (and checkpointed) on its own, as
+    trials of long epochs are. Batched reports of short epochs: tests/test_report_batching.py."""
+    monkeypatch.setenv("BITBENCH_REPORT_EVERY_S", "0")
+
+
 def make_spec(**over):
     base = {"name": "sweep-test", "dataset": "digits", "model": "digits_net", "estimators": ["aqe", "ste"],
             "bits": [{"w": 1, "a": 1}], "include_full_precision": False, "epochs": 2, "batch_size": 256,

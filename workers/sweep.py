@@ -3,7 +3,8 @@
     python -m workers.sweep SPEC.json --out results.jsonl [--storage DIR] [--name NAME]
 
 :func:`run_sweep` is the contract (docs/CONTRACTS.md). A FIFO grid (no early stopping) of
-function trainables, each resuming from its latest Tune checkpoint; retries through
+function trainables, each resuming from its latest Tune checkpoint and reporting short epochs
+in batches (:class:`EpochBatcher`); retries through
 ``FailureConfig``; results and cancellation handled by the driver-side callback of
 ``workers.tune_callback``. An experiment directory that Tune can restore is
 restored (``Tuner.restore``): finished trials are not trained again, unfinished and errored
@@ -18,6 +19,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
@@ -32,10 +34,12 @@ from .sinks import ResultSink
 from .spec import ExperimentSpec, TrialSpec, parse_spec
 from .storage import join, resolve_storage
 from .train import run_trial
-from .tune_callback import FINAL_KEY, PROVENANCE_KEY, SinkCallback, SweepBinding, SweepStopped, bound
+from .tune_callback import FINAL_KEY, PROVENANCE_KEY, SinkCallback, SweepBinding, SweepStopped, bound, epochs_report
 
 STATE_FILE = "trial_state.pt"
 CHECKPOINTS_KEPT = 1  # also forces an experiment snapshot after every checkpoint (see run_sweep)
+REPORT_EVERY_S = 2.0  # short epochs wait for a report at most this long (a report with its checkpoint: 5–14 ms)
+REPORT_EVERY_ENV = "BITBENCH_REPORT_EVERY_S"  # overrides REPORT_EVERY_S in the driver; 0 = report every epoch
 _CHECKPOINT_DIR = re.compile(r"^checkpoint_(\d+)$")  # Tune's checkpoint_<index, 6 digits>
 log = logging.getLogger(__name__)
 
@@ -64,7 +68,46 @@ class TrialHooks(Protocol):
         """An attempt starts from the checkpoint of ``epoch`` (0: from scratch)."""
 
     def trained(self, trial_key: str, epoch: int) -> None:
-        """``epoch`` is trained, before it is reported and checkpointed."""
+        """``epoch`` is trained, before it is reported and checkpointed (perhaps later: :class:`EpochBatcher`)."""
+
+
+def resolve_report_every_s(value: float | None = None) -> float:
+    """The least seconds between a trial's reports of short epochs: ``value``, else $BITBENCH_REPORT_EVERY_S,
+    else :data:`REPORT_EVERY_S`; 0 reports every epoch. Not a number >= 0: ValueError naming it."""
+    if value is None:
+        text = os.environ.get(REPORT_EVERY_ENV, "").strip()
+        try:
+            value = float(text) if text else REPORT_EVERY_S
+        except ValueError:
+            raise ValueError(f"${REPORT_EVERY_ENV} must be a number of seconds, not {text!r}") from None
+    if not value >= 0:  # also NaN
+        raise ValueError(f"report_every_s must be a number of seconds >= 0, not {value!r}")
+    return float(value)
+
+
+class EpochBatcher:
+    """When a trial attempt reports: each epoch's metrics wait until ``every_s`` seconds have passed since the
+    attempt's last report (or its start), or until the trial's last epoch; then the waiting epochs go out in
+    one report, with the checkpoint of the newest. An epoch that alone takes ``every_s`` or longer is
+    reported at once, so epochs that long (and every epoch, with ``every_s`` = 0) are reported one by one.
+
+    Waiting epochs have no checkpoint yet: an attempt that dies retrains them from its last reported one,
+    so an epoch reaches the sink only together with a checkpoint at or after it.
+    """
+
+    def __init__(self, every_s: float, last_epoch: int, clock: Callable[[], float] = time.monotonic):
+        self.every_s, self.last_epoch, self.clock = every_s, last_epoch, clock
+        self.since = clock()
+        self.waiting: list[dict] = []
+
+    def add(self, metrics: dict) -> list[dict]:
+        """Add an epoch's metrics; return the epochs to report now, oldest first (empty: wait)."""
+        self.waiting.append(metrics)
+        now = self.clock()
+        if metrics["epoch"] < self.last_epoch and now - self.since < self.every_s:
+            return []
+        batch, self.waiting, self.since = self.waiting, [], now
+        return batch
 
 
 def _load_state(checkpoint: tune.Checkpoint | None) -> dict | None:
@@ -74,13 +117,17 @@ def _load_state(checkpoint: tune.Checkpoint | None) -> dict | None:
         return torch.load(Path(d, STATE_FILE), map_location="cpu", weights_only=False)  # our own files
 
 
-def bitbench_trial(config: dict, *, spec_json: str, data_dir: str | None, hooks: TrialHooks | None = None) -> None:
+def bitbench_trial(config: dict, *, spec_json: str, data_dir: str | None, hooks: TrialHooks | None = None,
+                   report_every_s: float = REPORT_EVERY_S) -> None:
     """Tune function trainable: ``config`` = {"trial": TrialSpec dict, "spec_hash": str}.
 
-    Resumes from ``tune.get_checkpoint()``, reports every epoch with a checkpoint holding the
-    full resume state, then reports ``{"final": {...}}`` once. The attempt's first report also
-    carries its provenance (:mod:`workers.provenance`) as JSON text under ``"provenance"`` (one
-    column for Tune's CSV and TensorBoard loggers). ``hooks`` (:class:`TrialHooks`) see the attempt.
+    Resumes from ``tune.get_checkpoint()``, reports the epochs it trains with a checkpoint holding the
+    full resume state after the newest, then reports ``{"final": {...}}`` once. Epochs shorter than
+    ``report_every_s`` are reported several at a time (:class:`EpochBatcher`; the report's layout:
+    :func:`workers.tune_callback.epochs_report`); longer ones, and every epoch with 0, one report each.
+    The attempt's first report also carries its provenance (:mod:`workers.provenance`) as JSON text under
+    ``"provenance"`` (one column for Tune's CSV and TensorBoard loggers). ``hooks`` (:class:`TrialHooks`)
+    see the attempt: ``trained`` once per epoch trained, reported or not.
     """
     spec = parse_spec(spec_json)
     if config["spec_hash"] != spec.spec_hash():
@@ -91,6 +138,7 @@ def bitbench_trial(config: dict, *, spec_json: str, data_dir: str | None, hooks:
         hooks.started(trial.key, state["epoch"] if state else 0)
 
     unsent: dict[str, str] = {}  # the attempt's provenance, sent with its first report
+    batcher = EpochBatcher(report_every_s, spec.epochs)
 
     def on_start(record: dict) -> None:
         unsent[PROVENANCE_KEY] = json.dumps(record)
@@ -98,9 +146,12 @@ def bitbench_trial(config: dict, *, spec_json: str, data_dir: str | None, hooks:
     def on_epoch(metrics: dict, epoch_state: dict) -> None:
         if hooks is not None:
             hooks.trained(trial.key, metrics["epoch"])
+        batch = batcher.add(metrics)
+        if not batch:
+            return
         with tempfile.TemporaryDirectory(prefix="bitbench-ckpt-") as d:
             torch.save(epoch_state, Path(d, STATE_FILE))
-            tune.report({**metrics, **unsent}, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report({**epochs_report(batch), **unsent}, checkpoint=tune.Checkpoint.from_directory(d))
         unsent.clear()
 
     final = run_trial(spec, trial, on_epoch=on_epoch, on_start=on_start, resume_state=state, data_dir=data_dir,
@@ -156,11 +207,13 @@ class ResumeFromSurvivingCheckpoint:
         return super().restore(checkpoint_path)  # type: ignore[misc]
 
 
-def make_trainable(spec: ExperimentSpec, data_dir: str | os.PathLike | None = None, hooks: TrialHooks | None = None):
-    """``bitbench_trial`` with the spec, data directory and hooks bound, the spec's resources, and
-    :class:`ResumeFromSurvivingCheckpoint` mixed into the trainable class Tune makes of it."""
+def make_trainable(spec: ExperimentSpec, data_dir: str | os.PathLike | None = None, hooks: TrialHooks | None = None,
+                   report_every_s: float = REPORT_EVERY_S):
+    """``bitbench_trial`` with the spec, data directory, hooks and report interval bound, the spec's resources,
+    and :class:`ResumeFromSurvivingCheckpoint` mixed into the trainable class Tune makes of it."""
     data = str(Path(data_dir).expanduser().resolve()) if data_dir is not None else None
-    fn = tune.with_parameters(bitbench_trial, spec_json=spec.canonical_json(), data_dir=data, hooks=hooks)
+    fn = tune.with_parameters(bitbench_trial, spec_json=spec.canonical_json(), data_dir=data, hooks=hooks,
+                              report_every_s=report_every_s)
     fn.__mixins__ = (ResumeFromSurvivingCheckpoint,)  # Tune's wrap_function puts these before FunctionTrainable
     return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
@@ -201,6 +254,7 @@ def run_sweep(
     ray_address: str | None = None,
     data_dir: str | os.PathLike | None = None,
     hooks: TrialHooks | None = None,
+    report_every_s: float | None = None,
 ) -> dict[str, str]:
     """Run every trial of ``spec`` not in ``skip_keys``; return {trial_key: done | failed |
     cancelled | skipped} for the whole grid.
@@ -214,10 +268,18 @@ def run_sweep(
     failed ones resume from their latest checkpoints (``skip_keys`` then only matters for cells
     the experiment never had). An exception from the sink stops the sweep and is re-raised
     here; the next run restores from the last experiment snapshot, which Tune forces after
-    every checkpoint (``num_to_keep=1``), so at most an epoch in flight is trained again and
-    the callback's saved state keeps it from reaching the sink twice. A snapshot that names a
+    every checkpoint (``num_to_keep=1``), so at most the epochs of a report in flight are trained again and
+    the callback's saved state keeps them from reaching the sink twice (but for those of a report the sink
+    failed in the middle of: the epochs before the failing one come again, and sinks ignore repeats). A snapshot
+    that names a
     checkpoint Tune deleted just before the driver died resumes that trial from the checkpoint that
     replaced it (:func:`replace_lost_checkpoint`). ``hooks`` run in every trial attempt (:class:`TrialHooks`).
+
+    Trials report epochs shorter than ``report_every_s`` seconds (default :func:`resolve_report_every_s`:
+    $BITBENCH_REPORT_EVERY_S, else :data:`REPORT_EVERY_S`; 0 = every epoch) several at a time, each report with
+    the checkpoint of its newest epoch (:class:`EpochBatcher`): the sink gets them in bursts, still once each
+    and in order, and a trial stopped or failed between reports retrains its unreported epochs. Trials of
+    longer epochs report and checkpoint every epoch.
     """
     storage = resolve_storage(storage_path)
     name = experiment_name or default_experiment_name(spec)
@@ -226,6 +288,7 @@ def run_sweep(
     grid = spec.trials()
     todo = [t for t in grid if t.key not in skip]
     restoring = tune.Tuner.can_restore(exp_dir)
+    every_s = resolve_report_every_s(report_every_s)  # a bad value fails here, before Ray starts
     if not todo and not restoring:
         return {t.key: "skipped" for t in grid}
 
@@ -235,7 +298,7 @@ def run_sweep(
     # frequent forced snapshots; this is on purpose.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     binding = SweepBinding(sink, stop_requested, device="cuda:0" if spec.resources.gpu > 0 else "cpu")
-    trainable = make_trainable(spec, data_dir, hooks)
+    trainable = make_trainable(spec, data_dir, hooks, every_s)
     with bound(name, binding):
         if restoring:
             tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,

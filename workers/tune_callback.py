@@ -31,7 +31,23 @@ from .sinks import ResultSink
 
 FINAL_KEY = "final"  # the trainable's last report: {"final": {...}} (no epoch metrics)
 PROVENANCE_KEY = "provenance"  # in an attempt's first report: workers.provenance's record as JSON text
+EARLIER_EPOCHS_KEY = "earlier_epochs"  # in a report of several epochs: all but the last, as JSON text
 ERROR_CHARS = 8000
+
+
+def epochs_report(batch: list[dict]) -> dict:
+    """One report of the epochs ``batch`` (metrics dicts, in order): the last epoch's metrics at the top level
+    (Tune's own columns and loggers see them as before), the earlier ones as a JSON list under
+    :data:`EARLIER_EPOCHS_KEY` (one text column for Tune's CSV and TensorBoard loggers, which would flatten
+    or histogram a list); a batch of one is just its metrics."""
+    *earlier, last = batch
+    return {**last, EARLIER_EPOCHS_KEY: json.dumps(earlier)} if earlier else dict(last)
+
+
+def reported_epochs(result: dict) -> list[dict]:
+    """The epochs' metrics a report carries, in order (the inverse of :func:`epochs_report`; Tune's own keys
+    stay in the last one)."""
+    return [*json.loads(result.get(EARLIER_EPOCHS_KEY, "[]")), result]
 
 
 class SweepStopped(Exception):
@@ -153,10 +169,11 @@ def error_text(trial: Trial) -> str:
 
 class SinkCallback(tune.Callback):
     """Forwards Tune events to the bound sweep's sink, each epoch exactly once per trial, and each
-    attempt's provenance (which comes with its first report) before that report's epoch.
+    attempt's provenance (which comes with its first report) before that report's epochs.
 
-    A trial re-reporting from an older checkpoint (a retry, a restore) repeats no epoch: only
-    epochs above the highest one delivered are forwarded.
+    A report may carry several epochs (:func:`reported_epochs`); they are forwarded in order. A trial
+    re-reporting from an older checkpoint (a retry, a restore) repeats no epoch: only epochs above the
+    highest one delivered are forwarded.
     """
 
     def __init__(self, token: str):
@@ -179,12 +196,13 @@ class SinkCallback(tune.Callback):
         if FINAL_KEY in result:
             b.finals[key] = dict(result[FINAL_KEY])
             return
-        epoch = int(result["epoch"])
-        if epoch <= b.delivered.get(key, 0):
-            b.suppressed += 1
-            return
-        b.deliver("on_epoch", key, {k: result[k] for k in METRIC_KEYS})
-        b.delivered[key] = epoch
+        for metrics in reported_epochs(result):
+            epoch = int(metrics["epoch"])
+            if epoch <= b.delivered.get(key, 0):
+                b.suppressed += 1
+                continue
+            b.deliver("on_epoch", key, {k: metrics[k] for k in METRIC_KEYS})
+            b.delivered[key] = epoch
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         b, key = self.binding, trial_key(trial)
