@@ -33,6 +33,7 @@ CANDIDATES = ("aqe", "minw_aqe")  # the paper's estimator, and its named method
 MIN_SEEDS = 5
 #: a trial "fell" when its last epoch is this far below its validation-selected epoch
 LATE_DROP = 0.01
+PLOTLY_JS = "plotly.min.js"  # the figures' pages load it from their own folder (plotly's include_plotlyjs="directory")
 
 
 def _by_epoch(epoch_rows: list[dict], metric: str) -> dict[tuple, dict[str, dict[int, list[float]]]]:
@@ -141,19 +142,20 @@ def late_drop_summary(trials: list[dict]) -> dict:
 
 def reestimation_rows(trials: list[dict]) -> list[dict]:
     """Last-epoch test accuracy without (``before``) and with (``after``) BatchNorm re-estimation, per
-    bit configuration and estimator: means ± spreads and the paired difference over the same trials
-    (same weights, two statistics)."""
+    bit configuration and estimator (and model, in a report over several model sizes): means ± spreads and
+    the paired difference over the same trials (same weights, two statistics)."""
     pairs: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
     for t in trials:
         final = t.get("final") or {}
         if final.get("bn_reestimated") and final.get("last_epoch_test_acc") is not None \
                 and t.get("final_test_acc") is not None:
-            key = (bit_config(t["w_bits"], t["a_bits"]), estimator_label(t))
+            key = (t.get("model_label") or "", bit_config(t["w_bits"], t["a_bits"]), estimator_label(t))
             pairs[key].append((final["last_epoch_test_acc"], t["final_test_acc"]))
     rows = []
-    for (config, label) in sorted(pairs, key=lambda k: (config_sort_key(k[0]), k[1])):
-        before, after = zip(*pairs[(config, label)], strict=True)
-        rows.append({"bits": config_label(config), "estimator": label, "n": len(before),
+    for (model, config, label) in sorted(pairs, key=lambda k: (k[0], config_sort_key(k[1]), k[2])):
+        before, after = zip(*pairs[(model, config, label)], strict=True)
+        bits = f"{model} · {config_label(config)}" if model else config_label(config)  # per model, as paired tests
+        rows.append({"bits": bits, "estimator": label, "n": len(before),
                      "before": mean_std(before), "after": mean_std(after),
                      **paired_difference(list(after), list(before))})
     return rows
@@ -227,9 +229,11 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
                                     [r for r in epoch_rows if model is None or r.get("model_label") == model],
                                     model))
     png_error = None
-    for name, fig in figures.items():
+    for name, fig in figures.items():  # plotly.js once, beside the pages that load it (no CDN, one copy a folder)
         files[f"{name}.html"] = out / f"{name}.html"
-        fig.write_html(files[f"{name}.html"], include_plotlyjs=True, full_html=True)
+        fig.write_html(files[f"{name}.html"], include_plotlyjs="directory", full_html=True)
+    if figures:
+        files[PLOTLY_JS] = out / PLOTLY_JS
     if png:
         pngs = {f"{name}.png": out / f"{name}.png" for name in figures}
         try:  # one Chromium for all figures: half the time and CPU of one per figure
@@ -251,11 +255,15 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
     files["environment.json"] = out / "environment.json"
     files["environment.json"].write_text(json.dumps(environment, indent=2, sort_keys=True) + "\n")
 
-    fp = [t["final_test_acc"] for t in trials if t.get("estimator") == "float" and t.get("final_test_acc") is not None]
+    fp: dict[str | None, list[float]] = defaultdict(list)  # per model in a report over several model sizes
+    for t in trials:
+        if t.get("estimator") == "float" and t.get("final_test_acc") is not None:
+            fp[t.get("model_label")].append(t["final_test_acc"])
     md = _templates.get_template("results.md").render(
         run=run, trials=trials, environment=environment, pairs=pairs, alpha=ALPHA, power=POWER, min_seeds=MIN_SEEDS,
         family_sizes={metric: sum(r["p_value"] is not None for r in rows) for metric, rows in families.items()},
-        full_precision={"n": len(fp), "mean_std": mean_std(fp)} if fp else None,
+        full_precision=[{"model": model, "n": len(accs), "mean_std": mean_std(accs)}
+                        for model, accs in sorted(fp.items(), key=lambda kv: str(kv[0]))],
         leaderboard=leaderboard_tables(leaderboard, selected_leaderboard), with_selected=bool(selected_leaderboard),
         late=late_drop_summary(trials), reestimation=reestimation_rows(trials),
         images=[n for n in figures if f"{n}.png" in files], interactive=list(figures), png_error=png_error,

@@ -115,6 +115,7 @@ def test_the_figure_draws_our_intervals_and_the_papers_points():
 WEIGHTS = {"convnet_b": 72_456, "convnet_c": 41_096, "convnet_d": 28_488}  # at width_divisor 8 (Fashion-MNIST)
 # AQE − clipped STE at W1A1 per seed (points): the lead grows as the model shrinks
 LEAD = {"convnet_b": [0.5, 1.0, 1.5], "convnet_c": [1.5, 2.0, 2.0], "convnet_d": [2.5, 3.0, 4.0]}
+FLOAT_ACC = {"convnet_b": 0.91, "convnet_c": 0.90, "convnet_d": 0.88}
 
 
 def spec(model: str) -> dict:
@@ -132,14 +133,15 @@ def store_model_run(sessions, model: str) -> int:
         trials = store.list_trials(s, run_id)
     for t in trials:
         acc = 0.80 + (LEAD[model][t["seed"]] / 100 if t["estimator"] == "aqe" else 0.0)
-        acc = 0.9 if t["estimator"] == "float" else acc
+        acc = FLOAT_ACC[model] if t["estimator"] == "float" else acc
         sink.on_trial_start(t["key"], {"device": "cpu", "attempt": 1})
         for epoch in (1, 2):
             sink.on_epoch(t["key"], {"epoch": epoch, "test_acc": acc - 0.1 / epoch, "val_acc": acc,
                                      "val_acc_soft": acc - 0.05 / epoch if t["estimator"] == "aqe" else None})
         bits = 0 if t["estimator"] == "float" else WEIGHTS[model]
         sink.on_trial_end(t["key"], "done", {"final_test_acc": acc, "final_val_acc": acc, "best_val_acc": acc,
-                                             "weight_bits_total": bits}, None)
+                                             "weight_bits_total": bits, "bn_reestimated": True,
+                                             "last_epoch_test_acc": acc - 0.01}, None)
     with sessions() as s:
         assert store.finish_run(s, run_id, "done")
     return run_id
@@ -156,6 +158,12 @@ def test_the_capacity_section_appears_for_several_model_sizes(sessions, tmp_path
         files = build_report(s, ids, tmp_path / "study", png=False)
     md = files["RESULTS.md"].read_text()
     assert "## AQE's lead vs capacity" in md and "This report covers 3 runs together" in md
+    # each model's own full-precision reference, never one pooled over the sizes
+    assert "Full-precision reference per model:\nconvnet_b width_divisor 8: 91.00 ± 0.00 % (n = 3);\n" in md
+    assert "convnet_d width_divisor 8: 88.00 ± 0.00 % (n = 3).\n" in md and "Full-precision reference:" not in md
+    # BatchNorm re-estimation per model too: +1 point on each model's 3 trials
+    assert "| convnet_b width_divisor 8 · W1A1 | `aqe` | 3 |" in md
+    assert "| convnet_d width_divisor 8 · float | `float` | 3 |" in md
     assert md.startswith("# capacity <test>\n")  # the runs' names' shared part, cut at a separator
     assert list(files).index("aqe_lead_vs_capacity.html") < list(files).index("training_curves_convnet_b"
                                                                                "_width_divisor_8.html")

@@ -63,7 +63,9 @@ def test_report_rows_come_from_the_database(sessions, finished_run, tmp_path):
     env = json.loads(files["environment.json"].read_text())
     assert env["torch"].startswith("2.14.1") and env["devices"] == ["cpu"]
     html = files["accuracy_vs_bits.html"].read_text()
-    assert len(html) > 100_000 and "plotly" in html  # plotly.js inlined: self-contained
+    assert 'src="plotly.min.js"' in html and len(html) < 100_000  # plotly.js once in the folder, no CDN
+    assert "cdn" not in html.lower() and files["plotly.min.js"].stat().st_size > 1_000_000
+    assert "plotly.js v" in files["plotly.min.js"].read_text()[:500]
 
 
 def test_paired_comparisons_are_judged_as_a_family(sessions, db_url, tmp_path):
