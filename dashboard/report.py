@@ -140,16 +140,17 @@ def late_drop_summary(trials: list[dict]) -> dict:
     return {"scored": len(scored), "drops": [{**t, "last_epoch": _last_epoch(t)} for t in late_drops(scored)]}
 
 
-def reestimation_rows(trials: list[dict]) -> list[dict]:
+def reestimation_rows(trials: list[dict], by_model: bool = False) -> list[dict]:
     """Last-epoch test accuracy without (``before``) and with (``after``) BatchNorm re-estimation, per
-    bit configuration and estimator (and model, in a report over several model sizes): means ± spreads and
-    the paired difference over the same trials (same weights, two statistics)."""
+    bit configuration and estimator (and model, ``by_model``: a report over several model sizes): means ±
+    spreads and the paired difference over the same trials (same weights, two statistics)."""
     pairs: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
     for t in trials:
         final = t.get("final") or {}
         if final.get("bn_reestimated") and final.get("last_epoch_test_acc") is not None \
                 and t.get("final_test_acc") is not None:
-            key = (t.get("model_label") or "", bit_config(t["w_bits"], t["a_bits"]), estimator_label(t))
+            model = (t.get("model_label") or "") if by_model else ""
+            key = (model, bit_config(t["w_bits"], t["a_bits"]), estimator_label(t))
             pairs[key].append((final["last_epoch_test_acc"], t["final_test_acc"]))
     rows = []
     for (model, config, label) in sorted(pairs, key=lambda k: (k[0], config_sort_key(k[1]), k[2])):
@@ -265,7 +266,8 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
         full_precision=[{"model": model, "n": len(accs), "mean_std": mean_std(accs)}
                         for model, accs in sorted(fp.items(), key=lambda kv: str(kv[0]))],
         leaderboard=leaderboard_tables(leaderboard, selected_leaderboard), with_selected=bool(selected_leaderboard),
-        late=late_drop_summary(trials), reestimation=reestimation_rows(trials),
+        late=late_drop_summary(trials), reestimation=reestimation_rows(trials, by_model=len(models) > 1),
+        by_model=len(models) > 1,
         images=[n for n in figures if f"{n}.png" in files], interactive=list(figures), png_error=png_error,
         capacity=section)
     files["RESULTS.md"] = out / "RESULTS.md"

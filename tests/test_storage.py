@@ -42,7 +42,8 @@ def test_join_and_ensure_exists(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
-def test_service_settings_take_a_uri_or_a_path(tmp_path):
+def test_service_settings_take_a_uri_or_a_path(tmp_path, monkeypatch):
+    monkeypatch.delenv("BITBENCH_TUNE_DIR", raising=False)  # the Ray fixture sets it for the session once it starts
     assert Settings(tune_dir="s3://bucket/runs/", data_dir=tmp_path).tune_dir == "s3://bucket/runs"
     assert Settings(data_dir=tmp_path).tune_dir == str(tmp_path / "tune")
     assert Settings(tune_dir=tmp_path / "t", data_dir=tmp_path).tune_dir == str(tmp_path / "t")
