@@ -76,3 +76,22 @@ def test_catalog_lists_parameters_and_formulas():
     assert cat["aqe"]["params"]["backward"]["choices"] == ["eq18", "alg1", "autodiff"]
     assert "α·Q(x) + (1 − α)·x" in cat["aqe"]["formula"]
     assert cat["aqe"]["scheduled"] and not cat["ste"]["scheduled"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scheduled_says_whether_training_progress_changes_the_estimator(name):
+    """``scheduled`` is True exactly when :meth:`set_progress` changes what the estimator computes: its output
+    or its gradient at some input, between the first and the last epoch (logs name schedules by it)."""
+    x = torch.linspace(-1.4, 1.4, 57).reshape(3, 19)
+
+    def output_and_gradient(epoch: int):
+        est = E.create_estimator(name, bits=1, role="activation")
+        est.set_progress(epoch, 4)
+        xg = x.clone().requires_grad_(True)
+        y = est(xg)
+        y.backward(torch.ones_like(y))
+        return y.detach(), xg.grad
+
+    (y0, g0), (y1, g1) = output_and_gradient(0), output_and_gradient(4)
+    changes = not (torch.equal(y0, y1) and torch.equal(g0, g1))
+    assert E.get_estimator_class(name).scheduled == changes

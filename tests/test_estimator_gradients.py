@@ -312,3 +312,14 @@ def test_values_exactly_on_the_clip_edge_keep_their_gradient(name, dtype):
     est = E.create_estimator(name, bits=1, role="activation", **({"schedule": "constant"} if name == "aqe" else {}))
     grad = _grad(est, x, torch.ones_like(x))
     assert grad.tolist() == [0.0, 1.0, 1.0, 0.0, 1.0]
+
+
+def test_ede_k_is_one_over_t_while_t_is_below_one_then_one():
+    """EDE's k = max(1/t, 1): the slope at 0, k·t, is 1 while t ≤ 1 (early training: the identity near 0) and
+    t itself once t > 1 (t_min 0.1 at the first epoch, t_max 10 at the last)."""
+    est = E.create_estimator("ede", bits=1, role="activation")
+    zero, one = torch.zeros(1), torch.ones(1)
+    for epoch, t, slope in ((0, 0.1, 1.0), (5, 1.0, 1.0), (10, 10.0, 10.0)):
+        est.set_progress(epoch, 10)
+        assert est.t == pytest.approx(t) and est.k == pytest.approx(max(1 / t, 1.0))
+        assert _grad(est, zero, one).item() == pytest.approx(slope, rel=1e-6)
