@@ -225,7 +225,8 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
         section = {"table": capacity.lead_table(pairs), "trends": trend_rows, "paper": capacity.paper_differences(),
                    "paper_trend": capacity.paper_trend(), "paper_name": capacity.PAPER_NAME}
     models = sorted({t["model_label"] for t in trials if t.get("model_label")})
-    for model in models if len(models) > 1 else [None]:  # several models: each one's figures, suffixed by it
+    by_model = len(models) > 1  # a report over several model sizes: its tables name each row's model
+    for model in models if by_model else [None]:  # several models: each one's figures, suffixed by it
         figures.update(_run_figures(run, [t for t in trials if model is None or t.get("model_label") == model],
                                     [r for r in epoch_rows if model is None or r.get("model_label") == model],
                                     model))
@@ -266,8 +267,8 @@ def write_report(out_dir: str | Path, *, run: dict, leaderboard: list[dict], tri
         full_precision=[{"model": model, "n": len(accs), "mean_std": mean_std(accs)}
                         for model, accs in sorted(fp.items(), key=lambda kv: str(kv[0]))],
         leaderboard=leaderboard_tables(leaderboard, selected_leaderboard), with_selected=bool(selected_leaderboard),
-        late=late_drop_summary(trials), reestimation=reestimation_rows(trials, by_model=len(models) > 1),
-        by_model=len(models) > 1,
+        late=late_drop_summary(trials), reestimation=reestimation_rows(trials, by_model),
+        by_model=by_model,
         images=[n for n in figures if f"{n}.png" in files], interactive=list(figures), png_error=png_error,
         capacity=section)
     files["RESULTS.md"] = out / "RESULTS.md"
