@@ -1,0 +1,197 @@
+"""One GPU trial's training epoch, taken apart: what a CIFAR-10-shaped epoch costs and what would speed it up.
+
+    python bench/gpu_step.py [--model convnet_a] [--n-train 50000] [--budget-s 300]
+
+On synthetic CIFAR-shaped data (3×32×32, on the GPU, CIFAR-10's random crop and flip), batch 256, Adam,
+``workers.train.train_epoch`` exactly as a trial runs it:
+
+1. **Variants** of the W1A1 ``aqe`` epoch, side by side in one process: as trained today (fp32, cuDNN's
+   TF32 convolutions), channels-last memory, bf16 autocast, both, and ``torch.compile`` (first epoch,
+   compile included, and later epochs). Seconds per epoch of ``--n-train`` images, median of ``--epochs``.
+2. **Where a step's time goes**: CUDA kernels per step and the GPU's busy time against the wall time of
+   a step (torch.profiler), for each model in ``--profile-models``: a step whose GPU is busy for far less
+   than its wall time is launch-bound (Python and kernel launches), which several trials per GPU or CUDA
+   graphs can fill; one whose GPU is busy throughout is not.
+3. **Every bit width**: seconds per epoch of ``ste``, ``clipped_ste``, ``aqe`` at W1A1, W2A2, W3A3 and of
+   the float network, as trained today.
+
+Prints markdown tables; stops starting new rows once ``--budget-s`` is spent. Exits cleanly without a
+GPU unless ``--device cpu`` (a smoke test of the script on tiny sizes, not a benchmark).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from workers.data.loader import DeviceLoader  # noqa: E402
+from workers.data.vision import CIFAR_AUGMENT  # noqa: E402
+from workers.models import trial_model  # noqa: E402
+from workers.spec import parse_spec  # noqa: E402
+from workers.train import build_optimizer, train_epoch  # noqa: E402
+
+
+def make_trial(model: str, estimator: str | None, bits: int | None):
+    """The spec's trial for ``estimator`` at W``bits``A``bits`` (``None``: the float network)."""
+    spec = parse_spec({
+        "name": "bench-gpu-step", "dataset": "synthetic", "model": model,
+        "estimators": [estimator or "ste"], "bits": [{"w": bits or 1, "a": bits or 1}],
+        "include_full_precision": estimator is None, "batch_size": 256,
+        "dataset_options": {"shape": [3, 32, 32], "n_train": 256, "n_val": 0, "n_test": 256},
+    })
+    trials = spec.trials()
+    return spec, (trials[-1] if estimator is None else trials[0])
+
+
+def data(n: int, device: torch.device, channels_last: bool):
+    """``n`` random 3×32×32 images and labels on ``device`` (the cost of a step does not depend on the values)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 32, 32, generator=g).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, 10, (n,), generator=g).to(device)
+
+
+def epochs_seconds(model_name, estimator, bits, *, device, n_train, epochs, channels_last=False, bf16=False,
+                   compile_mode=None) -> list[float]:
+    """Seconds of each of ``epochs`` training epochs (the first includes any compilation)."""
+    spec, trial = make_trial(model_name, estimator, bits)
+    torch.manual_seed(0)
+    model = trial_model(spec, trial, num_classes=10, input_shape=(3, 32, 32)).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model.parameters(), spec.optimizer)
+    if compile_mode:
+        torch._dynamo.config.recompile_limit = 64  # one compiled quantizer per layer shape
+    net = torch.compile(model, mode=compile_mode) if compile_mode else model
+    x, y = data(n_train, device, channels_last)
+    loader = DeviceLoader(x, y, 256, shuffle=True, generator=torch.Generator(device=device).manual_seed(0),
+                          **CIFAR_AUGMENT)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    times = []
+    for _ in range(epochs):
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            train_epoch(net, opt, loader)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_step(model_name: str, device: torch.device, steps: int = 5) -> tuple[int, float, float]:
+    """(CUDA kernels per step, GPU busy ms per step, wall ms per step) of W1A1 aqe, after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    spec, trial = make_trial(model_name, "aqe", 1)
+    model = trial_model(spec, trial, num_classes=10, input_shape=(3, 32, 32)).to(device)
+    opt = build_optimizer(model.parameters(), spec.optimizer)
+    x, y = data(256 * steps, device, False)
+    loader = DeviceLoader(x, y, 256, shuffle=True, generator=torch.Generator(device=device).manual_seed(0),
+                          **CIFAR_AUGMENT)
+    train_epoch(model, opt, loader)  # warm-up: cuDNN picks its algorithms, the allocator fills
+    sync(device)
+    t0 = time.perf_counter()
+    train_epoch(model, opt, loader)
+    sync(device)
+    wall = (time.perf_counter() - t0) / steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        train_epoch(model, opt, loader)
+        sync(device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) for e in kernels)
+    return len(kernels) // steps, busy_us / 1e3 / steps, wall * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="convnet_a", help="the model of the variants table")
+    p.add_argument("--profile-models", nargs="+", default=["convnet_a", "resnet20"])
+    p.add_argument("--n-train", type=int, default=50000, help="images per epoch")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per row (median of those after the first)")
+    p.add_argument("--budget-s", type=float, default=300.0, help="start no new row after this many seconds")
+    p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU visible: nothing to measure")
+        return 0
+    device = torch.device(args.device)
+    card = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (smoke test)"
+    print(f"`python bench/gpu_step.py {' '.join(sys.argv[1:] if argv is None else argv)}` on {card}, "
+          f"torch {torch.__version__}, CUDA {torch.version.cuda}; batch 256, {args.n_train} images per epoch\n")
+    start = time.monotonic()
+
+    def spent() -> bool:
+        return time.monotonic() - start > args.budget_s
+
+    def row(label: str, times: list[float]) -> None:
+        later = times[1:] or times
+        med = statistics.median(later)
+        print(f"| {label} | {times[0]:.2f} | {med:.2f} | {args.n_train / med:,.0f} | {base.get('s', med) / med:.2f} |",
+              flush=True)
+        base.setdefault("s", med)
+
+    print(f"### {args.model} W1A1 aqe: variants of one epoch\n")
+    print("| variant | first epoch, s | later epochs, s (median) | images/s | speed vs today |")
+    print("|---|---:|---:|---:|---:|", flush=True)
+    base: dict[str, float] = {}
+    variants = [("today (fp32, TF32 convolutions)", {}), ("channels-last", {"channels_last": True}),
+                ("bf16 autocast", {"bf16": True}), ("channels-last + bf16", {"channels_last": True, "bf16": True})]
+    if not args.skip_compile:
+        variants += [("torch.compile", {"compile_mode": "default"}),
+                     ("torch.compile, reduce-overhead (CUDA graphs)", {"compile_mode": "reduce-overhead"})]
+    for label, kw in variants:
+        if spent():
+            print(f"| {label} | (skipped: budget spent) | | | |", flush=True)
+            continue
+        try:
+            row(label, epochs_seconds(args.model, "aqe", 1, device=device, n_train=args.n_train,
+                                      epochs=args.epochs, **kw))
+        except Exception as e:  # a variant that does not run here is a finding, not the end of the run
+            print(f"| {label} | failed: {type(e).__name__}: {str(e).splitlines()[0][:160]} | | | |", flush=True)
+
+    print("\n### Where a W1A1 aqe step's time goes\n")
+    print("| model | CUDA kernels per step | GPU busy, ms per step | wall, ms per step | GPU busy / wall |")
+    print("|---|---:|---:|---:|---:|", flush=True)
+    for name in args.profile_models:
+        if spent():
+            print(f"| {name} | (skipped: budget spent) | | | |", flush=True)
+            continue
+        k, busy, wall = profile_step(name, device)
+        print(f"| {name} | {k} | {busy:.2f} | {wall:.2f} | {busy / wall:.2f} |", flush=True)
+
+    print(f"\n### {args.model}, every bit width, as trained today\n")
+    print("| estimator | bits | first epoch, s | later epochs, s (median) | images/s | speed vs float |")
+    print("|---|---|---:|---:|---:|---:|", flush=True)
+    cells = [(None, None)] + [(e, b) for b in (1, 2, 3) for e in ("ste", "clipped_ste", "aqe")]
+    float_s = None
+    for est, bits in cells:
+        label = f"| {est or 'float'} | {f'W{bits}A{bits}' if bits else '32'}"
+        if spent():
+            print(f"{label} | (skipped: budget spent) | | | |", flush=True)
+            continue
+        times = epochs_seconds(args.model, est, bits, device=device, n_train=args.n_train, epochs=2)
+        med = statistics.median(times[1:] or times)
+        float_s = float_s or med
+        print(f"{label} | {times[0]:.2f} | {med:.2f} | {args.n_train / med:,.0f} | {float_s / med:.2f} |", flush=True)
+    print(f"\n({time.monotonic() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
