@@ -30,7 +30,7 @@ fi
     $py -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
     nproc
 } >"$out/machine.log" 2>&1
-if ! $py -c "import workers.train, workers.spec, service.app" 2>"$out/imports.log"; then
+if ! $py -c "import workers.train, workers.spec" 2>"$out/imports.log"; then
     tail -n 30 "$out/imports.log"; exit 3  # nothing below can run: say why at once
 fi
 
@@ -41,7 +41,7 @@ CUDA_TESTS=(
     tests/test_trial_memory.py::test_cuda_memory_returns_to_where_it_was_after_a_trial_and_after_a_failed_attempt
     tests/test_fused_minw.py::test_on_cuda_the_fast_paths_match_the_composed_reference
 )
-timeout 120 $py -m pytest -p no:cacheprovider -q -rA "${CUDA_TESTS[@]}" >"$out/cuda_tests.log" 2>&1
+timeout 120 $py -m pytest -p no:cacheprovider -q -rA --continue-on-collection-errors "${CUDA_TESTS[@]}" >"$out/cuda_tests.log" 2>&1
 echo "cuda tests: exit $? ($((SECONDS - start)) s)" >>"$out/machine.log"
 
 timeout $(( $(left) > 200 ? 180 : $(left) / 2 )) $py bench/gpu.py --budget-s 150 >"$out/gpu.log" 2>&1
