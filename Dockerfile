@@ -50,6 +50,8 @@ COPY workers ./workers
 COPY service ./service
 COPY dashboard ./dashboard
 RUN pip install --no-deps . && rm -rf /src/build
+# a Ray worker node on a GPU host: CUDA MPS, then `ray start` (docker-compose.yml's ray-worker)
+COPY scripts/gpu-node.sh /usr/local/bin/bitbench-gpu-node
 
 USER bitbench
 WORKDIR /home/bitbench

@@ -60,9 +60,9 @@ def data(n: int, device: torch.device, channels_last: bool):
     return x, torch.randint(0, 10, (n,), generator=g).to(device)
 
 
-def epochs_seconds(model_name, estimator, bits, *, device, n_train, epochs, channels_last=False, bf16=False,
-                   compile_mode=None) -> list[float]:
-    """Seconds of each of ``epochs`` training epochs (the first includes any compilation)."""
+def epoch_timer(model_name, estimator, bits, *, device, n_train, channels_last=False, bf16=False, compile_mode=None):
+    """A function that trains one more epoch of this configuration and returns its seconds (the first call
+    includes any compilation). Each configuration keeps its own model, optimizer and data."""
     spec, trial = make_trial(model_name, estimator, bits)
     torch.manual_seed(0)
     model = trial_model(spec, trial, num_classes=10, input_shape=(3, 32, 32)).to(device)
@@ -75,15 +75,27 @@ def epochs_seconds(model_name, estimator, bits, *, device, n_train, epochs, chan
     x, y = data(n_train, device, channels_last)
     loader = DeviceLoader(x, y, 256, shuffle=True, generator=torch.Generator(device=device).manual_seed(0),
                           **CIFAR_AUGMENT)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    times = []
-    for _ in range(epochs):
+
+    def epoch() -> float:
         sync(device)
         t0 = time.perf_counter()
-        with autocast:
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             train_epoch(net, opt, loader)
         sync(device)
-        times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    return epoch
+
+
+def interleaved(timers: dict[str, callable], rounds: int, spent) -> dict[str, list[float]]:
+    """Each timer's first epoch, then ``rounds`` rounds of one epoch of every timer in turn (a slow spell of
+    the machine falls on all of them alike); stops early once ``spent()``. Returns label -> seconds."""
+    times = {label: [t()] for label, t in timers.items()}
+    for _ in range(rounds):
+        if spent():
+            break
+        for label, t in timers.items():
+            times[label].append(t())
     return times
 
 
@@ -92,11 +104,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def profile_step(model_name: str, device: torch.device, steps: int = 5) -> tuple[int, float, float]:
-    """(CUDA kernels per step, GPU busy ms per step, wall ms per step) of W1A1 aqe, after a warm-up."""
+def profile_step(model_name: str, estimator: str | None, bits: int | None, device: torch.device, steps: int = 5,
+                 top: int = 0) -> tuple[int, float, float, list[tuple[str, float, float]]]:
+    """(CUDA kernels per step, GPU busy ms per step, wall ms per step, the ``top`` kernels by GPU time as
+    (name, launches per step, µs per step)), after a warm-up epoch, unprofiled wall time."""
     from torch.profiler import ProfilerActivity, profile
 
-    spec, trial = make_trial(model_name, "aqe", 1)
+    spec, trial = make_trial(model_name, estimator, bits)
     model = trial_model(spec, trial, num_classes=10, input_shape=(3, 32, 32)).to(device)
     opt = build_optimizer(model.parameters(), spec.optimizer)
     x, y = data(256 * steps, device, False)
@@ -113,17 +127,28 @@ def profile_step(model_name: str, device: torch.device, steps: int = 5) -> tuple
         train_epoch(model, opt, loader)
         sync(device)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy_us = sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) for e in kernels)
-    return len(kernels) // steps, busy_us / 1e3 / steps, wall * 1e3
+
+    def gpu_us(e) -> float:
+        return getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)
+
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(gpu_us(e))
+    heaviest = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return (len(kernels) // steps, sum(map(gpu_us, kernels)) / 1e3 / steps, wall * 1e3,
+            [(name[:90], len(t) / steps, sum(t) / steps) for name, t in heaviest])
+
+
+def bits_label(estimator: str | None, bits: int | None) -> str:
+    return f"{estimator} W{bits}A{bits}" if estimator else "float"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="convnet_a", help="the model of the variants table")
-    p.add_argument("--profile-models", nargs="+", default=["convnet_a", "resnet20"])
+    p.add_argument("--model", default="convnet_a", help="the model of the variants and bit-width tables")
     p.add_argument("--n-train", type=int, default=50000, help="images per epoch")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per row (median of those after the first)")
-    p.add_argument("--budget-s", type=float, default=300.0, help="start no new row after this many seconds")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds after each configuration's first epoch")
+    p.add_argument("--budget-s", type=float, default=300.0, help="start no new round or row after this many seconds")
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = p.parse_args(argv)
@@ -133,62 +158,65 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (smoke test)"
     print(f"`python bench/gpu_step.py {' '.join(sys.argv[1:] if argv is None else argv)}` on {card}, "
-          f"torch {torch.__version__}, CUDA {torch.version.cuda}; batch 256, {args.n_train} images per epoch\n")
+          f"torch {torch.__version__}, CUDA {torch.version.cuda}; batch 256, {args.n_train} images per epoch; "
+          f"medians over {args.rounds} interleaved rounds after each configuration's first epoch\n")
     start = time.monotonic()
 
     def spent() -> bool:
         return time.monotonic() - start > args.budget_s
 
-    def row(label: str, times: list[float]) -> None:
-        later = times[1:] or times
-        med = statistics.median(later)
-        print(f"| {label} | {times[0]:.2f} | {med:.2f} | {args.n_train / med:,.0f} | {base.get('s', med) / med:.2f} |",
-              flush=True)
-        base.setdefault("s", med)
+    def table(times: dict[str, list[float]], base_label: str, vs: str) -> None:
+        base = statistics.median(times[base_label][1:] or times[base_label])
+        print(f"| configuration | first epoch, s | later epochs, s (median; min) | images/s | speed vs {vs} |")
+        print("|---|---:|---:|---:|---:|")
+        for label, t in times.items():
+            later = t[1:] or t
+            med = statistics.median(later)
+            print(f"| {label} | {t[0]:.2f} | {med:.2f}; {min(later):.2f} | {args.n_train / med:,.0f} "
+                  f"| {base / med:.2f} |")
+        print(flush=True)
+
+    def timer(est, bits, **kw):
+        return epoch_timer(args.model, est, bits, device=device, n_train=args.n_train, **kw)
 
     print(f"### {args.model} W1A1 aqe: variants of one epoch\n")
-    print("| variant | first epoch, s | later epochs, s (median) | images/s | speed vs today |")
-    print("|---|---:|---:|---:|---:|", flush=True)
-    base: dict[str, float] = {}
-    variants = [("today (fp32, TF32 convolutions)", {}), ("channels-last", {"channels_last": True}),
-                ("bf16 autocast", {"bf16": True}), ("channels-last + bf16", {"channels_last": True, "bf16": True})]
+    variants = {"today (fp32, TF32 convolutions)": {}, "channels-last": {"channels_last": True},
+                "bf16 autocast": {"bf16": True}, "channels-last + bf16": {"channels_last": True, "bf16": True}}
+    table(interleaved({k: timer("aqe", 1, **kw) for k, kw in variants.items()}, args.rounds, spent),
+          "today (fp32, TF32 convolutions)", "today")
     if not args.skip_compile:
-        variants += [("torch.compile", {"compile_mode": "default"}),
-                     ("torch.compile, reduce-overhead (CUDA graphs)", {"compile_mode": "reduce-overhead"})]
-    for label, kw in variants:
-        if spent():
-            print(f"| {label} | (skipped: budget spent) | | | |", flush=True)
-            continue
-        try:
-            row(label, epochs_seconds(args.model, "aqe", 1, device=device, n_train=args.n_train,
-                                      epochs=args.epochs, **kw))
-        except Exception as e:  # a variant that does not run here is a finding, not the end of the run
-            print(f"| {label} | failed: {type(e).__name__}: {str(e).splitlines()[0][:160]} | | | |", flush=True)
+        for label, mode in [("torch.compile", "default"), ("torch.compile, reduce-overhead", "reduce-overhead")]:
+            if spent():
+                break
+            try:
+                t = timer("aqe", 1, compile_mode=mode)
+                times = [t() for _ in range(1 + args.rounds)]
+                later = statistics.median(times[1:])
+                print(f"{label}: first epoch {times[0]:.2f} s, later {later:.2f} s\n", flush=True)
+            except Exception as e:  # a variant that does not run here is a finding, not the end of the run
+                print(f"{label}: failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}\n", flush=True)
 
-    print("\n### Where a W1A1 aqe step's time goes\n")
-    print("| model | CUDA kernels per step | GPU busy, ms per step | wall, ms per step | GPU busy / wall |")
-    print("|---|---:|---:|---:|---:|", flush=True)
-    for name in args.profile_models:
-        if spent():
-            print(f"| {name} | (skipped: budget spent) | | | |", flush=True)
-            continue
-        k, busy, wall = profile_step(name, device)
-        print(f"| {name} | {k} | {busy:.2f} | {wall:.2f} | {busy / wall:.2f} |", flush=True)
-
-    print(f"\n### {args.model}, every bit width, as trained today\n")
-    print("| estimator | bits | first epoch, s | later epochs, s (median) | images/s | speed vs float |")
-    print("|---|---|---:|---:|---:|---:|", flush=True)
+    print(f"### {args.model}, every bit width, as trained today\n")
     cells = [(None, None)] + [(e, b) for b in (1, 2, 3) for e in ("ste", "clipped_ste", "aqe")]
-    float_s = None
-    for est, bits in cells:
-        label = f"| {est or 'float'} | {f'W{bits}A{bits}' if bits else '32'}"
+    if not spent():
+        table(interleaved({bits_label(e, b): timer(e, b) for e, b in cells}, args.rounds, spent), "float", "float")
+
+    print("### Where a step's time goes (torch.profiler, 5 steps after a warm-up epoch)\n")
+    print("| model | configuration | CUDA kernels per step | GPU busy, ms per step | wall, ms per step | busy / wall |")
+    print("|---|---|---:|---:|---:|---:|", flush=True)
+    rows = [(args.model, None, None), *((args.model, "aqe", b) for b in (1, 2, 3)), ("resnet20", "aqe", 1)]
+    heaviest = []
+    for name, est, bits in rows:
         if spent():
-            print(f"{label} | (skipped: budget spent) | | | |", flush=True)
-            continue
-        times = epochs_seconds(args.model, est, bits, device=device, n_train=args.n_train, epochs=2)
-        med = statistics.median(times[1:] or times)
-        float_s = float_s or med
-        print(f"{label} | {times[0]:.2f} | {med:.2f} | {args.n_train / med:,.0f} | {float_s / med:.2f} |", flush=True)
+            break
+        k, busy, wall, top = profile_step(name, est, bits, device, top=12 if (est, bits) == ("aqe", 3) else 0)
+        heaviest = top or heaviest
+        print(f"| {name} | {bits_label(est, bits)} | {k} | {busy:.2f} | {wall:.2f} | {busy / wall:.2f} |", flush=True)
+    if heaviest:
+        print(f"\n{args.model} aqe W3A3, the kernels that take the most GPU time:\n")
+        print("| kernel | launches per step | µs per step |\n|---|---:|---:|")
+        for kname, n, us in heaviest:
+            print(f"| `{kname}` | {n:.0f} | {us:.0f} |")
     print(f"\n({time.monotonic() - start:.0f} s)")
     return 0
 

@@ -160,6 +160,13 @@ def test_ray_head_schedules_only_and_serves_no_dashboard(services):
 def test_ray_worker_gpus_shm_and_scaling(services):
     worker = services["ray-worker"]
     assert "--address=ray-head:6379" in words(worker["command"])
+    # CUDA MPS first (scripts/gpu-node.sh, installed in the image under this name), with the driver capability
+    # that brings its binaries, and on unless the operator turns it off
+    assert words(worker["command"]).startswith("bitbench-gpu-node ")
+    assert "COPY scripts/gpu-node.sh /usr/local/bin/bitbench-gpu-node" in (ROOT / "Dockerfile").read_text()
+    env = environment(worker)
+    assert "compute" in env["NVIDIA_DRIVER_CAPABILITIES"].split(",")
+    assert env["BITBENCH_CUDA_MPS"] == "${BITBENCH_CUDA_MPS:-1}"
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     assert worker["shm_size"]

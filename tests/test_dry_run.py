@@ -11,7 +11,7 @@ from service import store
 from service.app import create_app
 from service.config import Settings
 from workers.data import vision
-from workers.plan import dry_run
+from workers.plan import dry_run, read_gpu_figures
 from workers.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,8 @@ def rows(client) -> dict:
 
 
 @pytest.mark.parametrize("body", [*CIFAR10, *CIFAR100], ids=lambda b: b["name"])
-def test_the_paper_grids_dry_run_without_writing(client, body):
+def test_the_paper_grids_dry_run_without_writing(client, body, tmp_path, monkeypatch):
+    monkeypatch.setenv("BITBENCH_GPU_FIGURES", str(tmp_path / "none.json"))  # as on a checkout without figures
     before = rows(client)
     r = client.post("/runs?dry_run=1", json=body)
     assert r.status_code == 200, r.text
@@ -68,6 +69,19 @@ def test_the_estimate_uses_the_recorded_gpu_figures(tmp_path, monkeypatch):
     path.write_text(json.dumps(figures))
     monkeypatch.setenv("BITBENCH_GPU_FIGURES", str(path))
     assert dry_run(spec)["estimated_gpu_s"] == pytest.approx(9_300.0)
+
+
+def test_the_committed_gpu_figures_estimate_model_a(monkeypatch):
+    """bench/gpu_figures.json, as bench/gpu.py recorded it on a GPU, is what a dry run reads by default."""
+    monkeypatch.delenv("BITBENCH_GPU_FIGURES", raising=False)
+    figures = read_gpu_figures()
+    assert figures is not None and figures["card"] and figures["command"].startswith("python bench/gpu.py")
+    spec = parse_spec(CIFAR10[0])
+    assert spec.model == "convnet_a"
+    plan = dry_run(spec)
+    rate = figures["images_per_s"]["convnet_a"]
+    assert plan["estimated_gpu_s"] == pytest.approx(155 * 200 * 45_000 / rate)
+    assert figures["card"] in plan["estimate"]
 
 
 def test_data_files_per_data_set():
