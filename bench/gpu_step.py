@@ -5,6 +5,8 @@
 On synthetic CIFAR-shaped data (3×32×32, on the GPU, CIFAR-10's random crop and flip), batch 256, Adam,
 ``workers.train.train_epoch`` exactly as a trial runs it:
 
+``--sections`` picks the tables:
+
 1. **Variants** of the W1A1 ``aqe`` epoch, side by side in one process: as trained today (fp32, cuDNN's
    TF32 convolutions), channels-last memory, bf16 autocast, both, and ``torch.compile`` (first epoch,
    compile included, and later epochs). Seconds per epoch of ``--n-train`` images, median of ``--epochs``.
@@ -13,7 +15,7 @@ On synthetic CIFAR-shaped data (3×32×32, on the GPU, CIFAR-10's random crop an
    than its wall time is launch-bound (Python and kernel launches), which several trials per GPU or CUDA
    graphs can fill; one whose GPU is busy throughout is not.
 3. **Every bit width**: seconds per epoch of ``ste``, ``clipped_ste``, ``aqe`` at W1A1, W2A2, W3A3 and of
-   the float network, as trained today.
+   the float network, each with eager steps and with the trainer's CUDA-graph steps (``workers.cuda_graphs``).
 
 Prints markdown tables; stops starting new rows once ``--budget-s`` is spent. Exits cleanly without a
 GPU unless ``--device cpu`` (a smoke test of the script on tiny sizes, not a benchmark).
@@ -32,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from workers.cuda_graphs import graphed_forward  # noqa: E402
 from workers.data.loader import DeviceLoader  # noqa: E402
 from workers.data.vision import CIFAR_AUGMENT  # noqa: E402
 from workers.models import trial_model  # noqa: E402
@@ -60,9 +63,12 @@ def data(n: int, device: torch.device, channels_last: bool):
     return x, torch.randint(0, 10, (n,), generator=g).to(device)
 
 
-def epoch_timer(model_name, estimator, bits, *, device, n_train, channels_last=False, bf16=False, compile_mode=None):
+def epoch_timer(model_name, estimator, bits, *, device, n_train, channels_last=False, bf16=False, compile_mode=None,
+                graphs=False):
     """A function that trains one more epoch of this configuration and returns its seconds (the first call
-    includes any compilation). Each configuration keeps its own model, optimizer and data."""
+    includes any compilation or capture). Each configuration keeps its own model, optimizer and data.
+    ``graphs``: the forward and backward through a CUDA graph captured per epoch, as the trainer does on a GPU
+    (``workers.cuda_graphs``); otherwise eagerly, kernel by kernel."""
     spec, trial = make_trial(model_name, estimator, bits)
     torch.manual_seed(0)
     model = trial_model(spec, trial, num_classes=10, input_shape=(3, 32, 32)).to(device)
@@ -79,8 +85,10 @@ def epoch_timer(model_name, estimator, bits, *, device, n_train, channels_last=F
     def epoch() -> float:
         sync(device)
         t0 = time.perf_counter()
+        graphed = graphed_forward(net, (256, 3, 32, 32), n_train // 256, device) if graphs else None
         with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            train_epoch(net, opt, loader)
+            with graphed or contextlib.nullcontext(net) as forward:
+                train_epoch(net, opt, loader, forward)
         sync(device)
         return time.perf_counter() - t0
 
@@ -150,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds after each configuration's first epoch")
     p.add_argument("--budget-s", type=float, default=300.0, help="start no new round or row after this many seconds")
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows")
+    p.add_argument("--sections", nargs="+", default=["variants", "bits", "profile"],
+                   choices=["variants", "bits", "profile"], help="the tables to measure")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -179,6 +189,23 @@ def main(argv: list[str] | None = None) -> int:
     def timer(est, bits, **kw):
         return epoch_timer(args.model, est, bits, device=device, n_train=args.n_train, **kw)
 
+    if "variants" in args.sections:
+        variants_table(args, timer, table, spent)
+    if "bits" in args.sections and not spent():
+        print(f"### {args.model}, every bit width: eager steps and CUDA-graph steps\n")
+        cells = [(None, None)] + [(e, b) for b in (1, 2, 3) for e in ("ste", "clipped_ste", "aqe")]
+        timers = {}
+        for e, b in cells:
+            timers[f"{bits_label(e, b)}, eager"] = timer(e, b)
+            timers[f"{bits_label(e, b)}, CUDA graphs"] = timer(e, b, graphs=True)
+        table(interleaved(timers, args.rounds, spent), "float, eager", "float, eager")
+    if "profile" in args.sections:
+        profile_table(args, device, spent)
+    print(f"\n({time.monotonic() - start:.0f} s)")
+    return 0
+
+
+def variants_table(args, timer, table, spent) -> None:
     print(f"### {args.model} W1A1 aqe: variants of one epoch\n")
     variants = {"today (fp32, TF32 convolutions)": {}, "channels-last": {"channels_last": True},
                 "bf16 autocast": {"bf16": True}, "channels-last + bf16": {"channels_last": True, "bf16": True}}
@@ -196,11 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # a variant that does not run here is a finding, not the end of the run
                 print(f"{label}: failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}\n", flush=True)
 
-    print(f"### {args.model}, every bit width, as trained today\n")
-    cells = [(None, None)] + [(e, b) for b in (1, 2, 3) for e in ("ste", "clipped_ste", "aqe")]
-    if not spent():
-        table(interleaved({bits_label(e, b): timer(e, b) for e, b in cells}, args.rounds, spent), "float", "float")
 
+def profile_table(args, device, spent) -> None:
     print("### Where a step's time goes (torch.profiler, 5 steps after a warm-up epoch)\n")
     print("| model | configuration | CUDA kernels per step | GPU busy, ms per step | wall, ms per step | busy / wall |")
     print("|---|---|---:|---:|---:|---:|", flush=True)
@@ -217,8 +241,6 @@ def main(argv: list[str] | None = None) -> int:
         print("| kernel | launches per step | µs per step |\n|---|---:|---:|")
         for kname, n, us in heaviest:
             print(f"| `{kname}` | {n:.0f} | {us:.0f} |")
-    print(f"\n({time.monotonic() - start:.0f} s)")
-    return 0
 
 
 if __name__ == "__main__":

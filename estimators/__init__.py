@@ -24,6 +24,7 @@ from .model_tools import (
     WeightStorage,
     calibrate_activation_stats,
     clip_latent_weights,
+    cuda_graphs_capturable,
     level_change_fraction,
     schedule_values,
     set_progress,
@@ -38,6 +39,7 @@ from .registry import UnknownNameError
 __all__ = [
     "FLOAT_BITS", "GRIDS", "SUPPORTED_BITS", "Estimator", "Param", "QConv2d", "QLinear", "QuantAct", "QUANTIZERS",
     "UnknownNameError", "WeightStorage", "calibrate_activation_stats", "clip_latent_weights", "create_estimator",
+    "cuda_graphs_capturable",
     "estimator_catalog",
     "get_estimator_class", "get_quantizer", "level_change_fraction", "levels", "list_estimators", "list_grids",
     "make_quantizer", "register_estimator", "schedule_values", "set_progress", "soft_estimators", "training_forward",

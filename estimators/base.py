@@ -97,6 +97,8 @@ class Estimator(nn.Module):
                     validation accuracy of the training forward (``val_acc_soft``)
       grids         the quantizer grids (``estimators.grids``) it can quantize to, its own first;
                     with more than one, a ``grid`` parameter chooses
+      cuda_graphs   True when its training forward and backward on CUDA make no host sync and take no
+                    branch on a tensor's value, so a CUDA graph can capture them (``workers.cuda_graphs``)
 
     Instance attribute ``frozen_stats``: when True a training-mode forward updates no running statistic
     (:func:`estimators.training_forward` measures the training forward with it set).
@@ -109,6 +111,7 @@ class Estimator(nn.Module):
     scheduled: ClassVar[bool] = False
     soft_forward: ClassVar[bool] = False
     grids: ClassVar[tuple[str, ...]] = ()
+    cuda_graphs: ClassVar[bool] = False
 
     def __init__(self, bits: int = 1, role: str = "weight", **params: Any):
         super().__init__()

@@ -81,6 +81,7 @@ class MinwEstimator(Estimator):
 
     params = MINW_PARAMS
     grids: ClassVar[tuple[str, ...]] = FIXED_GRIDS
+    cuda_graphs = True  # statistics through torch.where on CUDA: no host sync (tests/test_cuda_graphs.py)
     running_stat: torch.Tensor  # buffers of act_stats=running (typed for the type checker)
     running_stat_set: torch.Tensor
 

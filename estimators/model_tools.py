@@ -38,6 +38,11 @@ def schedule_values(model: nn.Module) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
+def cuda_graphs_capturable(model: nn.Module) -> bool:
+    """True when every estimator in ``model`` can be captured in a CUDA graph (``Estimator.cuda_graphs``)."""
+    return all(m.cuda_graphs for m in model.modules() if isinstance(m, Estimator))
+
+
 def soft_estimators(model: nn.Module) -> list[Estimator]:
     """The estimators in ``model`` whose training forward differs from their hard one (``soft_forward``)."""
     return [m for m in model.modules() if isinstance(m, Estimator) and m.soft_forward]

@@ -142,14 +142,14 @@ def epoch_labels(monkeypatch):
     orders = []
     real_train_epoch = workers.train.train_epoch
 
-    def spy(model, opt, batches):
+    def spy(model, opt, batches, forward=None):
         labels = []
 
         def recorded():
             for xb, yb in batches:
                 labels.append(yb.clone())
                 yield xb, yb
-        out = real_train_epoch(model, opt, recorded())
+        out = real_train_epoch(model, opt, recorded(), forward)
         orders.append(torch.cat(labels))
         return out
 

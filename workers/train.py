@@ -28,6 +28,7 @@ from torch import nn
 
 import estimators
 
+from .cuda_graphs import graphed_forward
 from .datasets import DataSplits, load_dataset
 from .malloc import keep_freed_memory
 from .models import trial_model
@@ -155,14 +156,16 @@ def _sync(device: torch.device) -> None:
 
 
 # -- one epoch -------------------------------------------------------------------------------
-def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, batches) -> tuple[float, float, int]:
+def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, batches, forward=None) -> tuple[float, float, int]:
     """One pass in train mode; latent weights clipped after every step. Returns (mean loss,
-    accuracy, images). Sums stay on the device: one host sync per epoch."""
+    accuracy, images). Sums stay on the device: one host sync per epoch. ``forward`` computes
+    the model's output instead of ``model`` (:func:`workers.cuda_graphs.graphed_forward`)."""
     model.train()
+    forward = forward or model
     loss_sum = correct = None
     n = 0
     for xb, yb in batches:
-        out = model(xb)
+        out = forward(xb)
         loss = F.cross_entropy(out, yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -392,7 +395,8 @@ def _run(spec, trial, on_epoch, resume_state, dev, data_dir, packed_check) -> di
         t0 = time.perf_counter()
         estimators.set_progress(model, epoch, epochs)
         lr = opt.param_groups[0]["lr"]
-        train_loss, train_acc, n = train_epoch(model, opt, train_loader)
+        with graphed_forward(model, (spec.batch_size, *data.input_shape), n_train // spec.batch_size, dev) as fwd:
+            train_loss, train_acc, n = train_epoch(model, opt, train_loader, fwd)
         _sync(dev)
         train_s = time.perf_counter() - t0
         val_acc, (test_acc, test_top5) = evaluate(model, val_loader), accuracies(model, test_loader, top5=top5)
