@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh OUT_DIR [BUDGET_S]
 #
 # 1. the card (nvidia-smi), python and torch;
-# 2. the CUDA tests (those the suite skips without a GPU);
+# 2. the CUDA tests (those the suite skips without a GPU; CUDA-graph training among them);
 # 3. bench/gpu.py: images/s with 1, 2 and 4 trials sharing the GPU (records bench/gpu_figures.json);
 # 4. bench/gpu_step.py: a CIFAR-10-shaped epoch of Model A taken apart (variants, kernels per step, bit widths);
 # 5. with time left, 4 trials sharing the GPU again under CUDA MPS (kernels of several processes at once).
@@ -41,8 +41,9 @@ CUDA_TESTS+=(
     tests/test_imagenet.py::test_cuda_batches_with_a_cuda_generator
     tests/test_trial_memory.py::test_cuda_memory_returns_to_where_it_was_after_a_trial_and_after_a_failed_attempt
     tests/test_fused_minw.py::test_on_cuda_the_fast_paths_match_the_composed_reference
+    tests/test_cuda_graphs.py
 )
-timeout 120 $py -m pytest -p no:cacheprovider -q -rA "${CUDA_TESTS[@]}" >"$out/cuda_tests.log" 2>&1
+CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout 150 $py -m pytest -p no:cacheprovider -q -rA "${CUDA_TESTS[@]}" >"$out/cuda_tests.log" 2>&1
 echo "cuda tests: exit $? ($((SECONDS - start)) s)" >>"$out/machine.log"
 
 timeout $(( $(left) > 200 ? 180 : $(left) / 2 )) $py bench/gpu.py --budget-s 150 >"$out/gpu.log" 2>&1

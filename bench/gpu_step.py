@@ -85,7 +85,7 @@ def epoch_timer(model_name, estimator, bits, *, device, n_train, channels_last=F
     def epoch() -> float:
         sync(device)
         t0 = time.perf_counter()
-        graphed = graphed_forward(net, (256, 3, 32, 32), n_train // 256, device) if graphs else None
+        graphed = graphed_forward(net, (256, 3, 32, 32), n_train // 256, device, enabled=True) if graphs else None
         with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             with graphed or contextlib.nullcontext(net) as forward:
                 train_epoch(net, opt, loader, forward)

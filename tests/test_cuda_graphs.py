@@ -37,13 +37,15 @@ def test_the_estimators_that_can_be_captured():
 def test_graphs_are_used_only_on_cuda_with_capturable_estimators_and_enough_batches(monkeypatch):
     monkeypatch.delenv("BITBENCH_CUDA_GRAPHS", raising=False)
     _, model = net()
+    assert not graphs_usable(model, CUDA, 1000)  # off unless asked for (BITBENCH_CUDA_GRAPHS=1)
+    monkeypatch.setenv("BITBENCH_CUDA_GRAPHS", "1")
     assert graphs_usable(model, CUDA, MIN_BATCHES)  # decided without touching the device
     assert not graphs_usable(model, torch.device("cpu"), 1000)
     assert not graphs_usable(model, CUDA, MIN_BATCHES - 1)  # a capture costs more than it saves
     assert not graphs_usable(net("lsq")[1], CUDA, 1000)  # LSQ reads its step's value on the host
     assert graphs_usable(net(bits=None)[1], CUDA, 1000)  # the float network: no estimator at all
     monkeypatch.setenv("BITBENCH_CUDA_GRAPHS", "0")
-    assert not graphs_usable(model, CUDA, 1000)
+    assert not graphs_usable(model, CUDA, 1000) and graphs_usable(model, CUDA, 1000, enabled=True)
 
 
 def test_without_graphs_the_context_gives_the_model_itself():
@@ -74,7 +76,7 @@ def test_the_warm_up_leaves_no_trace_and_short_batches_run_eagerly(monkeypatch):
         model.forward = graph
         return model
 
-    monkeypatch.setattr(cg, "graphs_usable", lambda model, device, full_batches: True)
+    monkeypatch.setattr(cg, "graphs_usable", lambda model, device, full_batches, enabled: True)
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
     _, model = net("aqe", 2)
     model.train()(torch.randn(8, 3, 32, 32))  # running statistics set, so the warm-up would move them
@@ -96,7 +98,7 @@ def train(model, spec, x, y, epochs, graphs):
     results = []
     for epoch in range(1, epochs + 1):
         E.set_progress(model, epoch, epochs)
-        context = graphed_forward(model, (64, 3, 32, 32), len(x) // 64, CUDA) if graphs else nullcontext(model)
+        context = graphed_forward(model, (64, 3, 32, 32), len(x) // 64, CUDA, True) if graphs else nullcontext(model)
         with context as fwd:
             assert (fwd is model) != graphs
             results.append(train_epoch(model, opt, loader, fwd))
@@ -137,7 +139,8 @@ def test_captured_estimators_make_no_host_sync_on_cuda():
 def check_no_host_sync(name):
     for bits in (1, 2, 3):
         for role in ("weight", "activation"):
-            params = {"act_stats": "running"} if role == "activation" else {}
+            has_stats = "act_stats" in E.get_estimator_class(name).params
+            params = {"act_stats": "running"} if role == "activation" and has_stats else {}
             est = E.create_estimator(name, bits=bits, role=role, **params).to(CUDA).train()
             est.set_progress(1, 3)
             x = torch.randn(16, 8, 4, 4, device=CUDA, requires_grad=True)
@@ -151,7 +154,10 @@ def check_no_host_sync(name):
 
 
 @needs_cuda
-def test_a_gpu_trial_captures_a_graph_per_epoch_and_frees_it(caplog):
+def test_a_gpu_trial_captures_a_graph_per_epoch_and_frees_it(caplog, monkeypatch):
+    """Each capture's leftovers are freed: on an H200, before :func:`workers.cuda_graphs.release_graph`, each
+    epoch's capture left 64 MiB allocated (the cuBLAS workspaces of its warm-up stream)."""
+    monkeypatch.setenv("BITBENCH_CUDA_GRAPHS", "1")
     spec = parse_spec({"name": "g", "dataset": "synthetic", "model": "convnet_d", "estimators": ["aqe"],
                        "bits": [{"w": 2, "a": 2}], "include_full_precision": False, "epochs": 2, "batch_size": 64,
                        "resources": {"gpu": 0.25},
