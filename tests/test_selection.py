@@ -95,6 +95,16 @@ def test_reestimate_batchnorm_changes_running_statistics_and_no_weight():
     assert torch.allclose(bn.running_mean, mean, atol=1e-5) and torch.allclose(bn.running_var, var, atol=1e-4)
 
 
+def test_reestimation_builds_no_autograd_graph():
+    """It only reads statistics: no layer runs with gradients on (a graph of every batch would be kept)."""
+    net = _bn_net()
+    grad_on = []
+    for m in net:
+        m.register_forward_hook(lambda mod, args, out: grad_on.append(torch.is_grad_enabled() or out.requires_grad))
+    reestimate_batchnorm(net, [(torch.randn(16, 1, 8, 8), None) for _ in range(2)])
+    assert len(grad_on) == 2 * len(net) and not any(grad_on)
+
+
 def test_flip_fraction_is_zero_when_no_level_changes_and_exact_when_some_do():
     net = _bn_net()
     before = estimators.weight_levels(net)

@@ -189,6 +189,39 @@ def test_best_epoch_is_the_first_of_equal_validation_accuracies(monkeypatch):
     assert (final["selected_epoch"], final["selected_test_acc"]) == (1, first)
 
 
+def test_each_epochs_state_is_a_copy_that_later_training_leaves_alone():
+    """on_epoch's state is a snapshot: the model and optimizer tensors of epoch 1 are not the live ones, which
+    epoch 2 goes on to change (a checkpoint that aliased them would save epoch 2's weights as epoch 1's)."""
+    spec = make_spec(estimators=["ste"], include_full_precision=False)
+    states, saved = [], []
+
+    def on_epoch(metrics, state):
+        states.append(state)
+        saved.append(copy.deepcopy(state["model"]))
+
+    run_trial(spec, trial_of(spec, "ste-w1a1-s0"), on_epoch=on_epoch, threads=1)
+    first, second = states[0]["model"], states[1]["model"]
+    assert all(torch.equal(first[k], saved[0][k]) for k in first)  # unchanged by epoch 2 …
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # … which did change the weights
+
+
+def test_a_cpu_trial_runs_with_deterministic_algorithms_and_restores_the_setting():
+    spec = make_spec(epochs=1, estimators=["ste"], include_full_precision=False)
+    seen = []
+    before = torch.are_deterministic_algorithms_enabled()
+    run_trial(spec, trial_of(spec, "ste-w1a1-s0"), threads=1,
+              on_epoch=lambda m, s: seen.append(torch.are_deterministic_algorithms_enabled()))
+    assert seen == [True] and torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_images_per_second_is_training_images_over_training_time(aqe_run):
+    """images_per_s = images ÷ the epoch's training seconds, which are part of its epoch_seconds."""
+    _, _, seen = aqe_run
+    n_train = len(load_dataset("digits", seed=0).train_y)
+    for m, _ in seen:
+        assert n_train <= m["images_per_s"] * m["epoch_seconds"] < 10 * n_train
+
+
 def test_latent_weights_stay_clipped_at_a_large_lr():
     """Plain SGD at lr 5 pushes AQE's latent weights far beyond [−1, 1] (to 11.8 unclipped); the trainer
     clips them after every step."""
