@@ -166,10 +166,13 @@ def test_a_gpu_trial_captures_a_graph_per_epoch_and_frees_it(caplog, monkeypatch
     trial = spec.trials()[0]
     run_trial(spec, trial, on_epoch=lambda m, s: None)  # warm-up: cuBLAS workspaces and the like stay
     allocated = torch.cuda.memory_allocated()
-    epochs = []
+    epochs, states = [], []
     with caplog.at_level(logging.DEBUG, logger="workers.cuda_graphs"):
-        final = run_trial(spec, trial, on_epoch=lambda m, s: epochs.append(m))
+        final = run_trial(spec, trial, on_epoch=lambda m, s: (epochs.append(m), states.append(s)))
     assert caplog.text.count("CUDA graph captured for batches of (64, 3, 32, 32)") == 2
     assert [m["device"].split(":")[0] for m in epochs] == ["cuda", "cuda"] and final["final_test_acc"] is not None
     assert all(0 <= m["train_acc"] <= 1 and m["train_loss"] == m["train_loss"] for m in epochs)  # no NaN
     assert torch.cuda.memory_allocated() == allocated
+    tensors = [t for st in states for part in ("model", "optimizer") for t in torch.utils._pytree.tree_leaves(st[part])
+               if isinstance(t, torch.Tensor)]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)  # checkpoints hold no GPU memory

@@ -11,8 +11,18 @@ import estimators
 import workers.train
 from estimators.layers import QUANTIZED_LAYERS
 from workers.datasets import load_dataset
-from workers.spec import parse_spec
-from workers.train import FINAL_KEYS, METRIC_KEYS, accuracies, build_model, build_scheduler, evaluate, run_trial
+from workers.spec import Optimizer, parse_spec
+from workers.train import (
+    FINAL_KEYS,
+    METRIC_KEYS,
+    accuracies,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    run_trial,
+    train_epoch,
+)
 
 TIMING = ("epoch_seconds", "images_per_s")
 
@@ -220,6 +230,47 @@ def test_images_per_second_is_training_images_over_training_time(aqe_run):
     n_train = len(load_dataset("digits", seed=0).train_y)
     for m, _ in seen:
         assert n_train <= m["images_per_s"] * m["epoch_seconds"] < 10 * n_train
+
+
+def test_optimizers_get_the_specs_settings():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    sgd = build_optimizer(params, Optimizer(name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01))
+    assert isinstance(sgd, torch.optim.SGD)
+    assert {k: sgd.defaults[k] for k in ("lr", "momentum", "nesterov", "weight_decay")} == {
+        "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}
+    plain = build_optimizer(params, Optimizer(name="sgd", momentum=0.0, nesterov=True))
+    assert plain.defaults["nesterov"] is False  # torch refuses Nesterov without momentum
+    assert type(build_optimizer(params, Optimizer(name="adamw"))) is torch.optim.AdamW
+
+
+def test_an_epoch_without_batches_reports_nothing_trained():
+    model = torch.nn.Linear(2, 2)
+    loss, acc, n = train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), [])
+    assert n == 0 and loss != loss and acc != acc  # NaN: nothing to average
+
+
+def test_evaluation_builds_no_autograd_graph():
+    """Evaluation only reads: no layer runs with gradients on (accuracies, the training forward's accuracy)."""
+    spec = make_spec(estimators=["aqe"], include_full_precision=False)
+    data = load_dataset("digits", seed=0)
+    model = build_model(spec, trial_of(spec, "aqe-w1a1-s0"), data)
+    grad_on = []
+    for m in model.modules():
+        m.register_forward_hook(lambda mod, args, out: grad_on.append(torch.is_grad_enabled()))
+    batches = data.loader("val", 64)
+    accuracies(model, batches, top5=True)
+    workers.train.evaluate_training_forward(model, batches)
+    assert grad_on and not any(grad_on)
+
+
+def test_seeding_reaches_numpy():
+    import numpy as np
+
+    draws = []
+    for seed in (1, 1, 2):
+        workers.train.seed_everything(seed)
+        draws.append(np.random.rand())
+    assert draws[0] == draws[1] != draws[2]
 
 
 def test_latent_weights_stay_clipped_at_a_large_lr():
