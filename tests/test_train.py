@@ -245,8 +245,13 @@ def test_optimizers_get_the_specs_settings():
 
 def test_an_epoch_without_batches_reports_nothing_trained():
     model = torch.nn.Linear(2, 2)
-    loss, acc, n = train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), [])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss, acc, n = train_epoch(model, opt, [])
     assert n == 0 and loss != loss and acc != acc  # NaN: nothing to average
+    x, y = torch.ones(3, 2), torch.tensor([0, 1, 1])
+    before = model.weight.detach().clone()
+    assert train_epoch(model, opt, [(x, y)])[2] == 3  # without a forward of its own: the model's
+    assert not torch.equal(model.weight, before)
 
 
 def test_evaluation_builds_no_autograd_graph():
