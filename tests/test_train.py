@@ -248,10 +248,18 @@ def test_an_epoch_without_batches_reports_nothing_trained():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loss, acc, n = train_epoch(model, opt, [])
     assert n == 0 and loss != loss and acc != acc  # NaN: nothing to average
-    x, y = torch.ones(3, 2), torch.tensor([0, 1, 1])
-    before = model.weight.detach().clone()
-    assert train_epoch(model, opt, [(x, y)])[2] == 3  # without a forward of its own: the model's
-    assert not torch.equal(model.weight, before)
+    x, y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]]), torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        out = model(x)
+    before = copy.deepcopy(model.state_dict())
+    loss, acc, n = train_epoch(model, opt, [(x[:2], y[:2]), (x[2:], y[2:])])  # without a forward of its own
+    assert n == 3 and not torch.equal(model.weight, before["weight"])  # the model's, and it trained
+    # with lr 0 every batch sees the model as it was: the epoch's loss and accuracy are then out's
+    model.load_state_dict(before)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss, acc, n = train_epoch(model, opt, [(x[:2], y[:2]), (x[2:], y[2:])])
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(out, y).item())  # the mean over images
+    assert acc == (out.argmax(1) == y).sum().item() / 3 and n == 3
 
 
 def test_evaluation_builds_no_autograd_graph():
@@ -368,6 +376,14 @@ def test_top1_and_top5_count_the_label_among_the_largest_logits():
     assert accuracies(torch.nn.Identity(), batches) == (0.5, None)
     assert evaluate(torch.nn.Identity(), batches) == 0.5
     assert accuracies(torch.nn.Identity(), []) == (None, None)
+
+
+def test_top5_is_reported_from_six_classes():
+    spec = make_spec(dataset="synthetic", model="digits_net", epochs=1, include_full_precision=False,
+                     estimators=["ste"], dataset_options={"shape": [1, 8, 8], "num_classes": 6, "n_train": 64,
+                                                          "n_val": 16, "n_test": 32})
+    final, seen = train(spec, "ste-w1a1-s0")
+    assert 0 <= seen[0][0]["test_top5"] <= 1 and final["final_test_top5"] == seen[0][0]["test_top5"]
 
 
 @pytest.mark.parametrize("classes", [3, 5])
