@@ -79,6 +79,34 @@ def test_catalog_lists_parameters_and_formulas():
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_allowed_range_is_what_check_accepts(name):
+    """The catalogue's "allowed" text (README) gives the bounds check() enforces, both ends inclusive."""
+    cls = E.get_estimator_class(name)
+    for k, p in cls.params.items():
+        if p.low is None:
+            continue
+        assert p.allowed() == f"[{p.low:.12g}, {p.high:.12g}]", (name, k)
+        for ok in (p.low, p.high):
+            assert p.check(name, k, ok) == ok
+        for bad in (p.low - 1e-9, p.high + 1e-9):
+            with pytest.raises(ValueError, match=rf"{name}: {k}=.* is outside \[{p.low}, {p.high}\]"):
+                p.check(name, k, bad)
+
+
+def test_allowed_text_for_each_kind_of_parameter():
+    from estimators.base import Param
+    from estimators.minw import increasing_fractions
+
+    assert Param("a", "", choices=("a", "b")).allowed() == "one of a, b"
+    assert Param(0.5, "", low=1e-6, high=1e3).allowed() == "[1e-06, 1000]"
+    assert Param(0.5, "", low=0.0).allowed() == "≥ 0" and Param(0.5, "", high=2.5).allowed() == "≤ 2.5"
+    assert Param(3, "").allowed() == "any number" and Param(True, "").allowed() == "true or false"
+    assert Param(None, "", validate=increasing_fractions).allowed() == (
+        "a list of strictly increasing numbers in (0, 1], or null")
+    assert Param(None, "").allowed() == "any"
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_scheduled_says_whether_training_progress_changes_the_estimator(name):
     """``scheduled`` is True exactly when :meth:`set_progress` changes what the estimator computes: its output
     or its gradient at some input, between the first and the last epoch (logs name schedules by it)."""
