@@ -70,6 +70,22 @@ def test_unknown_things_raise_errors_that_list_what_exists():
         E.create_estimator("aqe", bits=3, pow2_thresholds=[0.1, 0.2])
 
 
+@pytest.mark.parametrize("value, kept", [
+    ([0.02, 0.07, 0.14], [0.02, 0.07, 0.14]), ((1e-9, 1), [1e-9, 1.0]), ([1], [1.0]),
+    ([0.0, 0.5, 0.9], "increasing fractions"), ([-0.1, 0.5], "increasing fractions"),
+    ([0.5, 1.0000001], "increasing fractions"), ([0.5, 0.5], "increasing fractions"),
+    ([0.1, True], "list of numbers"), ([True], "list of numbers"), (["0.1"], "list of numbers"),
+    ([], "list of numbers"), ("0.1", "list of numbers"),
+])
+def test_pow2_thresholds_are_increasing_fractions_in_zero_one(value, kept):
+    """The rule is (0, 1] and strictly increasing, checked at any bit width (also where pow2 is not used)."""
+    if isinstance(kept, list):
+        assert E.create_estimator("aqe", bits=2, pow2_thresholds=value).hparams["pow2_thresholds"] == kept
+    else:
+        with pytest.raises(ValueError, match=rf"pow2_thresholds=.* is not allowed: expected .*{kept}"):
+            E.create_estimator("aqe", bits=2, pow2_thresholds=value)
+
+
 def test_catalog_lists_parameters_and_formulas():
     cat = {e["name"]: e for e in E.estimator_catalog()}
     assert set(cat) == set(NAMES)
