@@ -70,6 +70,14 @@ def test_unknown_things_raise_errors_that_list_what_exists():
         E.create_estimator("aqe", bits=3, pow2_thresholds=[0.1, 0.2])
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_class_built_without_arguments_is_create_estimator_s_default(name):
+    """``Cls()`` is a 1-bit weight estimator with the default parameters, as ``create_estimator(name)`` is."""
+    est, made = E.get_estimator_class(name)(), E.create_estimator(name)
+    assert (est.bits, est.role, est.hparams) == (made.bits, made.role, made.hparams) and est.bits == 1
+    assert torch.equal(est.level_set(), made.level_set())
+
+
 @pytest.mark.parametrize("value, kept", [
     ([0.02, 0.07, 0.14], [0.02, 0.07, 0.14]), ((1e-9, 1), [1e-9, 1.0]), ([1], [1.0]),
     ([0.0, 0.5, 0.9], "increasing fractions"), ([-0.1, 0.5], "increasing fractions"),
