@@ -277,6 +277,16 @@ def test_pseudo_gradient_is_the_derivative_of_the_proxy(name):
     torch.testing.assert_close(_grad(est, x, g), dproxy)
 
 
+def test_approx_sign_proxy_is_flat_outside_the_unit_interval():
+    """F = −1 for x < −1 and 1 for x ≥ 1 (the quadratics turn back there), so F' = 0 = the pseudo-gradient."""
+    est = E.create_estimator("approx_sign", bits=1, role="activation")
+    x = torch.tensor([-3.0, -1.5, -1.01, 1.0, 1.01, 1.5, 3.0], dtype=torch.float64, requires_grad=True)
+    f = est.proxy(x)
+    assert f.tolist() == [-1, -1, -1, 1, 1, 1, 1]
+    (df,) = torch.autograd.grad(f.sum(), x)
+    assert df.tolist() == [0.0] * 7 == _grad(est, x.detach(), torch.ones_like(x)).tolist()
+
+
 def test_ede_pseudo_gradient_is_accurate_in_its_tails():
     """Late in training (t = 10) float32 EDE keeps k·t/cosh²(t·x) to a relative 1e-5 out to |t·x| = 40, where
     1 − tanh²(t·x) in float32 would cancel to 0 beyond |t·x| ≈ 9 (it is computed from σ(−2t|x|) ≤ ½)."""
