@@ -163,6 +163,15 @@ def test_backward_matches_formula(case, shape, dtype, role, bits):
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("bits", [1, 2])
+def test_xnor_weights_of_a_layer_with_one_output_filter(bits):
+    """n = c·k·k is one filter's size also when there is only one filter (a 1-output layer)."""
+    est = E.create_estimator("xnor", bits=bits, role="weight")
+    torch.manual_seed(bits)
+    x, g = torch.randn(1, 6, 3, 3, dtype=torch.float64) * 0.8, torch.randn(1, 6, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(_grad(est, x, g), ref_xnor(x, g, est))
+
+
 def test_input_seeds_are_the_same_in_every_process():
     # pinned: a failure above is reproduced by rerunning it, whatever PYTHONHASHSEED the process drew
     assert stable_seed("ste", (7,), "weight", 1) == 1939479238
