@@ -172,6 +172,20 @@ def test_fused_forward_is_bit_identical_and_gradients_equal(name, role, bits, dt
 
 
 @pytest.mark.parametrize("name, role", CASES)
+def test_a_second_derivative_through_a_fused_function_is_refused(name, role):
+    """The fused backwards are straight-through rules, not derivatives of the forward: differentiating them again
+    raises (``once_differentiable``) instead of giving a number."""
+    est = make(name, role, 2, torch.float64)
+    x = inputs(name, est, torch.float64).requires_grad_(True)
+    y = est(x)
+    assert type(y.grad_fn).__name__ == fused_name(name, role, 2)
+    g = torch.ones_like(y, requires_grad=True)
+    (gx,) = torch.autograd.grad(y, x, g, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize("name, role", CASES)
 def test_eval_and_no_grad_give_the_training_values(name, role):
     """The hard quantizer (eval) and a no-grad training forward return the fused forward's values."""
     for bits in (2, 3):
