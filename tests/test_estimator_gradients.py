@@ -196,6 +196,13 @@ def test_pact_gradients(bits, dtype):
     torch.testing.assert_close(est.alpha.grad, (g * (x >= a).to(dtype)).sum().to(est.alpha.dtype))
 
 
+def test_pact_schedule_values_are_the_learned_alpha_of_activations():
+    act, weight = E.create_estimator("pact", bits=2, role="activation", alpha_init=0.8), E.create_estimator("pact", 2)
+    with torch.no_grad():
+        act.alpha.fill_(0.625)
+    assert act.schedule_values() == {"alpha": 0.625} and weight.schedule_values() == {}
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3])
 @pytest.mark.parametrize("role", ["weight", "activation"])
 @pytest.mark.parametrize("dtype", DTYPES)

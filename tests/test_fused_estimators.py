@@ -242,16 +242,19 @@ def test_lsq_step_that_is_not_positive_falls_back_to_the_composition():
         torch.testing.assert_close(gx1, gx0, equal_nan=True)
 
 
-def test_pact_alpha_that_is_not_positive_falls_back_to_the_composition():
+@pytest.mark.parametrize("alpha", [-0.2, 0.0, math.inf, math.nan])
+def test_pact_alpha_that_is_not_positive_falls_back_to_the_composition(alpha):
+    """α ≤ 0 or not finite (α = 0 included: the fused forward divides by α) runs the composition."""
     est = make("pact", "activation", 2, torch.float64)
     x = inputs("pact", est, torch.float64)
     g = torch.randn(x.shape, dtype=torch.float64)
     with torch.no_grad():
-        est.alpha.fill_(-0.2)
+        est.alpha.fill_(alpha)
     y1, gx1, gp1 = run(est, fused, x, g)
     y0, gx0, gp0 = run(est, pact_reference, x, g)
     assert type(y1.grad_fn).__name__ != "PACTFunctionBackward"
-    assert torch.equal(y1, y0) and torch.equal(gx1, gx0) and torch.equal(gp1["alpha"], gp0["alpha"])
+    for got, want in ((y1, y0), (gx1, gx0), (gp1["alpha"], gp0["alpha"])):
+        assert torch.equal(as_bits(got), as_bits(want))
 
 
 @pytest.mark.parametrize("name, role", [("lsq", "activation"), ("lsq", "weight"), ("pact", "activation")])
