@@ -172,6 +172,19 @@ def test_fused_forward_is_bit_identical_and_gradients_equal(name, role, bits, dt
 
 
 @pytest.mark.parametrize("name, role", CASES)
+def test_a_zero_upstream_gradient_gives_zero(name, role):
+    """Where ∂L/∂y = 0, ∂L/∂x = 0 on both paths (EWGS: sign(0) = 0 scales nothing; no 0·∞)."""
+    est = make(name, role, 2, torch.float64)
+    x = inputs(name, est, torch.float64)
+    x = x[x.isfinite()]
+    g = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    g[::3] = 0.0
+    for fn in (fused, REFERENCES[name]):
+        _, gx, _ = run(est, fn, x, g)
+        assert torch.equal(gx[::3], torch.zeros_like(gx[::3])), fn
+
+
+@pytest.mark.parametrize("name, role", CASES)
 def test_a_second_derivative_through_a_fused_function_is_refused(name, role):
     """The fused backwards are straight-through rules, not derivatives of the forward: differentiating them again
     raises (``once_differentiable``) instead of giving a number."""
