@@ -225,6 +225,19 @@ def test_lsq_gradients(bits, role, dtype):
     torch.testing.assert_close(est.step.grad, want.to(est.step.dtype), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("role", ["weight", "activation"])
+def test_lsq_step_is_initialised_once_then_learned(role):
+    """s = 2·mean|v|/√Q_P from the first training batch only: a later batch (here of one sample) keeps it, and
+    its gradient scale uses n = that sample's size (activations) or the tensor's (weights), 6 either way."""
+    est = E.create_estimator("lsq", bits=2, role=role)  # Q_N = 2, Q_P = 1
+    est(torch.full((4, 6), 0.5))
+    assert bool(est.initialized) and float(est.step.detach()) == 1.0
+    v = torch.full((1, 6), 3.0, requires_grad=True)
+    est(v).backward(torch.ones(1, 6))
+    assert float(est.step.detach()) == 1.0 and v.grad.tolist() == [[0.0] * 6]  # u = 3 ≥ Q_P: clipped
+    assert float(est.step.grad) == pytest.approx(6 * 1 / math.sqrt(6 * 1))  # Σ g·Q_P / √(n·Q_P)
+
+
 def dsq_reference(x, alpha, bits):
     """∂Q_S/∂x and ∂Q_S/∂α by hand (DSQ, Gong et al. 2019), range [−1, 1]."""
     n = 2**bits - 1
