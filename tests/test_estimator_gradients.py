@@ -225,6 +225,18 @@ def test_lsq_gradients(bits, role, dtype):
     torch.testing.assert_close(est.step.grad, want.to(est.step.dtype), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits, q_n, q_p", [(1, 1, 1), (2, 2, 1), (3, 4, 3), (4, 8, 7), (8, 128, 127)])
+def test_lsq_levels_are_minus_q_n_to_q_p_steps(bits, q_n, q_p):
+    """Q_N = 2^(b−1), Q_P = 2^(b−1) − 1 (signed b-bit integers); at 1 bit ±1 (sign), with no 0."""
+    est = E.create_estimator("lsq", bits=bits, role="activation")
+    assert (est.q_n, est.q_p) == (q_n, q_p)
+    want = [-1.0, 1.0] if bits == 1 else [float(k) for k in range(-q_n, q_p + 1)]
+    assert est.level_set().tolist() == want
+    est(torch.full((2, 4), 0.25))  # s = 2·0.25/√Q_P
+    v = torch.linspace(-1.5 * q_n, 1.5 * q_p, 4001).reshape(1, -1) * float(est.step.detach())
+    assert set((est(v) / est.step.detach()).round().tolist()[0]) == set(want)
+
+
 @pytest.mark.parametrize("role", ["weight", "activation"])
 def test_lsq_step_is_initialised_once_then_learned(role):
     """s = 2·mean|v|/√Q_P from the first training batch only: a later batch (here of one sample) keeps it, and

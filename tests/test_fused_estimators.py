@@ -241,6 +241,21 @@ def test_nan_and_infinite_inputs(name, role, bits):
         assert all(v == 0 or v == g[nan][i] or math.isnan(v) for i, v in enumerate(gx1[nan].tolist()))
 
 
+@pytest.mark.parametrize("size", [1, 5, 9, 17, 33])
+def test_lsq_nan_input_gets_clamp_s_zero_wherever_it_lies(size):
+    """HardTanh's backward kernel gives a NaN x the gradient g in its scalar tail (0 in its vector body): LSQ
+    zeroes it as clamp does, wherever the NaN falls, on the step's path and on v's."""
+    est = make("lsq", "activation", 2, torch.float64)
+    x = torch.linspace(-0.5, 0.5, size, dtype=torch.float64).reshape(1, size)
+    x[0, -1] = math.nan
+    g = torch.ones_like(x)
+    _, gx, gp = run(est, fused, x, g)
+    assert gx[0, -1] == 0 and gp["step"].isnan()
+    est.step.requires_grad_(False)
+    _, gx, _ = run(est, fused, x, g)
+    assert gx[0, -1] == 0
+
+
 def test_lsq_step_that_is_not_positive_falls_back_to_the_composition():
     est = make("lsq", "activation", 2, torch.float64)
     x = inputs("lsq", est, torch.float64)
