@@ -78,6 +78,14 @@ def test_a_class_built_without_arguments_is_create_estimator_s_default(name):
     assert torch.equal(est.level_set(), made.level_set())
 
 
+def test_a_float_parameter_given_an_int_is_stored_as_a_float():
+    """Through the class and through validate_estimator_params alike (a spec's JSON 1 and 1.0 are one value)."""
+    est = E.create_estimator("aqe", alpha_start=1, act_momentum=1)
+    assert type(est.hparams["alpha_start"]) is float and type(est.hparams["act_momentum"]) is float
+    full = E.validate_estimator_params("ede", {"t_max": 20})
+    assert type(full["t_max"]) is float and (full["t_min"], full["t_max"]) == (0.1, 20.0)
+
+
 @pytest.mark.parametrize("value, kept", [
     ([0.02, 0.07, 0.14], [0.02, 0.07, 0.14]), ((1e-9, 1), [1e-9, 1.0]), ([1], [1.0]),
     ([0.0, 0.5, 0.9], "increasing fractions"), ([-0.1, 0.5], "increasing fractions"),

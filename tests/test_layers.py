@@ -14,6 +14,12 @@ def test_qconv2d_quantizes_input_and_weight():
     torch.testing.assert_close(conv(x), want)
 
 
+def test_layer_arguments_can_be_given_by_keyword():
+    lin = E.QLinear(in_features=4, out_features=3, bias=True, w_bits=2, a_bits=2)
+    assert lin.bias is not None and lin.bias.shape == (3,) and lin.weight.shape == (3, 4)
+    assert E.QLinear(4, 3).bias is None
+
+
 def test_32_bits_means_float():
     lin = E.QLinear(4, 3, w_bits=32, a_bits=32)
     assert lin.weight_quantizer is None and lin.input_quantizer.quantizer is None
