@@ -57,6 +57,23 @@ class Param:
                 raise ValueError(f"{estimator}: {name}={value!r} is not allowed: {e}") from None
         return value
 
+    def allowed(self) -> str:
+        """What :meth:`check` accepts, in words: the choices, the inclusive range ``[low, high]`` (``≥ low`` or
+        ``≤ high`` with one bound), true or false, or the first line of ``validate``'s docstring (or null)."""
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        if isinstance(self.default, bool):
+            return "true or false"
+        if isinstance(self.default, (int, float)):
+            low, high = (None if b is None else f"{b:.12g}" for b in (self.low, self.high))
+            if low is not None and high is not None:
+                return f"[{low}, {high}]"
+            return f"≥ {low}" if low is not None else f"≤ {high}" if high is not None else "any number"
+        if self.validate is not None:  # None passes unchecked (see check)
+            rule = (inspect.getdoc(self.validate) or "checked").splitlines()[0].rstrip(".")
+            return f"{rule[:1].lower()}{rule[1:]}, or null"
+        return "any"
+
 
 class QuantizeWithSurrogate(torch.autograd.Function):
     """y = forward_fn(x); ∂L/∂x = grad_fn(x, ∂L/∂y) (identity when grad_fn is None).
@@ -236,7 +253,7 @@ def estimator_catalog() -> list[dict[str, Any]]:
                 "grids": list(cls.grids),
                 "params": {
                     k: {"default": p.default, "doc": p.doc, "choices": list(p.choices) if p.choices else None,
-                        "low": p.low, "high": p.high}
+                        "low": p.low, "high": p.high, "allowed": p.allowed()}
                     for k, p in cls.params.items()
                 },
             }

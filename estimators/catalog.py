@@ -21,7 +21,8 @@ def _cell(text: str) -> str:
 
 
 def catalog_markdown() -> str:
-    """One section per registered estimator: its formula (docstring), paper and parameters."""
+    """One section per registered estimator: its formula (docstring), paper and parameters (default, the values
+    :meth:`~estimators.base.Param.check` accepts, meaning)."""
     out = []
     for e in estimator_catalog():
         out.append(f"#### `{e['name']}`\n")
@@ -31,10 +32,9 @@ def catalog_markdown() -> str:
                    + " · grid" + ("s" if len(e["grids"]) > 1 else "") + ": " + ", ".join(f"`{g}`" for g in e["grids"])
                    + "\n")
         if e["params"]:
-            out.append("| parameter | default | meaning |\n|---|---|---|")
+            out.append("| parameter | default | allowed | meaning |\n|---|---|---|---|")
             for k, p in e["params"].items():
-                choices = f" (one of {', '.join(map(str, p['choices']))})" if p["choices"] else ""
-                out.append(f"| `{k}` | `{p['default']}` | {_cell(p['doc'])}{choices} |")
+                out.append(f"| `{k}` | `{p['default']}` | {_cell(p['allowed'])} | {_cell(p['doc'])} |")
             out.append("")
     return "\n".join(out).strip() + "\n"
 

@@ -27,8 +27,9 @@ DEFAULT_ACT_MOMENTUM = 0.1
 
 
 def increasing_fractions(value) -> list[float]:
-    """A list of strictly increasing numbers in (0, 1] (how many the bit width needs is checked
-    when the quantizer is built)."""
+    """A list of strictly increasing numbers in (0, 1].
+
+    How many the bit width needs is checked when the quantizer is built."""
     if not isinstance(value, (list, tuple)) or not value or any(
             isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
         raise ValueError("expected a non-empty list of numbers")

@@ -56,8 +56,10 @@ class ApproxSign(MinwEstimator):
 
     @staticmethod
     def proxy(x: torch.Tensor) -> torch.Tensor:
-        """F(x), whose derivative is the pseudo-gradient."""
-        return torch.where(x < 0, 2 * x + x * x, 2 * x - x * x).clamp(-1, 1)
+        """F(x), whose derivative is the pseudo-gradient (x is clamped to [−1, 1] first: beyond it the
+        quadratics turn back, e.g. 2x + x² = 3 at x = −3)."""
+        x = x.clamp(-1, 1)
+        return torch.where(x < 0, 2 * x + x * x, 2 * x - x * x)
 
     def pseudo_grad(self, x, g):  # g·max(2 − 2|x|, 0): 2 − 2|x| in one pass (2|x| is exact), the rest in place
         with one_thread(x):

@@ -70,12 +70,72 @@ def test_unknown_things_raise_errors_that_list_what_exists():
         E.create_estimator("aqe", bits=3, pow2_thresholds=[0.1, 0.2])
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_class_built_without_arguments_is_create_estimator_s_default(name):
+    """``Cls()`` is a 1-bit weight estimator with the default parameters, as ``create_estimator(name)`` is."""
+    est, made = E.get_estimator_class(name)(), E.create_estimator(name)
+    assert (est.bits, est.role, est.hparams) == (made.bits, made.role, made.hparams) and est.bits == 1
+    assert torch.equal(est.level_set(), made.level_set())
+
+
+def test_a_float_parameter_given_an_int_is_stored_as_a_float():
+    """Through the class and through validate_estimator_params alike (a spec's JSON 1 and 1.0 are one value)."""
+    est = E.create_estimator("aqe", alpha_start=1, act_momentum=1)
+    assert type(est.hparams["alpha_start"]) is float and type(est.hparams["act_momentum"]) is float
+    full = E.validate_estimator_params("ede", {"t_max": 20})
+    assert type(full["t_max"]) is float and (full["t_min"], full["t_max"]) == (0.1, 20.0)
+
+
+@pytest.mark.parametrize("value, kept", [
+    ([0.02, 0.07, 0.14], [0.02, 0.07, 0.14]), ((1e-9, 1), [1e-9, 1.0]), ([1], [1.0]),
+    ([0.0, 0.5, 0.9], "increasing fractions"), ([-0.1, 0.5], "increasing fractions"),
+    ([0.5, 1.0000001], "increasing fractions"), ([0.5, 0.5], "increasing fractions"),
+    ([0.1, True], "list of numbers"), ([True], "list of numbers"), (["0.1"], "list of numbers"),
+    ([], "list of numbers"), ("0.1", "list of numbers"),
+])
+def test_pow2_thresholds_are_increasing_fractions_in_zero_one(value, kept):
+    """The rule is (0, 1] and strictly increasing, checked at any bit width (also where pow2 is not used)."""
+    if isinstance(kept, list):
+        assert E.create_estimator("aqe", bits=2, pow2_thresholds=value).hparams["pow2_thresholds"] == kept
+    else:
+        with pytest.raises(ValueError, match=rf"pow2_thresholds=.* is not allowed: expected .*{kept}"):
+            E.create_estimator("aqe", bits=2, pow2_thresholds=value)
+
+
 def test_catalog_lists_parameters_and_formulas():
     cat = {e["name"]: e for e in E.estimator_catalog()}
     assert set(cat) == set(NAMES)
     assert cat["aqe"]["params"]["backward"]["choices"] == ["eq18", "alg1", "autodiff"]
     assert "α·Q(x) + (1 − α)·x" in cat["aqe"]["formula"]
     assert cat["aqe"]["scheduled"] and not cat["ste"]["scheduled"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_allowed_range_is_what_check_accepts(name):
+    """The catalogue's "allowed" text (README) gives the bounds check() enforces, both ends inclusive."""
+    cls = E.get_estimator_class(name)
+    for k, p in cls.params.items():
+        if p.low is None:
+            continue
+        assert p.allowed() == f"[{p.low:.12g}, {p.high:.12g}]", (name, k)
+        for ok in (p.low, p.high):
+            assert p.check(name, k, ok) == ok
+        for bad in (p.low - 1e-9, p.high + 1e-9):
+            with pytest.raises(ValueError, match=rf"{name}: {k}=.* is outside \[{p.low}, {p.high}\]"):
+                p.check(name, k, bad)
+
+
+def test_allowed_text_for_each_kind_of_parameter():
+    from estimators.base import Param
+    from estimators.minw import increasing_fractions
+
+    assert Param("a", "", choices=("a", "b")).allowed() == "one of a, b"
+    assert Param(0.5, "", low=1e-6, high=1e3).allowed() == "[1e-06, 1000]"
+    assert Param(0.5, "", low=0.0).allowed() == "≥ 0" and Param(0.5, "", high=2.5).allowed() == "≤ 2.5"
+    assert Param(3, "").allowed() == "any number" and Param(True, "").allowed() == "true or false"
+    assert Param(None, "", validate=increasing_fractions).allowed() == (
+        "a list of strictly increasing numbers in (0, 1], or null")
+    assert Param(None, "").allowed() == "any"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -163,6 +163,15 @@ def test_backward_matches_formula(case, shape, dtype, role, bits):
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("bits", [1, 2])
+def test_xnor_weights_of_a_layer_with_one_output_filter(bits):
+    """n = c·k·k is one filter's size also when there is only one filter (a 1-output layer)."""
+    est = E.create_estimator("xnor", bits=bits, role="weight")
+    torch.manual_seed(bits)
+    x, g = torch.randn(1, 6, 3, 3, dtype=torch.float64) * 0.8, torch.randn(1, 6, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(_grad(est, x, g), ref_xnor(x, g, est))
+
+
 def test_input_seeds_are_the_same_in_every_process():
     # pinned: a failure above is reproduced by rerunning it, whatever PYTHONHASHSEED the process drew
     assert stable_seed("ste", (7,), "weight", 1) == 1939479238
@@ -187,6 +196,13 @@ def test_pact_gradients(bits, dtype):
     torch.testing.assert_close(est.alpha.grad, (g * (x >= a).to(dtype)).sum().to(est.alpha.dtype))
 
 
+def test_pact_schedule_values_are_the_learned_alpha_of_activations():
+    act, weight = E.create_estimator("pact", bits=2, role="activation", alpha_init=0.8), E.create_estimator("pact", 2)
+    with torch.no_grad():
+        act.alpha.fill_(0.625)
+    assert act.schedule_values() == {"alpha": 0.625} and weight.schedule_values() == {}
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3])
 @pytest.mark.parametrize("role", ["weight", "activation"])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -207,6 +223,31 @@ def test_lsq_gradients(bits, role, dtype):
     n = v.numel() if role == "weight" else v[0].numel()
     want = (g * ds).sum() / math.sqrt(n * q_p)
     torch.testing.assert_close(est.step.grad, want.to(est.step.dtype), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits, q_n, q_p", [(1, 1, 1), (2, 2, 1), (3, 4, 3), (4, 8, 7), (8, 128, 127)])
+def test_lsq_levels_are_minus_q_n_to_q_p_steps(bits, q_n, q_p):
+    """Q_N = 2^(b−1), Q_P = 2^(b−1) − 1 (signed b-bit integers); at 1 bit ±1 (sign), with no 0."""
+    est = E.create_estimator("lsq", bits=bits, role="activation")
+    assert (est.q_n, est.q_p) == (q_n, q_p)
+    want = [-1.0, 1.0] if bits == 1 else [float(k) for k in range(-q_n, q_p + 1)]
+    assert est.level_set().tolist() == want
+    est(torch.full((2, 4), 0.25))  # s = 2·0.25/√Q_P
+    v = torch.linspace(-1.5 * q_n, 1.5 * q_p, 4001).reshape(1, -1) * float(est.step.detach())
+    assert set((est(v) / est.step.detach()).round().tolist()[0]) == set(want)
+
+
+@pytest.mark.parametrize("role", ["weight", "activation"])
+def test_lsq_step_is_initialised_once_then_learned(role):
+    """s = 2·mean|v|/√Q_P from the first training batch only: a later batch (here of one sample) keeps it, and
+    its gradient scale uses n = that sample's size (activations) or the tensor's (weights), 6 either way."""
+    est = E.create_estimator("lsq", bits=2, role=role)  # Q_N = 2, Q_P = 1
+    est(torch.full((4, 6), 0.5))
+    assert bool(est.initialized) and float(est.step.detach()) == 1.0
+    v = torch.full((1, 6), 3.0, requires_grad=True)
+    est(v).backward(torch.ones(1, 6))
+    assert float(est.step.detach()) == 1.0 and v.grad.tolist() == [[0.0] * 6]  # u = 3 ≥ Q_P: clipped
+    assert float(est.step.grad) == pytest.approx(6 * 1 / math.sqrt(6 * 1))  # Σ g·Q_P / √(n·Q_P)
 
 
 def dsq_reference(x, alpha, bits):
@@ -275,6 +316,16 @@ def test_pseudo_gradient_is_the_derivative_of_the_proxy(name):
     (dproxy,) = torch.autograd.grad(est.proxy(xg).sum(), xg)
     g = torch.ones_like(x)
     torch.testing.assert_close(_grad(est, x, g), dproxy)
+
+
+def test_approx_sign_proxy_is_flat_outside_the_unit_interval():
+    """F = −1 for x < −1 and 1 for x ≥ 1 (the quadratics turn back there), so F' = 0 = the pseudo-gradient."""
+    est = E.create_estimator("approx_sign", bits=1, role="activation")
+    x = torch.tensor([-3.0, -1.5, -1.01, 1.0, 1.01, 1.5, 3.0], dtype=torch.float64, requires_grad=True)
+    f = est.proxy(x)
+    assert f.tolist() == [-1, -1, -1, 1, 1, 1, 1]
+    (df,) = torch.autograd.grad(f.sum(), x)
+    assert df.tolist() == [0.0] * 7 == _grad(est, x.detach(), torch.ones_like(x)).tolist()
 
 
 def test_ede_pseudo_gradient_is_accurate_in_its_tails():

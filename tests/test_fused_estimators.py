@@ -172,6 +172,33 @@ def test_fused_forward_is_bit_identical_and_gradients_equal(name, role, bits, dt
 
 
 @pytest.mark.parametrize("name, role", CASES)
+def test_a_zero_upstream_gradient_gives_zero(name, role):
+    """Where ∂L/∂y = 0, ∂L/∂x = 0 on both paths (EWGS: sign(0) = 0 scales nothing; no 0·∞)."""
+    est = make(name, role, 2, torch.float64)
+    x = inputs(name, est, torch.float64)
+    x = x[x.isfinite()]
+    g = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    g[::3] = 0.0
+    for fn in (fused, REFERENCES[name]):
+        _, gx, _ = run(est, fn, x, g)
+        assert torch.equal(gx[::3], torch.zeros_like(gx[::3])), fn
+
+
+@pytest.mark.parametrize("name, role", CASES)
+def test_a_second_derivative_through_a_fused_function_is_refused(name, role):
+    """The fused backwards are straight-through rules, not derivatives of the forward: differentiating them again
+    raises (``once_differentiable``) instead of giving a number."""
+    est = make(name, role, 2, torch.float64)
+    x = inputs(name, est, torch.float64).requires_grad_(True)
+    y = est(x)
+    assert type(y.grad_fn).__name__ == fused_name(name, role, 2)
+    g = torch.ones_like(y, requires_grad=True)
+    (gx,) = torch.autograd.grad(y, x, g, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize("name, role", CASES)
 def test_eval_and_no_grad_give_the_training_values(name, role):
     """The hard quantizer (eval) and a no-grad training forward return the fused forward's values."""
     for bits in (2, 3):
@@ -214,6 +241,21 @@ def test_nan_and_infinite_inputs(name, role, bits):
         assert all(v == 0 or v == g[nan][i] or math.isnan(v) for i, v in enumerate(gx1[nan].tolist()))
 
 
+@pytest.mark.parametrize("size", [1, 5, 9, 17, 33])
+def test_lsq_nan_input_gets_clamp_s_zero_wherever_it_lies(size):
+    """HardTanh's backward kernel gives a NaN x the gradient g in its scalar tail (0 in its vector body): LSQ
+    zeroes it as clamp does, wherever the NaN falls, on the step's path and on v's."""
+    est = make("lsq", "activation", 2, torch.float64)
+    x = torch.linspace(-0.5, 0.5, size, dtype=torch.float64).reshape(1, size)
+    x[0, -1] = math.nan
+    g = torch.ones_like(x)
+    _, gx, gp = run(est, fused, x, g)
+    assert gx[0, -1] == 0 and gp["step"].isnan()
+    est.step.requires_grad_(False)
+    _, gx, _ = run(est, fused, x, g)
+    assert gx[0, -1] == 0
+
+
 def test_lsq_step_that_is_not_positive_falls_back_to_the_composition():
     est = make("lsq", "activation", 2, torch.float64)
     x = inputs("lsq", est, torch.float64)
@@ -228,16 +270,19 @@ def test_lsq_step_that_is_not_positive_falls_back_to_the_composition():
         torch.testing.assert_close(gx1, gx0, equal_nan=True)
 
 
-def test_pact_alpha_that_is_not_positive_falls_back_to_the_composition():
+@pytest.mark.parametrize("alpha", [-0.2, 0.0, math.inf, math.nan])
+def test_pact_alpha_that_is_not_positive_falls_back_to_the_composition(alpha):
+    """α ≤ 0 or not finite (α = 0 included: the fused forward divides by α) runs the composition."""
     est = make("pact", "activation", 2, torch.float64)
     x = inputs("pact", est, torch.float64)
     g = torch.randn(x.shape, dtype=torch.float64)
     with torch.no_grad():
-        est.alpha.fill_(-0.2)
+        est.alpha.fill_(alpha)
     y1, gx1, gp1 = run(est, fused, x, g)
     y0, gx0, gp0 = run(est, pact_reference, x, g)
     assert type(y1.grad_fn).__name__ != "PACTFunctionBackward"
-    assert torch.equal(y1, y0) and torch.equal(gx1, gx0) and torch.equal(gp1["alpha"], gp0["alpha"])
+    for got, want in ((y1, y0), (gx1, gx0), (gp1["alpha"], gp0["alpha"])):
+        assert torch.equal(as_bits(got), as_bits(want))
 
 
 @pytest.mark.parametrize("name, role", [("lsq", "activation"), ("lsq", "weight"), ("pact", "activation")])

@@ -382,3 +382,16 @@ def test_on_cuda_the_fast_paths_match_the_composed_reference():
                 except AssertionError as e:
                     failures.append(f"{name} W{bits} {role} {mode}: {str(e).splitlines()[0][:200]}")
     assert failures == []
+
+
+@pytest.mark.parametrize("scale", [None, 0.75])
+def test_clipped_grad_of_an_empty_tensor_is_empty(scale):
+    """No min/max read of an empty x (it has none): the mask path gives the empty gradient, as for a 1-bit
+    estimator's empty batch."""
+    from estimators.minw import clipped_grad
+
+    x, g = torch.empty(0, 3), torch.empty(0, 3)
+    assert clipped_grad(x, g, scale).shape == (0, 3)
+    xg = torch.empty(0, 4, requires_grad=True)
+    E.create_estimator("aqe", bits=1).train()(xg).sum().backward()
+    assert xg.grad.shape == (0, 4)

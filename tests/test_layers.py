@@ -14,6 +14,12 @@ def test_qconv2d_quantizes_input_and_weight():
     torch.testing.assert_close(conv(x), want)
 
 
+def test_layer_arguments_can_be_given_by_keyword():
+    lin = E.QLinear(in_features=4, out_features=3, bias=True, w_bits=2, a_bits=2)
+    assert lin.bias is not None and lin.bias.shape == (3,) and lin.weight.shape == (3, 4)
+    assert E.QLinear(4, 3).bias is None
+
+
 def test_32_bits_means_float():
     lin = E.QLinear(4, 3, w_bits=32, a_bits=32)
     assert lin.weight_quantizer is None and lin.input_quantizer.quantizer is None
@@ -116,3 +122,23 @@ def test_learned_values_are_reported_per_role_schedules_per_estimator():
     values = E.schedule_values(net)
     assert set(values) == {"lsq.weight.step", "lsq.activation.step", "aqe.alpha"}
     assert values["lsq.weight.step"] == pytest.approx(float(net[0].weight_quantizer.step))
+
+
+
+def test_training_forward_runs_the_soft_estimators_mix_and_calibration_restores_batchnorm():
+    """model_tools.training_forward: AQE computes its training mix (not its hard Q) inside, the rest as in eval;
+    calibrate_activation_stats puts each BatchNorm's momentum back."""
+    torch.manual_seed(0)
+    net = nn.Sequential(E.QLinear(6, 5, w_bits=32, a_bits=1, estimator="aqe"), nn.BatchNorm1d(5, momentum=0.3))
+    E.set_progress(net, 1, 4)  # α < 1: the mix differs from Q
+    x = torch.randn(8, 6)
+    (aqe,) = E.soft_estimators(net)
+    with torch.no_grad():
+        hard = net.eval()(x)
+        with E.training_forward(net) as soft:
+            mixed = net(x)
+        want = net[1](torch.nn.functional.linear(aqe.train_forward(x), net[0].weight))
+    assert soft and not net.training and not torch.equal(mixed, hard)
+    torch.testing.assert_close(mixed, want)
+    E.calibrate_activation_stats(net, [x])
+    assert net[1].momentum == 0.3
