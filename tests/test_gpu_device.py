@@ -58,6 +58,7 @@ def test_a_gpu_trial_without_cuda_fails_and_says_why(no_cuda):
     msg = str(e.value)
     assert "asked for 0.25 GPU" in msg and "no CUDA device" in msg and socket.gethostname() in msg
     assert "resources.cpu_fallback" in msg and torch.__version__ in msg
+    assert (f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA") in msg
 
 
 def test_the_cpu_fallback_trains_on_the_cpu_and_warns(no_cuda, caplog):
