@@ -116,7 +116,6 @@ class HWGQ(XNOR):
     paper = ("Cai, He, Sun, Vasconcelos, 'Deep Learning with Low Precision by Half-wave Gaussian Quantization', "
              "CVPR 2017")
     grids = ("half_normal",)
-    cuda_graphs = True  # activations by a table lookup (bucketize, index): no host sync
     params = {  # XNOR's but the grid and activation statistics, which the half-normal levels don't use
         **LEVEL_PARAMS, "scale": XNOR.params["scale"],
         "levels": Param("uniform", "activation levels on the half-normal: Lloyd-optimal uniform step (the "

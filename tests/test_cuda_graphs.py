@@ -18,7 +18,7 @@ from workers.train import build_optimizer, deterministic, run_trial, train_epoch
 CUDA = torch.device("cuda")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 #: the estimators whose CUDA paths make no host sync: the MINW-Net family (tested on CUDA in test_fused_minw)
-#: and HWGQ (XNOR's weights, activations by a table lookup)
+#: and HWGQ (an XNOR subclass: its activations are a table lookup, bucketize and index)
 CAPTURED = {"ste", "clipped_ste", "aqe", "approx_sign", "ede", "reste", "xnor", "hwgq"}
 
 

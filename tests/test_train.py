@@ -243,7 +243,7 @@ def test_optimizers_get_the_specs_settings():
     assert type(build_optimizer(params, Optimizer(name="adamw"))) is torch.optim.AdamW
 
 
-def test_an_epoch_without_batches_reports_nothing_trained():
+def test_an_epoch_reports_mean_loss_accuracy_and_images_or_nothing_without_batches():
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loss, acc, n = train_epoch(model, opt, [])
