@@ -15,12 +15,13 @@ import torch
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+import workers.train
 from service import store
 from service.app import create_app
 from service.config import Settings
 from service.db import make_engine, migrate, session_factory
 from workers.spec import parse_spec
-from workers.train import NoCudaDeviceError, resolve_device
+from workers.train import NoCudaDeviceError, release_memory, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +78,43 @@ def test_cpu_trials_and_an_explicit_device_need_no_gpu(no_cuda, caplog):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_gpu_trial_with_cuda_trains_on_it():
     assert resolve_device(gpu_spec()).type == "cuda"
+
+
+# -- the CUDA branches, on a CPU machine: torch.cuda's calls replaced by recorders ------------
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda as a trial on GPU 3 sees it; returns the calls made to it."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["cuda rng"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(("set_rng", states)))
+    return calls
+
+
+def test_a_gpu_trial_runs_on_the_current_cuda_device_unless_one_is_named(fake_cuda):
+    assert resolve_device(gpu_spec()) == torch.device("cuda", 3)
+    assert resolve_device(gpu_spec(), "cuda") == torch.device("cuda", 3)
+    assert resolve_device(gpu_spec(), "cuda:1") == torch.device("cuda", 1)
+
+
+def test_after_a_cuda_trial_the_cached_blocks_go_back_to_the_driver(fake_cuda):
+    release_memory(torch.device("cpu"))
+    assert fake_cuda == []
+    release_memory(torch.device("cuda", 3))
+    assert fake_cuda == ["empty_cache"]
+
+
+def test_a_cuda_trials_checkpoint_holds_and_restores_the_cuda_generators(fake_cuda):
+    gen, cuda, cpu = torch.Generator(), torch.device("cuda", 3), torch.device("cpu")
+    on_gpu, on_cpu = workers.train._rng_state(gen, cuda), workers.train._rng_state(gen, cpu)
+    assert on_gpu["cuda"] == ["cuda rng"] and on_cpu["cuda"] is None
+    workers.train._set_rng_state(on_cpu, gen, cuda)  # a state without CUDA generators: nothing to restore
+    workers.train._set_rng_state(on_gpu, gen, cpu)  # a CPU trial leaves the CUDA generators alone
+    assert fake_cuda == []
+    workers.train._set_rng_state(on_gpu, gen, cuda)
+    assert fake_cuda == [("set_rng", ["cuda rng"])]
 
 
 # -- through a real dispatcher and Ray, on a node whose GPU torch cannot see ------------------

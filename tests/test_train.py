@@ -188,6 +188,35 @@ def test_a_last_batch_of_one_is_dropped(epoch_labels):
     assert len(load_dataset("digits", seed=0).train_y) == 1077 and len(epoch_labels[0]) == 1076
 
 
+@pytest.mark.parametrize(("n_train", "batch", "drops"), [
+    (1077, 269, True), (129, 128, True), (1077, 128, False), (256, 128, False), (1, 128, False), (1, 1, False)])
+def test_only_a_last_batch_of_one_image_is_dropped_never_the_whole_training_set(n_train, batch, drops):
+    assert workers.train.drops_last_batch(n_train, batch) is drops
+
+
+def test_the_packed_check_takes_whole_test_images_within_its_byte_budget(monkeypatch):
+    """n = PACKED_CHECK_BYTES // (4 · image size), at least one and at most PACKED_CHECK_SAMPLES; none for float."""
+    digits = load_dataset("digits", seed=0)
+    spec = make_spec(estimators=["ste"])
+    seen = []
+
+    def check(model, x, y):
+        seen.append((len(x), y.tolist()))
+        return {"packed_bytes": 7, "packed_agreement": 1.0}
+
+    quantized, full = trial_of(spec, "ste-w1a1-s0"), next(t for t in spec.trials() if t.is_float)
+    for budget, n in ((4 * 64 * 10 + 255, 10), (100, 1), (2**40, len(digits.test_y))):  # 1×8×8 float32 images
+        monkeypatch.setattr(workers.train, "PACKED_CHECK_BYTES", budget)
+        assert workers.train.packed_metrics(None, quantized, digits, check) == {"packed_bytes": 7,
+                                                                                "packed_agreement": 1.0}
+        assert seen.pop() == (n, digits.test_y[:n].tolist())
+    monkeypatch.setattr(workers.train, "PACKED_CHECK_SAMPLES", 3)
+    workers.train.packed_metrics(None, quantized, digits, check)
+    assert seen.pop()[0] == 3
+    assert workers.train.packed_metrics(None, full, digits, check) == {"packed_bytes": None, "packed_agreement": None}
+    assert workers.train.packed_metrics(None, quantized, digits, None)["packed_agreement"] is None and seen == []
+
+
 def test_best_epoch_is_the_first_of_equal_validation_accuracies(monkeypatch):
     monkeypatch.setattr(workers.train, "evaluate", lambda model, batches: 0.5)
     spec = make_spec(epochs=3, estimators=["ste"], include_full_precision=False)

@@ -357,6 +357,12 @@ def run_trial(
             release_memory(dev)
 
 
+def drops_last_batch(n_train: int, batch_size: int) -> bool:
+    """Whether an epoch drops its last batch: when it would hold a single image (BatchNorm cannot train on
+    one sample), unless that image is the whole training set (dropping it would train on nothing)."""
+    return n_train % batch_size == 1 and n_train > 1
+
+
 def release_memory(dev: torch.device) -> None:
     """After a trial: collect what it left in reference cycles and, on CUDA, hand the allocator's cached
     blocks back to the driver (other processes sharing the GPU can use them)."""
@@ -375,7 +381,7 @@ def _run(spec, trial, on_epoch, resume_state, dev, data_dir, packed_check) -> di
     sched = build_scheduler(opt, spec.lr_schedule, epochs)
     gen = torch.Generator(device=dev).manual_seed(trial.seed)
     n_train = len(data.train_y)
-    drop_last = n_train % spec.batch_size == 1 and n_train > 1  # BatchNorm needs more than one sample
+    drop_last = drops_last_batch(n_train, spec.batch_size)
     train_loader = data.loader("train", spec.batch_size, generator=gen, drop_last=drop_last)
     val_loader, test_loader = data.loader("val", spec.batch_size), data.loader("test", spec.batch_size)
     top5 = data.num_classes >= TOP5_MIN_CLASSES
