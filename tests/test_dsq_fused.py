@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import estimators as E
 from estimators.dsq import DSQFunction, dsq_quantize, dsq_soft
@@ -285,3 +286,39 @@ def test_a_wrong_backward_would_be_caught():
     assert 1e-6 * scale < 3e-3 * abs(float(ga0))  # float32 tolerance: under 0.3% of the gradient here
     with pytest.raises(AssertionError):
         torch.testing.assert_close(gx1, gx0 * (1 + 1e-4), **close_tol(torch.float32))
+
+
+class TorchCalls(TorchFunctionMode):
+    """The names of the torch functions and tensor methods called while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("bits, low, high, shortcut", [
+    (1, -1.0, 1.0, True), (1, -0.5, 0.5, True), (2, -1.0, 1.0, False), (1, 0.0, 1.0, False), (1, -1.0, 0.5, False)])
+def test_one_bit_centred_on_zero_skips_the_interval_index(bits, low, high, shortcut):
+    """One interval centred on 0 (m = 0, levels ±u) needs no interval index: the forward is tanh(k·x) and its
+    sign, without the floor of (x − l)/Δ (3 passes instead of 10). Other cases compute the index."""
+    x = torch.randn(64, requires_grad=True)
+    with TorchCalls() as calls:
+        y = dsq_quantize(x, torch.tensor(0.2), bits, low, high)
+    assert ("floor_" not in calls.names) is shortcut
+    soft, hard = dsq_soft(x.detach(), torch.tensor(0.2), bits, low, high)
+    assert torch.equal(y.detach(), hard)
+
+
+def test_a_second_derivative_through_the_fused_function_is_refused():
+    """The backward is DSQ's soft gradient, not the derivative of the hard forward: differentiating it again
+    raises (``once_differentiable``) instead of giving a number."""
+    x = inputs(2, torch.float64).requires_grad_(True)
+    y = dsq_quantize(x, torch.tensor(0.2, dtype=torch.float64, requires_grad=True), 2)
+    assert type(y.grad_fn).__name__ == "DSQFunctionBackward"
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y, requires_grad=True), create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        gx.sum().backward()
