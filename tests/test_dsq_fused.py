@@ -322,3 +322,37 @@ def test_a_second_derivative_through_the_fused_function_is_refused():
     (gx,) = torch.autograd.grad(y, x, torch.ones_like(y, requires_grad=True), create_graph=True)
     with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("size", [8, 9, 33])
+def test_nan_input_gets_clamp_s_zero_wherever_it_lies_alpha_learned_or_not(bits, size):
+    """HardTanh's backward kernel gives a NaN x the gradient g in its scalar tail (0 in its vector body): DSQ
+    zeroes it as clamp does wherever the NaN falls, whether α takes a gradient (which then is NaN) or not."""
+    x = torch.linspace(-0.9, 0.9, size, dtype=torch.float64)
+    x[-1] = math.nan
+    for alpha_learned in (True, False):
+        alpha = torch.tensor(0.2, dtype=torch.float64, requires_grad=alpha_learned)
+        xg = x.clone().requires_grad_(True)
+        dsq_quantize(xg, alpha, bits).backward(torch.ones_like(x))
+        assert xg.grad[-1] == 0 and (xg.grad[:-1] != 0).all()
+        assert not alpha_learned or alpha.grad.isnan()
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("alpha", [0.05, 0.2, 0.9])
+def test_the_soft_staircase_meets_the_levels_at_the_interval_edges_and_is_halfway_at_the_midpoints(bits, alpha):
+    """Q_S(l + iΔ) = l + iΔ (φ = s·tanh(∓kΔ/2) = ∓1 there) and Q_S(m_i) = m_i, for every α: the soft
+    staircase joins the quantization levels, and hard(x) is the level on x's side of m_i."""
+    n = 2**bits - 1
+    delta = 2 / n
+    edges = -1 + delta * torch.arange(n + 1, dtype=torch.float64)
+    mids = -1 + delta * (torch.arange(n, dtype=torch.float64) + 0.5)
+    a = torch.tensor(alpha, dtype=torch.float64)
+    soft, hard = dsq_soft(edges, a, bits)
+    torch.testing.assert_close(soft, edges, rtol=0, atol=1e-12)
+    assert torch.equal(hard, edges)
+    soft, _ = dsq_soft(mids, a, bits)
+    torch.testing.assert_close(soft, mids, rtol=0, atol=1e-12)
+    _, hard = dsq_soft(torch.cat([mids - delta / 4, mids + delta / 4]), a, bits)
+    assert torch.equal(hard, torch.cat([edges[:-1], edges[1:]]))
