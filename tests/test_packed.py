@@ -480,3 +480,23 @@ def test_conv_bias_then_max_pool_runs_in_float_as_torch_does(tmp_path, a_bits):
     with torch.no_grad():
         ref = model(x).permute(0, 2, 3, 1).numpy()
     assert (PackedNet.load(tmp_path / "b.bbpack", threads=1)._forward(x.numpy()) == ref).all()
+
+
+@pytest.mark.parametrize("a_bits", [1, 2])
+def test_non_square_kernels_with_padding_agree_with_torch(tmp_path, a_bits):
+    """3×1 and 1×3 kernels, padded: the padded taps' correction counts kh·kw taps per output (Σ_c w per tap)."""
+    torch.manual_seed(6)
+    q = dict(estimator="aqe", estimator_params={"act_stats": "per_sample"})
+    model = nn.Sequential(QConv2d(4, 8, (3, 1), 1, (1, 0), w_bits=1, a_bits=a_bits, **q),
+                          nn.BatchNorm2d(8), nn.Hardtanh(),
+                          QConv2d(8, 4, (1, 3), (1, 2), (0, 1), w_bits=2, a_bits=a_bits, **q))
+    with torch.no_grad():
+        model[1].running_mean.normal_(0, 1)
+        model[1].running_var.uniform_(1, 4)
+    model.eval()
+    export_model(model, tmp_path / "k.bbpack", input_shape=(4, 6, 7))
+    x = torch.randn(5, 4, 6, 7)
+    with torch.no_grad():
+        ref = model(x).permute(0, 2, 3, 1).numpy()
+    got = PackedNet.load(tmp_path / "k.bbpack", threads=1)._forward(x.numpy())
+    assert got.shape == ref.shape == (5, 6, 4, 4) and (got == ref).all()
