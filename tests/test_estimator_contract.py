@@ -155,3 +155,40 @@ def test_scheduled_says_whether_training_progress_changes_the_estimator(name):
     (y0, g0), (y1, g1) = output_and_gradient(0), output_and_gradient(4)
     changes = not (torch.equal(y0, y1) and torch.equal(g0, g1))
     assert E.get_estimator_class(name).scheduled == changes
+
+
+def test_progress_is_the_epoch_over_the_total_within_zero_and_one():
+    est = E.create_estimator("aqe", bits=1)
+    assert est.progress == 0.0  # before training
+    for (epoch, total), progress in {(1, 1): 1.0, (1, 4): 0.25, (4, 4): 1.0, (5, 4): 1.0, (-1, 4): 0.0,
+                                     (0, 0): 0.0}.items():
+        est.set_progress(epoch, total)
+        assert est.progress == progress, (epoch, total)
+
+
+def test_an_estimators_grid_is_the_one_asked_for_or_its_own():
+    assert E.create_estimator("aqe").grid == "minw"
+    assert E.create_estimator("aqe", grid="uniform_signed").grid == "uniform_signed"
+    assert E.create_estimator("dorefa").grid == "uniform" and E.create_estimator("dsq").grid == "uniform_signed"
+
+
+def test_parameter_specs_cannot_be_changed_on_an_estimator_class():
+    """Param objects are shared by every instance (and the catalogue): frozen, so no caller can move a default."""
+    import dataclasses
+
+    from estimators.base import get_estimator_class
+
+    p = get_estimator_class("dsq").params["alpha_init"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.default = 0.5
+
+
+def test_round_ste_rounds_forward_and_passes_the_gradient_unchanged():
+    from estimators.base import round_ste
+
+    x = torch.tensor([-1.5, -0.4, 0.5, 0.6, 2.49, 3.0], requires_grad=True)
+    y = round_ste(x)
+    assert torch.equal(y, torch.round(x.detach()))
+    g = torch.arange(1.0, 7.0)
+    y.backward(g)
+    assert torch.equal(x.grad, g)

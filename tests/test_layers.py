@@ -140,5 +140,14 @@ def test_training_forward_runs_the_soft_estimators_mix_and_calibration_restores_
         want = net[1](torch.nn.functional.linear(aqe.train_forward(x), net[0].weight))
     assert soft and not net.training and not torch.equal(mixed, hard)
     torch.testing.assert_close(mixed, want)
+    mean, var = net[1].running_mean.clone(), net[1].running_var.clone()
     E.calibrate_activation_stats(net, [x])
     assert net[1].momentum == 0.3
+    assert torch.equal(net[1].running_mean, mean) and torch.equal(net[1].running_var, var)  # momentum 0 inside
+
+
+def test_layers_default_to_w1a1_and_convolutions_to_no_padding_as_torchs():
+    lin, conv = E.QLinear(4, 2), E.QConv2d(3, 4, 3)
+    assert (lin.w_bits, lin.a_bits) == (conv.w_bits, conv.a_bits) == (1, 1)
+    assert conv.padding == nn.Conv2d(3, 4, 3).padding == (0, 0)
+    assert conv(torch.randn(1, 3, 5, 5)).shape == (1, 4, 3, 3)
