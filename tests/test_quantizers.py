@@ -120,3 +120,21 @@ def test_registry_lookup_lists_known_names():
     assert Qz.get_quantizer("sign") is Qz.sign
     with pytest.raises(UnknownNameError, match="unknown quantizer 'nope'; known: pow2, sign, ternary, uniform"):
         Qz.get_quantizer("nope")
+
+
+def test_pow2_with_one_threshold_is_a_dead_zone_sign():
+    """q = 1 (2 bits, one threshold t): |x| < t·M → 0, else ±1; the same as the composed staircase."""
+    x = torch.tensor([-2.0, -0.61, -0.6, -0.59, -0.0, 0.0, 0.3, 0.6, 1.0, 2.0])
+    want = torch.tensor([-1.0, -1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    for fn in (Qz.pow2, Qz.pow2_composed):
+        y = fn(x, 2, (0.3,))
+        assert torch.equal(y, want), fn
+    assert torch.equal(Qz.pow2(x, 2, (0.3,)).signbit(), Qz.pow2_composed(x, 2, (0.3,)).signbit())
+
+
+def test_the_quantizers_defaults_are_twns_delta_and_three_bit_powers_of_two():
+    torch.manual_seed(0)
+    x = torch.randn(4, 50)
+    assert torch.equal(Qz.ternary_composed(x), Qz.ternary(x, 0.7))
+    assert torch.equal(Qz.pow2(x), Qz.pow2(x, 3, Qz.POW2_THRESHOLDS_3BIT))
+    assert torch.equal(Qz.pow2_composed(x), Qz.pow2(x, 3))
