@@ -562,3 +562,26 @@ def test_migration_0004_adds_top5_and_keeps_older_epochs(db_url):
         rows = conn.execute(select(metrics.c.epoch, metrics.c.test_acc, metrics.c.test_top5)).all()
     eng.dispose()
     assert [tuple(r) for r in rows] == [(1, 0.5, None)]
+
+
+def test_each_trial_update_changes_its_own_trial_only(session):
+    """Start, provenance, epoch and end of one trial leave every other trial's row as it was."""
+    rid = store.create_run(session, make_spec())[0]["id"]
+    ids = store.trial_ids(session, rid)
+    a = ids["aqe-w1a1-s0"]
+    others = table_rows(session, trials, trials.c.id != a)
+    store.record_trial_start(session, a, device="cpu")
+    store.record_provenance(session, a, {"host": "h", "device": "cuda:0"})
+    assert store.record_epoch(session, a, epoch_metrics(1))
+    store.record_trial_end(session, a, "failed", error="boom")
+    got = store.get_trial(session, a)
+    assert (got["status"], got["device"], got["provenance"]["host"], got["epochs_done"]) == ("failed", "cuda:0", "h", 1)
+    assert table_rows(session, trials, trials.c.id != a) == others
+
+
+def test_a_page_of_trials_is_limit_trials_from_offset_in_grid_order(session):
+    rid = store.create_run(session, make_spec())[0]["id"]
+    keys = [t["key"] for t in store.list_trials(session, rid)]
+    assert len(keys) == 14 and keys == [t.key for t in make_spec().trials()]
+    assert [t["key"] for t in store.list_trials(session, rid, limit=3)] == keys[:3]
+    assert [t["key"] for t in store.list_trials(session, rid, limit=3, offset=12)] == keys[12:]
