@@ -192,3 +192,24 @@ def test_round_ste_rounds_forward_and_passes_the_gradient_unchanged():
     g = torch.arange(1.0, 7.0)
     y.backward(g)
     assert torch.equal(x.grad, g)
+
+
+def test_a_class_answers_which_grid_its_parameters_choose():
+    from estimators.base import get_estimator_class
+
+    aqe = get_estimator_class("aqe")
+    assert aqe.grid_for({}) == "minw" and aqe.grid_for({"grid": "uniform"}) == "uniform"
+
+
+def test_a_number_parameter_refuses_booleans_and_text_and_a_flag_takes_only_booleans():
+    from estimators.base import Param
+
+    number, flag = Param(0.5, "a number", low=0.0, high=1.0), Param(False, "a flag")
+    assert number.check("e", "x", 1) == 1.0
+    for bad in (True, "0.5", None):
+        with pytest.raises(ValueError, match="x must be a number"):
+            number.check("e", "x", bad)
+    assert flag.check("e", "f", True) is True and flag.check("e", "f", False) is False
+    for bad in (1, "yes"):
+        with pytest.raises(ValueError, match="f must be true or false"):
+            flag.check("e", "f", bad)

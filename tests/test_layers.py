@@ -151,3 +151,28 @@ def test_layers_default_to_w1a1_and_convolutions_to_no_padding_as_torchs():
     assert (lin.w_bits, lin.a_bits) == (conv.w_bits, conv.a_bits) == (1, 1)
     assert conv.padding == nn.Conv2d(3, 4, 3).padding == (0, 0)
     assert conv(torch.randn(1, 3, 5, 5)).shape == (1, 4, 3, 3)
+
+
+def test_latent_weights_are_clipped_to_the_unit_interval_where_the_estimator_asks():
+    lin, free = E.QLinear(4, 3, w_bits=1, estimator="aqe"), E.QLinear(4, 3, w_bits=2, estimator="lsq")
+    with torch.no_grad():
+        lin.weight.copy_(torch.linspace(-5, 5, 12).reshape(3, 4))
+        free.weight.copy_(torch.linspace(-5, 5, 12).reshape(3, 4))
+    assert E.clip_latent_weights(nn.Sequential(lin, free)) == 1  # LSQ learns its step: no clip
+    assert lin.weight.min() == -1.0 and lin.weight.max() == 1.0 and free.weight.abs().max() == 5.0
+
+
+@pytest.mark.parametrize("name, bits", [("aqe", 3), ("xnor", 1), ("xnor", 2)])
+def test_weight_levels_are_the_positions_of_the_unscaled_levels(name, bits):
+    """hard(w) = scale·level: the index is level's position in level_set(); a scale of exactly 1 included."""
+    torch.manual_seed(1)
+    layer = E.QLinear(16, 4, w_bits=bits, estimator=name)
+    with torch.no_grad():
+        layer.weight.uniform_(-1, 1).pow_(3)  # many small weights: every level of 3-bit powers of two
+        layer.weight[0] = torch.tensor([1.0, -1.0] * 8)  # mean|w| = 1: XNOR's scale is exactly 1
+    q = layer.weight_quantizer
+    hard, scale = q.hard(layer.weight), q.scale(layer.weight)
+    level = hard if scale is None else hard / scale
+    want = (level.unsqueeze(-1) - q.level_set().to(level.dtype)).abs().argmin(-1)
+    (got,) = E.weight_levels(layer)
+    assert torch.equal(got.long(), want) and len(set(got.flatten().tolist())) >= min(bits + 1, 3)
