@@ -585,3 +585,29 @@ def test_a_page_of_trials_is_limit_trials_from_offset_in_grid_order(session):
     assert len(keys) == 14 and keys == [t.key for t in make_spec().trials()]
     assert [t["key"] for t in store.list_trials(session, rid, limit=3)] == keys[:3]
     assert [t["key"] for t in store.list_trials(session, rid, limit=3, offset=12)] == keys[12:]
+
+
+def test_an_epoch_of_a_queued_trial_starts_it_and_a_repeated_epoch_reports_false(session):
+    rid = store.create_run(session, make_spec())[0]["id"]
+    tid = store.trial_ids(session, rid)["ste-w1a1-s0"]
+    assert store.record_epoch(session, tid, epoch_metrics(1)) is True
+    assert store.get_trial(session, tid)["status"] == "running"
+    assert store.record_epoch(session, tid, epoch_metrics(1, acc=0.9)) is False
+    store.record_trial_end(session, tid, "done", {"final_test_acc": 0.5})
+    assert store.record_epoch(session, tid, epoch_metrics(2)) is True  # a late epoch: stored, the trial stays done
+    got = store.get_trial(session, tid)
+    assert got["status"] == "done" and got["epochs_done"] == 2 and got["metrics"][0]["test_acc"] == 0.5
+
+
+def test_a_heartbeat_exactly_stale_s_old_is_not_stale_yet(session, monkeypatch):
+    import service.store.queue as queue
+
+    rid = store.create_run(session, make_spec())[0]["id"]
+    store.claim_run(session, "w")
+    beat = datetime(2026, 1, 1, 12, 0, 0).astimezone()
+    session.execute(update(runs).where(runs.c.id == rid).values(heartbeat_at=beat))
+    session.commit()
+    monkeypatch.setattr(queue, "utcnow", lambda: beat + timedelta(seconds=30))
+    assert store.requeue_stale(session, 30) == []
+    monkeypatch.setattr(queue, "utcnow", lambda: beat + timedelta(seconds=30, microseconds=1))
+    assert store.requeue_stale(session, 30) == [rid]
