@@ -128,6 +128,11 @@ def test_a_statistic_of_a_larger_shape_broadcasts_as_before():
         assert ternary.shape == pow2.shape == (2, x.shape[-1])
         assert_bit_identical(ternary, Qz.ternary_composed(x, 0.7, mean_abs=s))
         assert_bit_identical(pow2, Qz.pow2_composed(x, 3, max_abs=s))
+    x, s = inputs(torch.float32)[0, :3].reshape(3, 1), torch.tensor([0.3, 0.5])  # (2,) against x's (3, 1)
+    ternary, pow2 = Qz.ternary(x, 0.7, mean_abs=s), Qz.pow2(x, 3, max_abs=s)
+    assert ternary.shape == pow2.shape == (3, 2)
+    assert_bit_identical(ternary, Qz.ternary_composed(x, 0.7, mean_abs=s))
+    assert_bit_identical(pow2, Qz.pow2_composed(x, 3, max_abs=s))
 
 
 def test_a_wrong_threshold_would_be_caught():
