@@ -213,3 +213,27 @@ def test_a_number_parameter_refuses_booleans_and_text_and_a_flag_takes_only_bool
     for bad in (1, "yes"):
         with pytest.raises(ValueError, match="f must be true or false"):
             flag.check("e", "f", bad)
+
+
+def test_an_estimators_repr_gives_its_bits_role_and_parameters():
+    assert repr(E.create_estimator("lsq", bits=2)).endswith("(bits=2, role=weight)")  # LSQ has no parameters
+    aqe = repr(E.create_estimator("aqe", bits=1, role="activation", backward="alg1"))
+    assert "(bits=1, role=activation, " in aqe and "backward=alg1" in aqe
+
+
+def test_the_catalogue_cli_prints_the_block_or_refreshes_a_file(tmp_path, monkeypatch, capsys):
+    from estimators import catalog
+
+    monkeypatch.setattr("sys.argv", ["catalog"])
+    catalog.main()
+    assert capsys.readouterr().out == catalog.catalog_markdown()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{catalog.START}\nstale\n{catalog.END}\nend\n")
+    monkeypatch.setattr("sys.argv", ["catalog", "--write", str(readme)])
+    catalog.main()
+    assert readme.read_text() == f"intro\n{catalog.START}\n{catalog.catalog_markdown()}{catalog.END}\nend\n"
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr("sys.argv", ["catalog", "--help"])
+    with pytest.raises(SystemExit):
+        catalog.main()
+    assert catalog.__doc__.splitlines()[0] in " ".join(capsys.readouterr().out.split())

@@ -148,7 +148,7 @@ def test_training_forward_runs_the_soft_estimators_mix_and_calibration_restores_
 
 def test_layers_default_to_w1a1_and_convolutions_to_no_padding_as_torchs():
     lin, conv = E.QLinear(4, 2), E.QConv2d(3, 4, 3)
-    assert (lin.w_bits, lin.a_bits) == (conv.w_bits, conv.a_bits) == (1, 1)
+    assert (lin.w_bits, lin.a_bits) == (conv.w_bits, conv.a_bits) == (1, 1) and E.QuantAct().bits == 1
     assert conv.padding == nn.Conv2d(3, 4, 3).padding == (0, 0)
     assert conv(torch.randn(1, 3, 5, 5)).shape == (1, 4, 3, 3)
 
