@@ -176,3 +176,12 @@ def test_weight_levels_are_the_positions_of_the_unscaled_levels(name, bits):
     want = (level.unsqueeze(-1) - q.level_set().to(level.dtype)).abs().argmin(-1)
     (got,) = E.weight_levels(layer)
     assert torch.equal(got.long(), want) and len(set(got.flatten().tolist())) >= min(bits + 1, 3)
+
+
+def test_a_filter_of_zeros_sits_on_the_zero_level_though_its_scale_is_zero():
+    layer = E.QLinear(8, 3, w_bits=2, estimator="xnor")  # ternary × mean|w| per filter: scale 0 for a zero filter
+    with torch.no_grad():
+        layer.weight[0] = 0
+    assert layer.weight_quantizer.scale(layer.weight)[0].item() == 0
+    zero = layer.weight_quantizer.level_set().tolist().index(0.0)
+    assert E.weight_levels(layer)[0][0].tolist() == [zero] * 8
