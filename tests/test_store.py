@@ -611,3 +611,38 @@ def test_a_heartbeat_exactly_stale_s_old_is_not_stale_yet(session, monkeypatch):
     assert store.requeue_stale(session, 30) == []
     monkeypatch.setattr(queue, "utcnow", lambda: beat + timedelta(seconds=30, microseconds=1))
     assert store.requeue_stale(session, 30) == [rid]
+
+
+def test_a_cancel_request_marks_only_its_run(session):
+    a, b = (store.create_run(session, make_spec(n))[0]["id"] for n in ("a", "b"))
+    assert store.request_cancel(session, a)["cancel_requested"]
+    assert store.cancel_requested(session, a) and not store.cancel_requested(session, b)
+
+
+def test_a_runs_results_fingerprint_follows_its_own_rows_only(session, sessions):
+    """The digest changes with the run's row, its trials and its metric rows, not with another run's."""
+    a, b = (store.create_run(session, make_spec(n))[0]["id"] for n in ("a", "b"))
+    assert store.results_fingerprint(session, 10**6) is None
+    status, first = store.results_fingerprint(session, a)
+    assert status == "queued" and len(first) == 64
+    assert store.results_fingerprint(session, b)[1] != first  # another run's rows
+    sink_b = SqlSink(sessions, b)
+    sink_b.on_trial_start("ste-w1a1-s0", {"device": "cpu", "attempt": 1})
+    sink_b.on_epoch("ste-w1a1-s0", epoch_metrics(1))
+    assert store.results_fingerprint(session, a) == ("queued", first)
+    sink = SqlSink(sessions, a)
+    sink.on_trial_start("ste-w1a1-s0", {"device": "cpu", "attempt": 1})
+    after_start = store.results_fingerprint(session, a)[1]
+    sink.on_epoch("ste-w1a1-s0", epoch_metrics(1))
+    after_epoch = store.results_fingerprint(session, a)[1]
+    assert len({first, after_start, after_epoch}) == 3
+
+
+def test_a_report_archive_is_found_by_run_format_and_fingerprint(session):
+    a, b = (store.create_run(session, make_spec(n))[0]["id"] for n in ("a", "b"))
+    store.save_report_archive(session, a, False, "f1", b"html")
+    store.save_report_archive(session, a, True, "f1", b"png")
+    assert store.report_archive(session, a, False, "f1") == b"html"
+    assert store.report_archive(session, a, True, "f1") == b"png"
+    assert store.report_archive(session, a, False, "f2") is None
+    assert store.report_archive(session, b, False, "f1") is None
