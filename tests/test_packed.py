@@ -462,6 +462,16 @@ def test_unsupported_models_are_refused(tmp_path, digits, name, kw, match):
                                                                               "packed_agreement": None}
 
 
+def packed_and_torch_outputs(model, tmp_path, input_shape, n):
+    """The exported engine's last-layer output and torch's eval output (NHWC) on n random images."""
+    model.eval()
+    export_model(model, tmp_path / "m.bbpack", input_shape=input_shape)
+    x = torch.randn(n, *input_shape)
+    with torch.no_grad():
+        ref = model(x).permute(0, 2, 3, 1).numpy()
+    return PackedNet.load(tmp_path / "m.bbpack", threads=1)._forward(x.numpy()), ref
+
+
 @pytest.mark.parametrize("a_bits", [2, 3])
 def test_conv_bias_then_max_pool_runs_in_float_as_torch_does(tmp_path, a_bits):
     """A conv with a bias before its max-pool: z = maxpool(s·A + b), pooled after the bias, in float32
@@ -474,12 +484,8 @@ def test_conv_bias_then_max_pool_runs_in_float_as_torch_does(tmp_path, a_bits):
         model[0].bias.normal_(0, 2)
         model[2].running_mean.normal_(0, 2)
         model[2].running_var.uniform_(1, 10)
-    model.eval()
-    export_model(model, tmp_path / "b.bbpack", input_shape=(8, 8, 8))
-    x = torch.randn(6, 8, 8, 8)
-    with torch.no_grad():
-        ref = model(x).permute(0, 2, 3, 1).numpy()
-    assert (PackedNet.load(tmp_path / "b.bbpack", threads=1)._forward(x.numpy()) == ref).all()
+    got, ref = packed_and_torch_outputs(model, tmp_path, (8, 8, 8), 6)
+    assert (got == ref).all()
 
 
 @pytest.mark.parametrize("a_bits", [1, 2])
@@ -493,10 +499,5 @@ def test_non_square_kernels_with_padding_agree_with_torch(tmp_path, a_bits):
     with torch.no_grad():
         model[1].running_mean.normal_(0, 1)
         model[1].running_var.uniform_(1, 4)
-    model.eval()
-    export_model(model, tmp_path / "k.bbpack", input_shape=(4, 6, 7))
-    x = torch.randn(5, 4, 6, 7)
-    with torch.no_grad():
-        ref = model(x).permute(0, 2, 3, 1).numpy()
-    got = PackedNet.load(tmp_path / "k.bbpack", threads=1)._forward(x.numpy())
+    got, ref = packed_and_torch_outputs(model, tmp_path, (4, 6, 7), 5)
     assert got.shape == ref.shape == (5, 6, 4, 4) and (got == ref).all()
