@@ -22,6 +22,7 @@ from tests.test_e2e import check_epochs, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 EPOCHS_LONG = 12  # a wide window to break the cluster in, even on a loaded machine
+HEAD_LOST_EPOCHS = 40  # of batches of 4: the head-lost test's window must outlast the dispatcher's 10 s watchdog
 
 
 def spec(name: str, epochs: int, seeds=(0, 1), **extra) -> dict:
@@ -167,7 +168,10 @@ def test_the_head_stopped_mid_run_requeues_the_run_until_it_is_back(cluster, hea
     it); the restarted dispatcher cannot join, says so and retries; once the head (and with it the worker
     nodes) is back, the run resumes from its checkpoints and ends done with every epoch stored once."""
     stack = healthy
-    run_id = stack.post(spec("head-lost", EPOCHS_LONG))
+    # small batches and many epochs: on a quiet machine digits' epochs of 64-image batches all finished within the
+    # seconds the dispatcher takes to notice the head is gone, leaving no window to break the run in
+    epochs = HEAD_LOST_EPOCHS
+    run_id = stack.post(spec("head-lost", epochs, batch_size=4))
     wait_epochs(stack, run_id, 2)
     first = stack.dispatcher
     cluster.stop("ray-head")
@@ -180,7 +184,7 @@ def test_the_head_stopped_mid_run_requeues_the_run_until_it_is_back(cluster, hea
     assert ("does not answer for 10 s; handing the run back and exiting" in log and f"run {run_id}: requeued" in log
             or f"run {run_id}: dispatcher " in log and "ended holding it; requeued" in log), log
     kept = stack.epochs(run_id)
-    assert kept and len(kept) < 2 * EPOCHS_LONG
+    assert kept and len(kept) < 2 * epochs
     stored = {key: max(e for k, e in kept if k == key) for key, _ in kept}
 
     stack.dispatcher = stack.start_dispatcher()  # restart: unless-stopped
@@ -191,7 +195,7 @@ def test_the_head_stopped_mid_run_requeues_the_run_until_it_is_back(cluster, hea
 
     run = stack.wait_finished(run_id)
     assert run["status"] == "done", (run, stack.dispatcher.log_tail())
-    check_epochs(stack, run_id, EPOCHS_LONG)
+    check_epochs(stack, run_id, epochs)
     assert kept <= stack.epochs(run_id)  # nothing stored before the head went away was lost or rewritten
     # each trial's last attempt ran on a node of the cluster started again, from a checkpoint no older than
     # the report before the one that carried its last stored epoch (a kill can beat the experiment snapshot by
@@ -202,7 +206,7 @@ def test_the_head_stopped_mid_run_requeues_the_run_until_it_is_back(cluster, hea
     last = {key: tries[-1] for key, tries in attempts.items()}
     carried = {key: next(r[0] for a in attempts[key] for r in a.reports if stored[key] in r) for key in stored}
     assert set(last) == set(stored) and {a.node for a in last.values()} <= set(WORKERS), last
-    assert all(stored[key] >= 2 and (not a.epochs or a.epochs[0] >= carried[key] and a.epochs[-1] == EPOCHS_LONG)
+    assert all(stored[key] >= 2 and (not a.epochs or a.epochs[0] >= carried[key] and a.epochs[-1] == epochs)
                for key, a in last.items()), (last, carried)
     assert set(where(cluster, stack.trials(run_id)).values()) <= set(WORKERS)
 
