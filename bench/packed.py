@@ -2,7 +2,7 @@
 
     python bench/packed.py [--models digits_net convnet_d] [--bits 1/1 2/2 3/3] [--batch 256]
                            [--threads 1 2] [--repeats 15] [--micro-batch 64] [--no-memory] [--no-compile]
-                           [--backends numba numpy] [--unfolded]
+                           [--backends numba numpy] [--unfolded] [--baseline DIR]
 
 Models use ``act_stats=running`` (estimated with ``estimators.calibrate_activation_stats`` on one random
 batch), so ternary / pow2 inputs have a constant statistic and are folded into integer steps. ``--unfolded``
@@ -11,16 +11,19 @@ run-time quantizers, the layout before the level folds), in the same interleavin
 follows each folded accumulator alone (the steps kernel vs float32 BN + the run-time quantizer).
 
 Throughput: images/s on one batch, median over interleaved repeats (numba engine, numpy engine and
-torch in turn, same process, same thread count: ``torch.set_num_threads(t)`` and the engine's
-``threads=t``). Wall clock, and for one thread also the calling thread's CPU time
-(``time.thread_time``: on a machine shared with other jobs it leaves out the time the thread
-waited for a core; all three run in the calling thread at one thread). Agreement: the numba
+torch in turn, each a block of calls whose first is not counted (``timed``), same process, same thread
+count: ``torch.set_num_threads(t)`` and the engine's ``threads=t``). Wall clock, and for one thread also
+the calling thread's CPU time (``time.thread_time``: on a machine shared with other jobs it leaves out
+the time the thread waited for a core; all three run in the calling thread at one thread). Agreement: the numba
 engine's predictions = torch's; "numba = numpy": their logits are bit-identical.
 Latency: one image, one thread, median over the same interleaving.
 Memory, each measured in a fresh child process so that neither pollutes the other: weights = bytes
 held for the weights (engine: packed planes as loaded + the float32 first layer; torch: parameters +
 buffers); working set = peak RSS during two forward passes minus the RSS before them, after one
 warm-up pass (compiled kernels loaded; the peak is reset with /proc/self/clear_refs).
+Layers alone (numba): each binary conv of convnet_d W1A1 (torch's ``F.conv2d`` vs the packed XNOR conv) and,
+with ``--baseline DIR`` (another commit's ``workers/packed``, e.g. ``git archive REV workers/packed | tar -x -C DIR``),
+each SHIFT GEMM of convnet_d W3A3 with this commit's kernel and with that one.
 Compile: in fresh child processes with an empty numba cache: the first ``logits`` call (JIT compile)
 and the same call in a second process that finds the cache (``cache=True``).
 """
@@ -38,6 +41,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from functools import partial
 from pathlib import Path
 
 # Run as a script, this file's folder comes first on sys.path and would shadow the package.
@@ -73,10 +77,13 @@ def build(name: str, w_bits: int, a_bits: int, path: str, unfolded: str | None =
     return model, report, shape
 
 
-def timed(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
-    """(median wall s, median thread-CPU s) per call, calls interleaved after one warm-up each, in a fresh
-    seeded random order each repeat (a call right after torch's pays for cold caches, ~0.1 ms at one image:
-    a fixed order would always charge the same side)."""
+def timed(fns: dict, repeats: int, block: int = 3) -> dict[str, tuple[float, float]]:
+    """(median wall s, median thread-CPU s) per call, calls interleaved after one warm-up each: every repeat
+    runs each side's block of ``block`` consecutive calls in a fresh seeded random order, and the first call
+    of a block is not counted. That call absorbs what the other side left behind: cold caches (~0.1 ms at
+    one image) and, with several threads, torch's OpenMP threads still spinning after its call, which took
+    a core from whatever ran next (the engine at 2 threads on digits_net: 19k img/s right after torch,
+    31k in a block of its own)."""
     for f in fns.values():
         f()
     times = {k: ([], []) for k in fns}
@@ -85,10 +92,12 @@ def timed(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
         order.shuffle(keys)
         for k in keys:
             f = fns[k]
-            t, c = time.perf_counter(), time.thread_time()
-            f()
-            times[k][1].append(time.thread_time() - c)
-            times[k][0].append(time.perf_counter() - t)
+            for i in range(block):
+                t, c = time.perf_counter(), time.thread_time()
+                f()
+                if i or block == 1:
+                    times[k][1].append(time.thread_time() - c)
+                    times[k][0].append(time.perf_counter() - t)
     return {k: (statistics.median(w), statistics.median(c)) for k, (w, c) in times.items()}
 
 
@@ -217,6 +226,50 @@ def binary_convs(args) -> None:
         net.close()
 
 
+def baseline_jit(folder: str):
+    """``workers/packed/jit.py`` of another commit (``git archive REV workers/packed | tar -x -C folder``),
+    imported beside this one as its own module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_jit", Path(folder) / "workers/packed/jit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def shift_gemms(args) -> None:
+    """The SHIFT GEMM of each powers-of-two conv of convnet_d W3A3 alone, one thread, the engine's micro-batch
+    (same packed rows, same weights, same output): this commit's ``planes_gemm`` vs the ``--baseline`` one."""
+    from workers.packed import jit
+
+    kernels = {"this": jit.planes_gemm, "baseline": baseline_jit(args.baseline).planes_gemm}
+    torch.set_num_threads(1)
+    print(f"\nSHIFT GEMMs alone (convnet_d W3A3, batch 64, 1 thread; median ms, CPU clock; "
+          f"baseline {args.baseline}):\n")
+    print("| layer | rows | K × out | plane pairs | baseline ms | this ms | baseline / this |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as d:
+        _, _, shape = build("convnet_d", 3, 3, f"{d}/m.bbpack")
+        net = PackedNet.load(f"{d}/m.bbpack", threads=1, backend="numba")
+        act = np.random.default_rng(0).standard_normal((net.micro_batch, *shape)).astype(np.float32)
+        act = act.transpose(0, 2, 3, 1)
+        for layer in net.layers:
+            if layer.conv and not layer.float_in:
+                op = layer._quantized(act) if isinstance(act, np.ndarray) else act
+                rows, w = net.kernels.gather(op, *layer.geom), layer.w
+                am, sa = rows.stack[1:], np.array([e for e, _ in rows.masks], np.int64)
+                n = len(rows.neg)
+                gemm_args = (rows.neg, am, sa, w.neg, w.stack, w.shifts, w.k, np.zeros((1, w.out), np.int32))
+                outs = {k: np.empty((n, w.out), np.int32) for k in kernels}
+                run = {k: partial(kernels[k], *gemm_args, outs[k], 0, n) for k in kernels}
+                ms = {k: v[1] * 1e3 for k, v in timed(run, 4 * args.repeats).items()}
+                assert (outs["this"] == outs["baseline"]).all()
+                print(f"| {layer.rec.name} | {n:,} | {w.k} × {w.out} | {len(am) * len(w.stack)} | "
+                      f"{ms['baseline']:.2f} | {ms['this']:.2f} | {ms['baseline'] / ms['this']:.2f}× |")
+            act = layer(act)
+        net.close()
+
+
 def level_folds(args) -> None:
     """What follows each hidden accumulator of convnet_d W2A2 / W3A3 (running statistics), one thread, the
     engine's micro-batch: the level fold (integer steps straight to the next input's planes) vs float32
@@ -272,6 +325,7 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--backends", nargs="+", default=["numba", "numpy"])
     p.add_argument("--unfolded", action="store_true", help="add the first backend without level folds")
+    p.add_argument("--baseline", help="a folder holding another commit's workers/packed: time its SHIFT GEMM beside")
     for a in ("side", "model", "dir"):
         p.add_argument(f"--child-{a}", help=argparse.SUPPRESS)
     for a in ("w", "a", "threads"):
@@ -352,6 +406,8 @@ def main() -> None:
                   f"{mib(e['working'])} ({mib(e['traced'])}) | {mib(t['working'])} |")
     if "numba" in backends:
         binary_convs(args)
+        if args.baseline:
+            shift_gemms(args)
     if args.unfolded and "numba" in backends:
         level_folds(args)
     if not args.no_compile and "numba" in backends:

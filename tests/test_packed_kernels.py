@@ -73,6 +73,29 @@ def test_accumulate_numba_equals_numpy_and_the_integer_dot(kernels, k, a_enc, w_
     assert (packed_by_numba.neg == rows.neg).all() and packed_by_numba.bits == rows.bits == k
 
 
+def test_shift_groups_pair_planes_by_the_sum_of_their_shifts():
+    from workers.packed.jit import shift_groups
+
+    # shifts 0, 1, 2 on both sides: sums 0..4 with 1, 2, 3, 2, 1 pairs
+    assert shift_groups((0, 1, 2), (0, 1, 2)) == ((0, 1, 2, 3, 4), (0, 0, 1, 0, 1, 2, 1, 2, 2),
+                                                  (0, 1, 0, 2, 1, 0, 2, 1, 2), (0, 1, 3, 6, 8, 9))
+    assert shift_groups((), (0, 2)) == ((0, 2), (0, 0), (0, 1), (0, 1, 2))  # dense ±1 activations
+    assert shift_groups((0,), ()) == ((0,), (0,), (0,), (0, 1))
+
+
+@pytest.mark.parametrize("a_levels,w_levels", [([-4, -2, 2, 4], [-4, 0, 1, 4]),   # shifts (1, 2) × (0, 2)
+                                               ([-1, 0, 4], [-2, 0, 2, 4]),       # (0, 2) × (1, 2)
+                                               ([-4, 0, 4], [-1, 1, 0, -4])])     # (2,) × (0, 2)
+def test_pow2_operands_with_missing_levels_group_their_shifts_correctly(kernels, a_levels, w_levels):
+    """Plane pairs of one shift sum are merged before the popcount; levels absent on a side change which
+    pairs share a sum (e.g. 1 + 2 and 2 + 1 but no 1 + 1), and the result must not."""
+    a = RNG.choice(a_levels, size=(23, 150)).astype(np.int64)
+    w = RNG.choice(w_levels, size=(9, 150)).astype(np.int64)
+    rows, planes = kernels["numpy", 1].pack(encode_ints(a, "pow2")), weight_planes(w, "pow2")
+    for key in [("numba", 1), ("numba", 2), ("numpy", 1)]:
+        assert (kernels[key].accumulate(rows, planes) == a @ w.T).all(), key
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_zero_operands_give_zero(backend):
     zero = np.zeros((3, 70), np.int64)
