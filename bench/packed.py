@@ -233,6 +233,7 @@ def baseline_jit(folder: str):
 
     spec = importlib.util.spec_from_file_location("baseline_jit", Path(folder) / "workers/packed/jit.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # numba's cache finds the kernels' module by name
     spec.loader.exec_module(module)
     return module
 
