@@ -7,34 +7,53 @@ composition of the same formula does in several.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
-#: One intra-op thread for tensors up to SERIAL_NUMEL / (threads − 1) elements (see :func:`one_thread`).
-SERIAL_NUMEL = 1 << 22
+
+def serial_numel_setting(value: str | None) -> int:
+    """``BITBENCH_SERIAL_NUMEL``: unset or empty = 0 (off), else a whole number of elements ≥ 0."""
+    if value is None or not value.strip():
+        return 0
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"BITBENCH_SERIAL_NUMEL must be a whole number of elements ≥ 0, got {value!r}")
+    return n
+
+
+#: One intra-op thread for tensors up to SERIAL_NUMEL / (threads − 1) elements (see :func:`one_thread`);
+#: 0 (the default) = never. 4194304 (4 Mi) suits a host busier than its cores.
+SERIAL_NUMEL = serial_numel_setting(os.environ.get("BITBENCH_SERIAL_NUMEL"))
 
 
 @contextmanager
 def one_thread(x: torch.Tensor) -> Iterator[None]:
-    """Run the enclosed ops on this thread alone when x is a small enough CPU tensor.
+    """Run the enclosed ops on this thread alone when x is a small enough CPU tensor (off by default).
 
     Every ATen op on more than 32,768 elements is an OpenMP parallel region, which waits until each
-    intra-op thread has had a core. On a machine busier than its cores (this project's 2-core
-    development machine; any oversubscribed host) that wait is a scheduler slice per op, several
-    milliseconds, while a pass over a few MB takes about a millisecond on one core; a fused
-    estimator is 5–20 such ops per step. On an idle machine one thread instead costs the part of
-    the estimator's work the other T − 1 threads would have done, about numel·(1 − 1/T), against a
-    training step that itself takes ∝ 1/T: keeping that loss a bounded fraction of a step gives the
-    limit SERIAL_NUMEL/(T − 1) elements (4 Mi at 2 threads, 1 Mi at 5, 256 Ki at 17).
-    ``torch.set_num_threads`` sets the calling thread's OpenMP and MKL counts (and the default a
-    thread starting meanwhile takes up) and costs well under a microsecond; the previous count is
-    restored on exit. Elementwise results do not depend on it; sums may round in another order.
+    intra-op thread has had a core. On a machine busier than its cores (other jobs beside the trial)
+    that wait is a scheduler slice per op, several milliseconds, while a pass over a few MB takes
+    about a millisecond on one core; a fused estimator is 5–20 such ops per step. There, running
+    tensors of up to SERIAL_NUMEL/(T − 1) elements on one thread bounds what the other T − 1 threads
+    would have done against a step that itself takes ∝ 1/T (4 Mi elements at 2 threads, 1 Mi at 5,
+    256 Ki at 17, with ``BITBENCH_SERIAL_NUMEL=4194304``). Where each trial has its cores (Ray gives
+    a trial its CPUs and sets its thread count to them) the parallel region costs nothing to wait
+    for, and one thread only loses the other threads' share: on a quiet 2-core machine the conv block
+    step of ``bench/estimators.py`` at W2A2 took 1.04–1.09× float with the rule and 1.01–1.02× without
+    (BENCHMARKS.md), so SERIAL_NUMEL is 0 unless set. ``torch.set_num_threads`` sets the calling
+    thread's OpenMP and MKL counts (and the default a thread starting meanwhile takes up) and costs
+    well under a microsecond; the previous count is restored on exit. Elementwise results do not
+    depend on it; sums may round in another order.
     """
     n = torch.get_num_threads()
-    if n == 1 or x.device.type != "cpu" or x.numel() > SERIAL_NUMEL // (n - 1):
+    if n == 1 or not SERIAL_NUMEL or x.device.type != "cpu" or x.numel() > SERIAL_NUMEL // (n - 1):
         yield
         return
     torch.set_num_threads(1)

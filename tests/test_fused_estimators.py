@@ -8,6 +8,9 @@ values bit for bit (the sign of zero and NaN included), the same input gradient 
 to the rounding of a float sum. DSQ's own comparison is tests/test_dsq_fused.py.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -343,6 +346,39 @@ def test_one_thread_runs_small_tensors_alone_and_restores_the_count(monkeypatch)
             with fused_ops.one_thread(torch.ones(numel)):
                 seen.append(torch.get_num_threads())
         assert seen == [1, 2, 1, 2, 2, 1, 1, 3] and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_one_thread_rule_is_off_unless_bitbench_serial_numel_sets_it():
+    """Off by default (each trial has its cores); BITBENCH_SERIAL_NUMEL sets the limit for a busy host."""
+    code = ("import torch; from estimators import fused_ops as f; torch.set_num_threads(2)\n"
+            "with f.one_thread(torch.ones(10)): print(f.SERIAL_NUMEL, torch.get_num_threads())")
+    got = {}
+    for value in (None, "", "4194304"):
+        env = {k: v for k, v in os.environ.items() if k != "BITBENCH_SERIAL_NUMEL"}
+        if value is not None:
+            env["BITBENCH_SERIAL_NUMEL"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        got[value] = out.stdout.split()
+    assert got == {None: ["0", "2"], "": ["0", "2"], "4194304": ["4194304", "1"]}
+    assert fused_ops.serial_numel_setting(" 100 ") == 100
+    for bad in ("-1", "4Mi", "1.5"):
+        with pytest.raises(ValueError, match=f"BITBENCH_SERIAL_NUMEL must be a whole number of elements ≥ 0, "
+                                             f"got '{bad}'"):
+            fused_ops.serial_numel_setting(bad)
+
+
+def test_with_the_rule_off_one_thread_keeps_every_thread(monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(fused_ops, "SERIAL_NUMEL", 0)
+        with fused_ops.one_thread(torch.ones(1)):
+            inside = torch.get_num_threads()
+        with fused_ops.one_thread(torch.ones(0)):  # not even an empty tensor runs alone
+            empty = torch.get_num_threads()
+        assert (inside, empty) == (2, 2)
     finally:
         torch.set_num_threads(before)
 
