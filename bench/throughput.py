@@ -1,8 +1,8 @@
 """CPU training throughput of every estimator against float (synthetic 3×32×32 images).
 
     python bench/throughput.py [--models convnet_d resnet20] [--estimators ste aqe] [--bits 1 2] [--batch 64]
-                               [--batches 2] [--repeats 7] [--threads 1] [--progress 50] [--baseline DIR]
-                               [--out FILE.md]
+                               [--batches 2] [--repeats 7] [--threads 1] [--clock cpu|wall] [--progress 50]
+                               [--baseline DIR] [--out FILE.md]
 
 For each model: images per second of training steps (forward, backward, Adam step, latent-weight
 clip: ``workers.train.train_epoch``) at float and, per estimator, at each WbAb of ``--bits``, with the
@@ -11,10 +11,11 @@ cell once per round in a shuffled order (medians), so slow minutes of a shared m
 cell alike; a second float model ("float (control)") shows how far two identical rows drift apart.
 Timed in process CPU seconds on --threads threads (default 1): on a shared machine CPU time is far
 steadier than wall time, and with one thread it equals the wall time an otherwise idle core would
-take. ``--baseline DIR`` adds every estimator row again with the ``estimators`` package found in DIR
-(e.g. ``git archive COMMIT estimators | tar -x -C DIR``), its estimators put into the same models in
-this process, so before and after are measured in the same run. Prints a markdown table (and
-writes it to --out) headed by the command that made it and the load average.
+take; ``--clock wall`` times wall seconds (for several threads on a quiet machine: the process's CPU
+time would count each thread's waits and spins). ``--baseline DIR`` adds every estimator row again with
+the ``estimators`` package found in DIR (e.g. ``git archive COMMIT estimators | tar -x -C DIR``), its
+estimators put into the same models in this process, so before and after are measured in the same run.
+Prints a markdown table (and writes it to --out) headed by the command that made it and the load average.
 """
 from __future__ import annotations
 
@@ -77,8 +78,12 @@ def training_cell(model_name: str, data, bits: int, estimator: str | None, packa
     return lambda: train_epoch(model, opt, batches[1:])[2]
 
 
-def median_images_per_s(cells: dict, repeats: int) -> dict[str, float]:
-    """Images per CPU second of each cell: median over ``repeats`` interleaved rounds (shuffled each round)."""
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def median_images_per_s(cells: dict, repeats: int, clock=time.process_time) -> dict[str, float]:
+    """Images per second of ``clock`` for each cell: median over ``repeats`` interleaved rounds (shuffled each
+    round)."""
     times: dict[str, list[float]] = {k: [] for k in cells}
     images: dict[str, int] = {}
     order = list(cells)
@@ -86,9 +91,9 @@ def median_images_per_s(cells: dict, repeats: int) -> dict[str, float]:
     for _ in range(repeats):
         rng.shuffle(order)
         for k in order:
-            t0 = time.process_time()
+            t0 = clock()
             images[k] = cells[k]()
-            times[k].append(time.process_time() - t0)
+            times[k].append(clock() - t0)
     return {k: images[k] / statistics.median(v) for k, v in times.items()}
 
 
@@ -101,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=2, help="timed batches per round (after one warm-up batch)")
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (medians)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="the process's CPU time or wall time")
     p.add_argument("--progress", type=int, default=50, metavar="PERCENT",
                    help="training progress of scheduled estimators (EDE's t, ReSTE's o, AQE's α): their cost can "
                         "depend on it (ReSTE's power is free at o = 1, the first epoch's value)")
@@ -119,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     load = "/".join(f"{v:.1f}" for v in os.getloadavg())
     head = " | ".join(f"W{b}A{b} img/s | W{b}A{b} ×float" for b in args.bits)
     lines = [f"`python bench/throughput.py {shlex.join(sys.argv[1:] if argv is None else argv)}` "
-             f"(CPU, {args.threads} thread(s), batch {args.batch}, images per CPU-second, medians of {args.repeats} "
+             f"(CPU, {args.threads} thread(s), batch {args.batch}, images per {args.clock} second, "
+             f"medians of {args.repeats} "
              f"interleaved rounds, scheduled estimators at {args.progress} % of training, torch {torch.__version__}, "
              f"load average {load} at the start)", "",
              f"| model | estimator | {head} |", "|---|---|" + "---:|---:|" * len(args.bits)]
@@ -137,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                         cells[key] = training_cell(model_name, data, b, est, package, batches, args.progress)
                     except ValueError as e:  # an estimator that does not support these bits
                         skipped[key] = str(e)[:40]
-        ips = median_images_per_s(cells, args.repeats)
+        ips = median_images_per_s(cells, args.repeats, CLOCKS[args.clock])
         ref = ips["float"]
         rows = [(k, [ips[k]] * len(args.bits)) for k in ("float", "float (control)")]
         rows += [(f"{est}{suffix}", [ips.get(f"{est}{suffix} W{b}") for b in args.bits])
