@@ -82,7 +82,7 @@ def dorefa_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     k ≥ 2: 2·quantize_k(tanh(W) / (2·max|tanh W|) + ½) − 1, one :class:`DoReFaWeight`.
     """
     if bits == 1:
-        with one_thread(w):  # a few small ops: no parallel regions (see fused_ops.one_thread)
+        with one_thread(w):  # a few small ops (on one thread where BITBENCH_SERIAL_NUMEL asks: fused_ops.one_thread)
             scale = w.detach().abs().mean()
             return w + (Qz.sign(w) * scale - w).detach()
     return DoReFaWeight.apply(w, bits)
