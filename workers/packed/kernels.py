@@ -2,7 +2,9 @@
 
 An operand (activation rows or weight rows) is a sign plane ``n`` (bit 1 ⇔ negative) plus zero
 or more non-zero planes ``m_e`` with a shift e: value = (1 − 2n)·Σ_e m_e·2^e (no planes = dense
-±1). For one pair of planes with M = m_a & m_w and X = n_a ^ n_w (product negative):
+±1). The planes are disjoint, a value being 0 or ±2^e for one e (every encoding here is; the compiled
+GEMM merges the plane pairs of one shift sum on that ground: :func:`workers.packed.jit.shift_groups`).
+For one pair of planes with M = m_a & m_w and X = n_a ^ n_w (product negative):
 
     dot = popcount(M & ~X) − popcount(M & X) = popcount(M) − 2·popcount(M & X)
     dense ±1 (M all ones):  dot = K − 2·popcount(n_a ^ n_w)                       (XNOR)
