@@ -72,7 +72,7 @@ def training_cell(model_name: str, data, bits: int, estimator: str | None, packa
                          w_bits=bits, a_bits=bits, **quant)
     if package is not None:
         with_estimators(model, package)
-    estimators.set_progress(model, progress, 100)
+    (package or estimators).set_progress(model, progress, 100)  # a package reaches only its own estimators
     opt = build_optimizer(model.parameters(), Optimizer())
     train_epoch(model, opt, batches[:1])  # warm-up (allocations, lazy init, LSQ's step)
     return lambda: train_epoch(model, opt, batches[1:])[2]

@@ -96,13 +96,15 @@ class ReSTE(MinwEstimator):
     def pseudo_grad(self, x, g):
         """With s = max(|x|, ε)^((1−o)/o) (= the chord slope ε^(1/o)/ε where |x| ≤ ε) and gs = g·s, the
         gradient is gs − inner + inner/o for inner = gs·1[|x| > ε], then the mask |x| ≤ t (skipped when
-        every |x| ≤ t): float passes only (threshold_backward), no boolean mask, no where."""
+        every |x| ≤ t): float passes only (threshold_backward), no boolean mask, no where. The power is
+        exp2(p·log2 m), m = max(|x|, ε): ATen's CPU ``pow`` is not vectorised, these are (1.8× faster,
+        bench/power.py); relative error about (1 + |p·log2 m|·ln 2)·ε, ~1.2 ε at the defaults."""
         o, t, eps = self.o, self.hparams["t"], self.hparams["eps"]
         with one_thread(x):
             a = x.abs()
             gs = a.clamp_min(eps)
             with all_threads():
-                gs.pow_((1 - o) / o)
+                gs.log2_().mul_((1 - o) / o).exp2_()
             gs.mul_(g)
             inner = torch.ops.aten.threshold_backward(gs, a, eps)
             grad = gs.sub_(inner).add_(inner, alpha=1 / o)
