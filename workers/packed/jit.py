@@ -31,6 +31,7 @@ dense ±1 conv input, one row per output position; a single zero row otherwise).
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -83,7 +84,8 @@ def xnor_gemm(a, wt, k_bits, corr, out, r0, r1):
                 out[b0 + i, o] = k_bits - 2 * acc[i, o] - corr[c, o]
 
 
-def shift_groups(sa, sw) -> tuple:
+@functools.cache  # called per GEMM call with the same few shift tuples
+def shift_groups(sa: tuple, sw: tuple) -> tuple:
     """The plane pairs (i, j) grouped by their shift sa_i + sw_j: (shifts, pair_i, pair_j, starts), group g
     holding pairs starts[g] ≤ p < starts[g + 1]; a side without planes (dense ±1) counts as one plane of shift 0."""
     pairs = sorted((int(a) + int(w), i, j) for i, a in enumerate(sa or [0]) for j, w in enumerate(sw or [0]))
