@@ -17,9 +17,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Real Fashion-MNIST from Debian: IDX files in /usr/share/datasets/fashion-mnist, where the
-# fashion_mnist loader looks when the data directory lacks them (about 30 MB).
+# fashion_mnist loader looks when the data directory lacks them (about 30 MB). g++: torch.compile's
+# C++ kernels on CPU workers (estimators/compiled.py: ReSTE's pseudo-gradient; without it, eager).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends dataset-fashion-mnist \
+ && apt-get install -y --no-install-recommends dataset-fashion-mnist g++ \
  && rm -rf /var/lib/apt/lists/*
 
 # The unprivileged user every process runs as (USER below). /data (data sets) and /tune (Ray

@@ -2,7 +2,7 @@
 
     python bench/throughput.py [--models convnet_d resnet20] [--estimators ste aqe] [--bits 1 2] [--batch 64]
                                [--batches 2] [--repeats 7] [--threads 1] [--clock cpu|wall] [--progress 50]
-                               [--baseline DIR] [--out FILE.md]
+                               [--compile on|auto|off] [--baseline DIR] [--out FILE.md]
 
 For each model: images per second of training steps (forward, backward, Adam step, latent-weight
 clip: ``workers.train.train_epoch``) at float and, per estimator, at each WbAb of ``--bits``, with the
@@ -12,9 +12,12 @@ cell alike; a second float model ("float (control)") shows how far two identical
 Timed in process CPU seconds on --threads threads (default 1): on a shared machine CPU time is far
 steadier than wall time, and with one thread it equals the wall time an otherwise idle core would
 take; ``--clock wall`` times wall seconds (for several threads on a quiet machine: the process's CPU
-time would count each thread's waits and spins). ``--baseline DIR`` adds every estimator row again with
-the ``estimators`` package found in DIR (e.g. ``git archive COMMIT estimators | tar -x -C DIR``), its
-estimators put into the same models in this process, so before and after are measured in the same run.
+time would count each thread's waits and spins). ``--compile`` sets ``BITBENCH_COMPILE`` for the
+package's estimators (``estimators.compiled``): ``on`` (default) times the steady state a run reaches
+once its compiled pseudo-gradients are hot, ``auto`` what a bench this short would see. ``--baseline
+DIR`` adds every estimator row again with the ``estimators`` package found in DIR (e.g. ``git archive
+COMMIT estimators | tar -x -C DIR``), its estimators put into the same models in this process, so before
+and after are measured in the same run.
 Prints a markdown table (and writes it to --out) headed by the command that made it and the load average.
 """
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import estimators  # noqa: E402
+from estimators import compiled  # noqa: E402
 from workers.datasets import load_dataset  # noqa: E402
 from workers.malloc import keep_freed_memory  # noqa: E402
 from workers.models import create_model  # noqa: E402
@@ -110,12 +114,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--progress", type=int, default=50, metavar="PERCENT",
                    help="training progress of scheduled estimators (EDE's t, ReSTE's o, AQE's α): their cost can "
                         "depend on it (ReSTE's power is free at o = 1, the first epoch's value)")
+    p.add_argument("--compile", choices=compiled.MODES, default="on",
+                   help="BITBENCH_COMPILE for the package's estimators (on: the steady state of a long run)")
     p.add_argument("--baseline", metavar="DIR", help="also time every estimator with the estimators package in DIR")
     p.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = p.parse_args(argv)
     for name in args.estimators:
         estimators.get_estimator_class(name)  # an unknown name fails here, listing the known ones
     torch.set_num_threads(args.threads)
+    compiled.MODE = args.compile
     keep_freed_memory()  # as training does (workers.malloc)
     baseline = load_baseline(args.baseline) if args.baseline else None
     data = load_dataset("synthetic", shape=(3, 32, 32), n_train=args.batch * (args.batches + 1), n_val=0, n_test=1)
@@ -127,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"`python bench/throughput.py {shlex.join(sys.argv[1:] if argv is None else argv)}` "
              f"(CPU, {args.threads} thread(s), batch {args.batch}, images per {args.clock} second, "
              f"medians of {args.repeats} "
-             f"interleaved rounds, scheduled estimators at {args.progress} % of training, torch {torch.__version__}, "
+             f"interleaved rounds, scheduled estimators at {args.progress} % of training, compile {args.compile}, "
+             f"torch {torch.__version__}, "
              f"load average {load} at the start)", "",
              f"| model | estimator | {head} |", "|---|---|" + "---:|---:|" * len(args.bits)]
     print("\n".join(lines), flush=True)

@@ -1,0 +1,135 @@
+"""Pseudo-gradients compiled into one loop against eager (``estimators.compiled``), and what the compile costs.
+
+    python bench/compiled.py [--threads 1] [--repeats 31]
+
+First, ms per Mi elements of ReSTE's, EDE's and ApproxSign's pseudo-gradients (scheduled ones at 50 % of
+training): eager (the estimator with ``BITBENCH_COMPILE`` off) and as one compiled loop (ReSTE: the
+package's kernel; EDE and ApproxSign: their formulas written for ``torch.compile`` here, the candidates
+measured and left eager), on resnet20's largest and smallest activations at batch 64, medians of
+interleaved calls. Then the first compile of a process, in fresh processes with an empty Inductor cache
+(cold) and again with that cache (warm), and a further formula's compile in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import estimators  # noqa: E402
+from estimators import compiled  # noqa: E402
+from workers.malloc import keep_freed_memory  # noqa: E402
+
+SHAPES = [(64, 16, 32, 32), (64, 64, 8, 8)]  # resnet20's largest and smallest activations at batch 64
+
+
+def ede_candidate(x, g, minus_2t, scale):
+    """EDE's g·4kt·σ(−2t|x|)·(1 − σ(−2t|x|)) as one loop (not in the package: too little to gain)."""
+    s = torch.sigmoid(x.abs() * minus_2t)
+    return g * (1 - s) * s * scale
+
+
+def approx_sign_candidate(x, g):
+    """ApproxSign's g·max(2 − 2|x|, 0) as one loop (not in the package: too little to gain)."""
+    return (2 - 2 * x.abs()).clamp_min(0) * g
+
+
+def ways(x, g):
+    """(estimator, eager call, compiled call) for the three smooth pseudo-gradients."""
+    out = []
+    for name in ("reste", "ede", "approx_sign"):
+        est = estimators.create_estimator(name, bits=2, role="activation")
+        est.set_progress(50, 100)
+        if name == "reste":
+            fused = (lambda e: lambda: e.pseudo_grad(x, g))(est)
+        elif name == "ede":
+            fused = (lambda e: lambda: compiled.run(ede_candidate, x, g, -2 * e.t, 4 * e.k * e.t))(est)
+        else:
+            fused = lambda: compiled.run(approx_sign_candidate, x, g)  # noqa: E731
+        out.append((name, (lambda e: lambda: e.pseudo_grad(x, g))(est), fused))
+    return out
+
+
+def timed(calls: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each call, interleaved in a shuffled order each round (mode set per call)."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    keys, rng = list(calls), random.Random(0)
+    for mode, f in calls.values():
+        compiled.MODE = mode
+        f()
+    for _ in range(repeats):
+        rng.shuffle(keys)
+        for k in keys:
+            mode, f = calls[k]
+            compiled.MODE = mode
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+FIRST_COMPILE = """
+import time, torch
+from estimators import compiled
+from estimators.ede import _reste_grad
+compiled.MODE = "on"
+torch.set_grad_enabled(False)
+x = torch.randn(1 << 16)
+t0 = time.perf_counter()
+compiled.run(_reste_grad, x, x, -0.4, 0.6, 0.1, 1.5)
+t1 = time.perf_counter()
+compiled.run(lambda a, b: (a * b).abs(), x, x)
+print(t1 - t0, time.perf_counter() - t1)
+"""
+
+
+def first_compiles() -> list[tuple[float, float]]:
+    """(first formula, a second formula) compile seconds in a fresh process: cold cache, then warm."""
+    root = str(Path(__file__).resolve().parents[1])
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": root}
+        runs = [subprocess.run([sys.executable, "-c", FIRST_COMPILE], env=env, capture_output=True, text=True,
+                               check=True).stdout.split() for _ in range(2)]
+    return [(float(a), float(b)) for a, b in runs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=31)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)  # as inside a backward
+    keep_freed_memory()  # as training does (workers.malloc): no page faults on each fresh buffer
+    print(f"`python bench/compiled.py {' '.join(sys.argv[1:])}` — torch {torch.__version__}, {args.threads} "
+          f"thread(s), medians of {args.repeats} interleaved calls, load average {os.getloadavg()[0]:.1f}\n")
+    print("| pseudo-gradient | activation | eager ms per Mi | compiled ms per Mi | saved ms per Mi | × eager |")
+    print("|---|---|---:|---:|---:|---:|")
+    for shape in SHAPES:
+        gen = torch.Generator().manual_seed(0)
+        x, g = torch.randn(shape, generator=gen) * 0.7, torch.randn(shape, generator=gen)
+        mib = x.numel() / (1 << 20)
+        calls = {}
+        for name, eager, fused in ways(x, g):
+            calls[name, "eager"] = ("off", eager)
+            calls[name, "compiled"] = ("on", fused)
+        med = timed(calls, args.repeats)
+        for name in ("reste", "ede", "approx_sign"):
+            e, c = med[name, "eager"] * 1e3 / mib, med[name, "compiled"] * 1e3 / mib
+            print(f"| {name} | {'×'.join(map(str, shape))} | {e:.3f} | {c:.3f} | {e - c:.3f} | {e / c:.2f} |")
+    (cold, cold2), (warm, warm2) = first_compiles()
+    print(f"\nfirst compile of a process: {cold:.1f} s with an empty Inductor cache, {warm:.1f} s with a warm one; "
+          f"a further formula in the same process: {cold2:.2f} s cold, {warm2:.2f} s warm")
+
+
+if __name__ == "__main__":
+    main()
