@@ -1,13 +1,16 @@
 """Pseudo-gradients compiled into one loop against eager (``estimators.compiled``), and what the compile costs.
 
-    python bench/compiled.py [--threads 1] [--repeats 31]
+    python bench/compiled.py [--threads 1] [--repeats 31] [--epoch-images 50000]
 
 First, ms per Mi elements of ReSTE's, EDE's and ApproxSign's pseudo-gradients (scheduled ones at 50 % of
 training): eager (the estimator with ``BITBENCH_COMPILE`` off) and as one compiled loop (ReSTE: the
 package's kernel; EDE and ApproxSign: their formulas written for ``torch.compile`` here, the candidates
 measured and left eager), on resnet20's largest and smallest activations at batch 64, medians of
 interleaved calls. Then the first compile of a process, in fresh processes with an empty Inductor cache
-(cold) and again with that cache (warm), and a further formula's compile in the same process.
+(cold) and again with that cache (warm), and a further formula's compile in the same process. With
+``--epoch-images N``, last, the wall seconds of one training epoch of N synthetic 3×32×32 images (batch 64,
+resnet20 at W2A2, ReSTE at 50 % of training) in fresh processes: eager (``off``), then ``auto`` with an empty
+Inductor cache and ``auto`` with that cache warm: what the compile costs a first epoch against what it saves.
 """
 from __future__ import annotations
 
@@ -92,6 +95,44 @@ print(t1 - t0, time.perf_counter() - t1)
 """
 
 
+EPOCH = """
+import sys, time, torch
+from estimators import compiled
+from workers.datasets import load_dataset
+from workers.malloc import keep_freed_memory
+from workers.models import create_model
+from workers.spec import Optimizer
+from workers.train import build_optimizer, train_epoch
+torch.set_num_threads(int(sys.argv[1]))
+keep_freed_memory()
+n = int(sys.argv[2])
+data = load_dataset("synthetic", shape=(3, 32, 32), n_train=n, n_val=0, n_test=1)
+batches = [(data.train_x[i:i + 64], data.train_y[i:i + 64]) for i in range(0, n, 64)]
+torch.manual_seed(0)
+model = create_model("resnet20", num_classes=data.num_classes, input_shape=data.input_shape, w_bits=2, a_bits=2,
+                     estimator="reste")
+import estimators
+estimators.set_progress(model, 50, 100)
+opt = build_optimizer(model.parameters(), Optimizer())
+t0 = time.perf_counter()
+train_epoch(model, opt, batches)
+print(time.perf_counter() - t0, bool(compiled._kernels))
+"""
+
+
+def epochs(threads: int, images: int) -> list[tuple[str, float, bool]]:
+    """(label, wall seconds, compiled?) of one epoch in a fresh process: off, auto cold, auto warm."""
+    root = str(Path(__file__).resolve().parents[1])
+    out = []
+    with tempfile.TemporaryDirectory() as cache:
+        for label, mode in [("off", "off"), ("auto, empty cache", "auto"), ("auto, warm cache", "auto")]:
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": root, "BITBENCH_COMPILE": mode}
+            seconds, hot = subprocess.run([sys.executable, "-c", EPOCH, str(threads), str(images)], env=env,
+                                          capture_output=True, text=True, check=True).stdout.split()
+            out.append((label, float(seconds), hot == "True"))
+    return out
+
+
 def first_compiles() -> list[tuple[float, float]]:
     """(first formula, a second formula) compile seconds in a fresh process: cold cache, then warm."""
     root = str(Path(__file__).resolve().parents[1])
@@ -106,6 +147,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=31)
+    ap.add_argument("--epoch-images", type=int, default=0, help="also time one resnet20 epoch of this many images")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)  # as inside a backward
@@ -129,6 +171,13 @@ def main() -> None:
     (cold, cold2), (warm, warm2) = first_compiles()
     print(f"\nfirst compile of a process: {cold:.1f} s with an empty Inductor cache, {warm:.1f} s with a warm one; "
           f"a further formula in the same process: {cold2:.2f} s cold, {warm2:.2f} s warm")
+    if args.epoch_images:
+        print(f"\none epoch of {args.epoch_images:,} images, resnet20 W2A2, ReSTE, batch 64, fresh processes:\n")
+        print("| BITBENCH_COMPILE | wall s | × off | compiled during the epoch |")
+        print("|---|---:|---:|---|")
+        rows = epochs(args.threads, args.epoch_images)
+        for label, seconds, hot in rows:
+            print(f"| {label} | {seconds:.1f} | {seconds / rows[0][1]:.3f} | {'yes' if hot else 'no'} |")
 
 
 if __name__ == "__main__":
