@@ -214,4 +214,8 @@ def test_the_head_stopped_mid_run_requeues_the_run_until_it_is_back(cluster, hea
     idle = stack.dispatcher
     cluster.stop("ray-head")
     wait_until(lambda: not idle.alive(), 120, "the idle dispatcher to exit")
-    assert idle.proc.returncode == 1 and "does not answer for 10 s (no run held); exiting" in idle.log_tail()
+    log = idle.log_tail(20000)
+    # exit status 1 either way (compose restarts it): the watchdog says so, or Ray's core worker ended the process
+    # first (the raylet it used, the head's, went away; seen once in CI), without a traceback of ours
+    assert idle.proc.returncode == 1, log
+    assert "does not answer for 10 s (no run held); exiting" in log or "Traceback" not in log, log
