@@ -108,7 +108,7 @@ class ReSTE(MinwEstimator):
         every |x| ≤ t): float passes only (threshold_backward), no boolean mask, no where. The power is
         exp2(p·log2 m), m = max(|x|, ε): ATen's CPU ``pow`` is not vectorised, these are (1.8× faster,
         bench/power.py); relative error about (1 + |p·log2 m|·ln 2)·ε, ~1.2 ε at the defaults. Where
-        :mod:`.compiled` applies, the same formula runs as one compiled loop instead (2–2.4× faster)."""
+        :mod:`.compiled` applies, the same formula runs as one compiled loop instead (2.0–2.1× faster)."""
         o, t, eps = self.o, self.hparams["t"], self.hparams["eps"]
         fused = compiled.run(_reste_grad, x, g, (1 - o) / o, 1 / o, eps, t)
         if fused is not None:
