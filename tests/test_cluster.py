@@ -116,7 +116,9 @@ def test_a_killed_worker_node_s_trials_resume_on_the_other_node(cluster, healthy
     """SIGKILL to a worker node's process group (raylet, agents, the trial's Ray worker): the trial it
     ran fails, is retried on the other node from its last checkpoint, and the run ends done."""
     stack = healthy
-    run_id = stack.post(spec("node-lost", EPOCHS_LONG))
+    # batches of 4: on a quiet machine the 64-image epochs of a trial could all finish (and the trial end) in the
+    # second between its second stored epoch and the kill, leaving no attempt to retry (seen in CI)
+    run_id = stack.post(spec("node-lost", EPOCHS_LONG, batch_size=4))
     victim, survivor = WORKERS
     [lost] = [key for key, node in where(cluster, wait_epochs(stack, run_id, 2)).items() if node == victim]
     cluster.kill(victim)
