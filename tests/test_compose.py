@@ -181,6 +181,9 @@ def test_dispatcher_joins_ray_and_shares_tune_storage_with_the_workers(services)
     assert mounts["dispatcher"]["tune"] == mounts["ray-worker"]["tune"]
     assert environment(dispatcher)["BITBENCH_TUNE_DIR"] == mounts["dispatcher"]["tune"]
     assert "datasets" in mounts["ray-worker"]
+    # compiled kernels outlive the container: Inductor's cache on the workers' datasets volume
+    cache = environment(services["ray-worker"])["TORCHINDUCTOR_CACHE_DIR"]
+    assert cache.startswith(mounts["ray-worker"]["datasets"] + "/"), cache
 
 
 def test_ray_nodes_get_no_database_credentials(services):
