@@ -77,7 +77,7 @@ def ternary(x: torch.Tensor, delta_ratio: float = 0.7, dims=None, mean_abs: torc
     if not _broadcasts_to(delta, x):
         return ternary_composed(x, delta_ratio, dims, mean_abs)
     with one_thread(x):
-        return torch.sign(x * (x.abs() > delta))
+        return (x * (x.abs() > delta)).sign_()
 
 
 def ternary_at(x: torch.Tensor, delta: float) -> torch.Tensor:
@@ -89,7 +89,7 @@ def ternary_at(x: torch.Tensor, delta: float) -> torch.Tensor:
     if math.isnan(delta):
         return torch.zeros_like(x)
     with one_thread(x):
-        return torch.sign(torch.nn.functional.hardshrink(x, delta))
+        return torch.nn.functional.hardshrink(x, delta).sign_()  # in place: no second buffer
 
 
 def ternary_composed(x: torch.Tensor, delta_ratio: float = 0.7, dims=None,
