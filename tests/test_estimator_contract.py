@@ -45,6 +45,22 @@ def test_shapes_finite_gradients_and_levels(name, role, bits):
     assert len(levels) <= 2**bits
 
 
+@pytest.mark.parametrize("bits", [1, 2])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_backward_that_builds_a_graph_gives_the_ordinary_gradient(name, bits):
+    """create_graph=True (gradient penalties, double backward) runs the pseudo-gradient with autograd on:
+    ops with out= refuse that, so it must work without them and give the same values."""
+    def grad(create_graph):
+        torch.manual_seed(0)
+        est = E.create_estimator(name, bits=bits, role="activation")
+        est.set_progress(1, 4)
+        x = (torch.randn(6, 4, 3, 3) * 0.7).requires_grad_(True)
+        (gx,) = torch.autograd.grad((est(x) * torch.randn_like(x)).sum(), x, create_graph=create_graph)
+        return gx
+
+    torch.testing.assert_close(grad(True), grad(False), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_eval_output_is_deterministic_and_ignores_training_schedule(name):
     est = E.create_estimator(name, bits=1, role="weight").eval()
