@@ -6,8 +6,10 @@ First, ms per Mi elements of ReSTE's, EDE's and ApproxSign's pseudo-gradients (s
 training): eager (the estimator with ``BITBENCH_COMPILE`` off) and as one compiled loop (ReSTE: the
 package's kernel; EDE and ApproxSign: their formulas written for ``torch.compile`` here, the candidates
 measured and left eager), on resnet20's largest and smallest activations at batch 64, medians of
-interleaved calls. Then the first compile of a process, in fresh processes with an empty Inductor cache
-(cold) and again with that cache (warm), and a further formula's compile in the same process. With
+interleaved calls. Then a forward candidate in context: the ternary Q (hardshrink, sign) against one
+compiled loop on a HardTanh output, called back to back and with the next conv between calls (measured and
+left eager, BENCHMARKS.md). Then the first compile of a process, in fresh processes with an empty Inductor
+cache (cold) and again with that cache (warm), and a further formula's compile in the same process. With
 ``--epoch-images N``, last, the wall seconds of one training epoch of N synthetic 3×32×32 images (batch 64,
 resnet20 at W2A2, ReSTE at 50 % of training) in fresh processes: eager (``off``), then ``auto`` with an empty
 Inductor cache and ``auto`` with that cache warm: what the compile costs a first epoch against what it saves.
@@ -30,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import estimators  # noqa: E402
-from estimators import compiled  # noqa: E402
+from estimators import compiled, quantizers  # noqa: E402
 from workers.malloc import keep_freed_memory  # noqa: E402
 
 SHAPES = [(64, 16, 32, 32), (64, 64, 8, 8)]  # resnet20's largest and smallest activations at batch 64
@@ -45,6 +47,34 @@ def ede_candidate(x, g, minus_2t, scale):
 def approx_sign_candidate(x, g):
     """ApproxSign's g·max(2 − 2|x|, 0) as one loop (not in the package: too little to gain)."""
     return (2 - 2 * x.abs()).clamp_min(0) * g
+
+
+def ternary_candidate(x, delta):
+    """The ternary Q, where(|x| > Δ, sign(x), +0), as one loop (not in the package: it loses in a network)."""
+    return torch.where(x.abs() > delta, torch.sign(x), 0.0)
+
+
+def in_context(repeats: int) -> list[tuple[str, float, float]]:
+    """(what runs between calls, eager µs, compiled µs) of the ternary Q on resnet20's largest activation, just
+    written by HardTanh as in the network: calls back to back, and with the next layer's conv between them."""
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    x0 = torch.randn(SHAPES[0], generator=torch.Generator().manual_seed(0))
+    kernel = torch.compile(ternary_candidate, dynamic=True, fullgraph=True)
+    ways = {"eager": partial(quantizers.ternary_at, delta=0.3), "compiled": partial(kernel, delta=torch.tensor(0.3))}
+    rows = []
+    for between, work in [("nothing", None), ("the 3×3 conv 16→16 on Q's output", conv)]:
+        times: dict[str, list[float]] = {k: [] for k in ways}
+        for i in range(repeats + 1):
+            for k, q in ways.items():
+                x = torch.nn.functional.hardtanh(x0 * 1.01)
+                t = time.perf_counter()
+                out = q(x)
+                if i:  # the first round warms up (and compiles)
+                    times[k].append(time.perf_counter() - t)
+                if work is not None:
+                    work(out)
+        rows.append((between, *(statistics.median(times[k]) * 1e6 for k in ways)))
+    return rows
 
 
 def ways(x, g) -> dict[str, tuple]:
@@ -166,6 +196,11 @@ def main() -> None:
         for name in ("reste", "ede", "approx_sign"):
             e, c = med[name, "eager"] * 1e3 / mib, med[name, "compiled"] * 1e3 / mib
             print(f"| {name} | {'×'.join(map(str, shape))} | {e:.3f} | {c:.3f} | {e - c:.3f} | {e / c:.2f} |")
+    print("\nthe ternary Q on a HardTanh output of 64×16×32×32, µs per call:\n")
+    print("| between calls | eager (hardshrink, sign) | compiled (one loop) | × eager |")
+    print("|---|---:|---:|---:|")
+    for between, e, c in in_context(args.repeats):
+        print(f"| {between} | {e:.0f} | {c:.0f} | {e / c:.2f} |")
     (cold, cold2), (warm, warm2) = first_compiles()
     print(f"\nfirst compile of a process: {cold:.1f} s with an empty Inductor cache, {warm:.1f} s with a warm one; "
           f"a further formula in the same process: {cold2:.2f} s cold, {warm2:.2f} s warm")
