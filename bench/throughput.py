@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     compiled.MODE = args.compile
     keep_freed_memory()  # as training does (workers.malloc)
     baseline = load_baseline(args.baseline) if args.baseline else None
+    if getattr(baseline, "compiled", None) is not None:  # an older package with compiled formulas: the same mode
+        baseline.compiled.MODE = args.compile
     data = load_dataset("synthetic", shape=(3, 32, 32), n_train=args.batch * (args.batches + 1), n_val=0, n_test=1)
     batches = [(data.train_x[i * args.batch:(i + 1) * args.batch], data.train_y[i * args.batch:(i + 1) * args.batch])
                for i in range(args.batches + 1)]

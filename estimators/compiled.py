@@ -3,9 +3,11 @@
 An eager pseudo-gradient is several ATen passes over x and g (|x|, a power, masks, ·g). Inductor
 fuses the same formula into one loop that reads x and g once and writes the gradient once, with
 SLEEF's vectorised log2 where ATen's CPU ``log2`` is 2.4× slower. ReSTE's power is where that
-pays: per Mi elements on one thread it saves 1.0–1.2 ms of 2.1–2.2 (2.0–2.1×). EDE (0.07–0.15 ms)
-and ApproxSign (0.06–0.10 ms) would save too little to repay a compile within a first epoch and
-stay eager (BENCHMARKS.md, "A compiled ReSTE pseudo-gradient"). A formula is compiled once per
+pays: per Mi elements on one thread it saves 1.0–1.2 ms of 2.1–2.2 (2.0–2.1×). EDE's and ApproxSign's
+pseudo-gradients, the ternary Q and AQE's mix and scaled mask were faster as compiled loops in isolation
+but made resnet20 slower (a compiled call costs ~20 µs more, and the loops lost on tensors fresh from
+HardTanh), so they stay eager (BENCHMARKS.md, "A compiled ReSTE pseudo-gradient" and "Compiled forward
+formulas: measured and dropped"). A formula is compiled once per
 process for every size (x and g are flattened to 1-dim tensors; the schedule's scalars are 0-dim
 tensors, so a new epoch's value compiles nothing). A process's first compile takes 9.6 s with an
 empty Inductor cache (once per machine) and 2.3 s with a warm one, a further formula 0.04–0.6 s;
