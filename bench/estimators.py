@@ -4,6 +4,7 @@ conv-block training step at W1A1, W2A2 and W3A3.
     python bench/estimators.py [--sections tensor,conv,block] [--only lsq,dsq] [--bits 1,2,3]
                                [--numel 4194304] [--repeats 15] [--block-repeats 25] [--threads 2]
                                [--baseline DIR] [--all-threads] [--default-malloc] [--clock wall|cpu]
+                               [--order conv-first|hardtanh-first]
 
 Every number is a median over interleaved repeats measured in this one run, so ratios compare
 like with like. The conv step is forward + backward (input and weight gradients) of one conv; the
@@ -17,7 +18,9 @@ the fused estimators' one-thread rule off (``estimators.fused_ops.one_thread``).
 memory for reuse, as training does (``workers.malloc``), unless ``--default-malloc``. ``--clock
 cpu`` times CPU seconds of the process instead of wall time: steadier on a loaded machine at one
 thread, where the CPU time a step takes does not count the time it waits for a core (the numbers
-to publish are wall time).
+to publish are wall time). ``--order hardtanh-first`` times the same three ops as HardTanh → conv → BN, so
+the quantizer's input is a HardTanh output in the autograd graph, as in a network (what
+``estimators.minw.from_hardtanh`` reads); the default is issue 16's block, whose input is a leaf tensor.
 """
 from __future__ import annotations
 
@@ -141,10 +144,14 @@ def load_estimators(directory: str, alias: str = "estimators_baseline"):
     return module
 
 
-def conv_block(channels: int, estimator: str | None, bits: int, package=E) -> nn.Sequential:
-    """conv 3×3 (no bias) → BatchNorm → HardTanh; float when ``estimator`` is None."""
+def conv_block(channels: int, estimator: str | None, bits: int, package=E, order: str = "conv-first") -> nn.Sequential:
+    """conv 3×3 (no bias) → BatchNorm → HardTanh, or with ``order`` "hardtanh-first" HardTanh → conv → BatchNorm
+    (the same ops; the conv's input quantizer then sees a HardTanh output in the graph, as in a network);
+    float when ``estimator`` is None."""
     conv = (nn.Conv2d(channels, channels, 3, padding=1, bias=False) if estimator is None else
             package.QConv2d(channels, channels, 3, padding=1, w_bits=bits, a_bits=bits, estimator=estimator))
+    if order == "hardtanh-first":
+        return nn.Sequential(nn.Hardtanh(), conv, nn.BatchNorm2d(channels))
     return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.Hardtanh())
 
 
@@ -169,15 +176,18 @@ def block_step(block: nn.Module, x: torch.Tensor, g: torch.Tensor, serial_numel:
 
 
 def bench_block(batch: int, channels: int, size: int, repeats: int, names: list[str],
-                bits: list[int], baseline=None, parallel: bool = False) -> list[tuple[str, float, float]]:
-    """Training step of the conv block for every estimator at WbAb (b in ``bits``) against float,
-    with the ``baseline`` package's estimators (rows "NAME (baseline)") when given, and with every
-    intra-op thread for the fused estimators (rows "NAME (all threads)") when ``parallel``."""
+                bits: list[int], baseline=None, parallel: bool = False,
+                order: str = "conv-first") -> list[tuple[str, float, float]]:
+    """Training step of the conv block (:func:`conv_block` in ``order``) for every estimator at WbAb (b in
+    ``bits``) against float, with the ``baseline`` package's estimators (rows "NAME (baseline)") when given,
+    and with every intra-op thread for the fused estimators (rows "NAME (all threads)") when ``parallel``."""
     torch.manual_seed(0)
-    x = torch.randn(batch, channels, size, size).clamp(-1, 1)  # a HardTanh output, as inside a network
+    x = torch.randn(batch, channels, size, size)  # hardtanh-first: a BatchNorm output, as inside a network
+    if order == "conv-first":
+        x = x.clamp(-1, 1)  # the values of a HardTanh output, as inside a network (a leaf here, not its graph)
     g = torch.randn(batch, channels, size, size)
-    fns = {"float": block_step(conv_block(channels, None, 32), x, g),
-           "float (control)": block_step(conv_block(channels, None, 32), x, g)}  # the same again: the noise
+    fns = {"float": block_step(conv_block(channels, None, 32, order=order), x, g),
+           "float (control)": block_step(conv_block(channels, None, 32, order=order), x, g)}  # the same: the noise
     for name in names:
         variants = [(name, E, None)]
         if parallel:
@@ -186,7 +196,8 @@ def bench_block(batch: int, channels: int, size: int, repeats: int, names: list[
             variants.append((f"{name} (baseline)", baseline, None))
         for label, package, serial_numel in variants:
             for b in bits:
-                fns[f"{label} W{b}A{b}"] = block_step(conv_block(channels, name, b, package), x, g, serial_numel)
+                fns[f"{label} W{b}A{b}"] = block_step(conv_block(channels, name, b, package, order), x, g,
+                                                      serial_numel)
     ms = median_ms(fns, repeats)
     ref = ms["float"]
     return [(k, v, v / ref) for k, v in ms.items()]
@@ -234,6 +245,9 @@ def main() -> None:
     ap.add_argument("--all-threads", action="store_true",
                     help="also time every fused estimator without its one-thread rule (fused_ops.one_thread)")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time or the process's CPU time")
+    ap.add_argument("--order", choices=("conv-first", "hardtanh-first"), default="conv-first",
+                    help="the block's ops: conv, BN, HardTanh (issue 16's block) or HardTanh, conv, BN (the "
+                         "quantizer's input a HardTanh output in the graph, as in a network)")
     a = ap.parse_args()
     global clock
     clock = CLOCKS[a.clock]
@@ -259,8 +273,10 @@ def main() -> None:
         print(table(bench_conv(a.batch, a.channels, a.size, a.repeats, conv_names), f"conv training step, {shape}"))
         print()
     if "block" in sections:
-        rows = bench_block(a.batch, a.channels, a.size, a.block_repeats, names, bits, baseline, a.all_threads)
-        print(block_table(rows, bits, f"conv+BN+HardTanh step, SGD momentum, {shape}"))
+        rows = bench_block(a.batch, a.channels, a.size, a.block_repeats, names, bits, baseline, a.all_threads,
+                           a.order)
+        ops = "conv+BN+HardTanh" if a.order == "conv-first" else "HardTanh+conv+BN"
+        print(block_table(rows, bits, f"{ops} step, SGD momentum, {shape}"))
     print(f"\nload average {load_average()} at the end")
 
 

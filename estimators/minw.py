@@ -9,6 +9,7 @@ Subclasses give the training forward and the pseudo-gradient.
 from __future__ import annotations
 
 import functools
+import math
 from typing import ClassVar
 
 import torch
@@ -196,15 +197,27 @@ def clip_mask(x: torch.Tensor, limit: float = 1.0) -> torch.Tensor:
     return (x.abs() <= limit).to(x.dtype)
 
 
+def from_hardtanh(x: torch.Tensor, limit: float = 1.0) -> bool:
+    """x is, unmodified, the output of a HardTanh whose range lies in [−limit, limit] (a MINW-Net block's
+    activation, the next layer's input), read off the autograd graph: then |x| ≤ limit holds everywhere but
+    at NaN without a look at x."""
+    fn = x.grad_fn
+    return (fn is not None and x._version == 0 and fn.name() == "HardtanhBackward0"
+            and -limit <= getattr(fn, "_saved_min_val", -math.inf) and getattr(fn, "_saved_max_val", math.inf) <= limit)
+
+
 def clipped_grad(x: torch.Tensor, g: torch.Tensor, scale: float | None = None, limit: float = 1.0) -> torch.Tensor:
     """g·1[|x| ≤ limit] (times ``scale`` when given), never modifying g.
 
-    On the CPU one read of x (min and max) first: when all of x lies in [−limit, limit], as a HardTanh
-    output or clipped latent weights do for limit 1, the mask is all ones and g itself (or g·scale) is the
-    answer. Otherwise HardTanh's backward kernel in one pass: it zeroes |x| ≥ its bound, and with the bound
-    = the next float above ``limit`` in x's dtype that is exactly |x| ≤ limit, so latent weights clipped to
-    ±1 keep their gradient.
+    When x is a HardTanh output within the range (:func:`from_hardtanh`), the mask is all ones and g itself
+    (or g·scale) is the answer without reading x (NaN x, which HardTanh passes on, keeps its g there).
+    Otherwise on the CPU one read of x (min and max) first: when all of x lies in [−limit, limit], as
+    clipped latent weights do for limit 1, the same. Otherwise HardTanh's backward kernel in one pass: it
+    zeroes |x| ≥ its bound, and with the bound = the next float above ``limit`` in x's dtype that is exactly
+    |x| ≤ limit, so latent weights clipped to ±1 keep their gradient.
     """
+    if from_hardtanh(x, limit):
+        return g if scale is None else g * scale
     with one_thread(x):
         if x.device.type == "cpu" and x.numel():
             low, high = torch.aminmax(x)

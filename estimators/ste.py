@@ -10,7 +10,7 @@ import torch
 
 from .base import register_estimator
 from .fused_ops import one_thread
-from .minw import MinwEstimator, clipped_grad
+from .minw import MinwEstimator, clipped_grad, from_hardtanh
 
 
 @register_estimator
@@ -61,6 +61,9 @@ class ApproxSign(MinwEstimator):
         x = x.clamp(-1, 1)
         return torch.where(x < 0, 2 * x + x * x, 2 * x - x * x)
 
-    def pseudo_grad(self, x, g):  # g·max(2 − 2|x|, 0): 2 − 2|x| in one pass (2|x| is exact), the rest in place
+    def pseudo_grad(self, x, g):
+        """g·max(2 − 2|x|, 0): 2 − 2|x| in one pass (2|x| is exact), the rest in place; no max for a HardTanh
+        output (|x| ≤ 1 there, :func:`.minw.from_hardtanh`)."""
         with one_thread(x):
-            return torch.rsub(x.abs(), 2, alpha=2).clamp_min_(0).mul_(g)
+            grad = torch.rsub(x.abs(), 2, alpha=2)
+            return (grad if from_hardtanh(x) else grad.clamp_min_(0)).mul_(g)

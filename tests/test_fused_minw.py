@@ -12,9 +12,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import estimators as E
-from estimators import fused_ops
+from estimators import compiled, fused_ops
 from estimators import quantizers as Qz
 from estimators.base import surrogate
 from estimators.minw import ACT_STATS
@@ -404,3 +405,63 @@ def test_clipped_grad_of_an_empty_tensor_is_empty(scale):
     xg = torch.empty(0, 4, requires_grad=True)
     E.create_estimator("aqe", bits=1).train()(xg).sum().backward()
     assert xg.grad.shape == (0, 4)
+
+
+def test_from_hardtanh_reads_the_range_off_the_graph():
+    """True only for an unmodified HardTanh output whose range lies within the limit."""
+    from estimators.minw import from_hardtanh
+
+    leaf = torch.randn(4, 5, requires_grad=True)
+    assert from_hardtanh(F.hardtanh(leaf)) and from_hardtanh(torch.nn.Hardtanh(-0.5, 0.5)(leaf))
+    assert from_hardtanh(F.hardtanh(leaf, -1.5, 1.5), limit=1.5)
+    changed = F.hardtanh(leaf)
+    with torch.no_grad():
+        changed.mul_(3)  # the graph still says HardTanh; the version says it was changed since
+    assert not any(from_hardtanh(t) for t in (leaf, F.hardtanh(leaf, -2, 2), changed, F.hardtanh(leaf).view(-1),
+                                              torch.relu(leaf), F.hardtanh(leaf).detach()))
+
+
+def through_hardtanh(est, fn, x, g, low=-1.0, high=1.0):
+    leaf = x.clone().requires_grad_(True)
+    y = fn(est, F.hardtanh(leaf, low, high))
+    y.backward(g)
+    return y.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("name, params", [("clipped_ste", {}), ("aqe", {"backward": "eq18"}),
+                                          ("aqe", {"backward": "alg1"}), ("xnor", {}), ("approx_sign", {}),
+                                          ("reste", {})])
+@pytest.mark.parametrize("bits", [1, 2])
+def test_behind_a_hardtanh_the_mask_is_skipped_without_reading_x(name, params, bits, monkeypatch):
+    """A MINW-Net block's activation comes from HardTanh: the estimators' masks 1[|x| ≤ 1] (ReSTE's |x| ≤ t,
+    ApproxSign's max(·, 0)) are all ones there, known from the graph (no aminmax), with the composed
+    reference's gradient. Saturated inputs (|x| > 1 before the HardTanh) get HardTanh's own zero."""
+    dtype = torch.float32
+    x = inputs(dtype) * 1.5
+    g = torch.randn(x.shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    est = make(name, bits, "activation", "running", dtype, **params)
+    ref = copy.deepcopy(est)
+    want = through_hardtanh(ref, reference, x, g)
+    monkeypatch.setattr(compiled, "MODE", "off")
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("x was read for its range")
+
+    monkeypatch.setattr(torch, "aminmax", no_read)
+    got = through_hardtanh(est, lambda e, t: e(t), x, g)
+    assert_bit_identical(got[0], want[0])
+    assert_gradients_equal(name, got[1], want[1])
+    assert (got[1][x.abs() > 1] == 0).all() and (got[1][x.abs() < 1] != 0).any()
+
+
+@pytest.mark.parametrize("name", ["clipped_ste", "aqe", "approx_sign"])
+def test_behind_a_wider_hardtanh_the_mask_still_applies(name):
+    """HardTanh(−2, 2) lets |x| in (1, 2] through: the range is not trusted, the mask zeroes them."""
+    dtype = torch.float32
+    x = inputs(dtype) * 1.5
+    g = torch.randn(x.shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    est = make(name, 1, "activation", "running", dtype)
+    want = through_hardtanh(copy.deepcopy(est), reference, x, g, -2.0, 2.0)
+    got = through_hardtanh(est, lambda e, t: e(t), x, g, -2.0, 2.0)
+    assert_gradients_equal(name, got[1], want[1])
+    assert (got[1][x.abs() > 1] == 0).all() and ((x.abs() > 1) & (x.abs() < 2)).any()
