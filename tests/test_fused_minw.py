@@ -417,8 +417,23 @@ def test_from_hardtanh_reads_the_range_off_the_graph():
     changed = F.hardtanh(leaf)
     with torch.no_grad():
         changed.mul_(3)  # the graph still says HardTanh; the version says it was changed since
-    assert not any(from_hardtanh(t) for t in (leaf, F.hardtanh(leaf, -2, 2), changed, F.hardtanh(leaf).view(-1),
-                                              torch.relu(leaf), F.hardtanh(leaf).detach()))
+    # HardTanh's gradient (a double backward's node keeps the same range attributes, not the range)
+    (its_grad,) = torch.autograd.grad(F.hardtanh(leaf), leaf, torch.full((4, 5), 5.0, requires_grad=True),
+                                      create_graph=True)
+    assert not any(from_hardtanh(t) for t in (leaf, F.hardtanh(leaf, -2, 2), F.hardtanh(leaf, -1, 2),
+                                              F.hardtanh(leaf, -2, 1), changed, F.hardtanh(leaf).view(-1),
+                                              torch.relu(leaf), F.hardtanh(leaf).detach(), its_grad))
+
+
+def test_clipped_grad_of_a_hardtanh_output_still_masks_at_a_smaller_limit():
+    """A HardTanh(−1, 1) output vouches for |x| ≤ 1, not for a smaller limit: |x| > limit is zeroed."""
+    from estimators.minw import clipped_grad
+
+    x = F.hardtanh(torch.randn(64, 9, requires_grad=True) * 2)
+    g = torch.randn(x.shape)
+    with torch.no_grad():
+        got = clipped_grad(x, g, 0.5, limit=0.5)
+    assert torch.equal(got, g * (x.detach().abs() <= 0.5) * 0.5) and (x.abs() > 0.5).any()
 
 
 def through_hardtanh(est, fn, x, g, low=-1.0, high=1.0):
