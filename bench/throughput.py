@@ -6,7 +6,7 @@
 
 For each model: images per second of training steps (forward, backward, Adam step, latent-weight
 clip: ``workers.train.train_epoch``) at float and, per estimator, at each WbAb of ``--bits``, with the
-ratio to float. Every cell of a model is built first and then timed in ``--repeats`` rounds, each
+ratio to float and the MiB one training forward keeps for the backward (distinct storages). Every cell of a model is built first and then timed in ``--repeats`` rounds, each
 cell once per round in a shuffled order (medians), so slow minutes of a shared machine hit every
 cell alike; a second float model ("float (control)") shows how far two identical rows drift apart.
 Timed in process CPU seconds on --threads threads (default 1): on a shared machine CPU time is far
@@ -67,9 +67,25 @@ def with_estimators(model: nn.Module, package) -> nn.Module:
     return model
 
 
+def saved_for_backward_mib(model: nn.Module, x: torch.Tensor) -> float:
+    """MiB of the distinct storages a training forward of ``model`` on ``x`` keeps for its backward (the
+    activation memory of a step, parameters included)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(storages.values()) / 2**20
+
+
 def training_cell(model_name: str, data, bits: int, estimator: str | None, package, batches, progress: int = 0):
     """A function running ``train_epoch`` over ``batches`` on a fresh model (after one warm-up batch), its
-    scheduled estimators at epoch ``progress`` of 100."""
+    scheduled estimators at epoch ``progress`` of 100, and the MiB its training forward keeps for the backward
+    (:func:`saved_for_backward_mib` on the warm-up batch)."""
     torch.manual_seed(0)
     quant = {"estimator": estimator} if estimator else {}
     model = create_model(model_name, num_classes=data.num_classes, input_shape=data.input_shape,
@@ -79,7 +95,8 @@ def training_cell(model_name: str, data, bits: int, estimator: str | None, packa
     (package or estimators).set_progress(model, progress, 100)  # a package reaches only its own estimators
     opt = build_optimizer(model.parameters(), Optimizer())
     train_epoch(model, opt, batches[:1])  # warm-up (allocations, lazy init, LSQ's step)
-    return lambda: train_epoch(model, opt, batches[1:])[2]
+    saved = saved_for_backward_mib(model, batches[0][0])
+    return (lambda: train_epoch(model, opt, batches[1:])[2]), saved
 
 
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
@@ -132,14 +149,14 @@ def main(argv: list[str] | None = None) -> None:
                for i in range(args.batches + 1)]
 
     load = "/".join(f"{v:.1f}" for v in os.getloadavg())
-    head = " | ".join(f"W{b}A{b} img/s | W{b}A{b} ×float" for b in args.bits)
+    head = " | ".join(f"W{b}A{b} img/s | W{b}A{b} ×float | W{b}A{b} saved MiB" for b in args.bits)
     lines = [f"`python bench/throughput.py {shlex.join(sys.argv[1:] if argv is None else argv)}` "
              f"(CPU, {args.threads} thread(s), batch {args.batch}, images per {args.clock} second, "
              f"medians of {args.repeats} "
              f"interleaved rounds, scheduled estimators at {args.progress} % of training, compile {args.compile}, "
              f"torch {torch.__version__}, "
              f"load average {load} at the start)", "",
-             f"| model | estimator | {head} |", "|---|---|" + "---:|---:|" * len(args.bits)]
+             f"| model | estimator | {head} |", "|---|---|" + "---:|---:|---:|" * len(args.bits)]
     print("\n".join(lines), flush=True)
     variants = [("", None)] + ([(" (baseline)", baseline)] if baseline else [])
     for model_name in args.models:
@@ -154,13 +171,15 @@ def main(argv: list[str] | None = None) -> None:
                         cells[key] = training_cell(model_name, data, b, est, package, batches, args.progress)
                     except ValueError as e:  # an estimator that does not support these bits
                         skipped[key] = str(e)[:40]
-        ips = median_images_per_s(cells, args.repeats, CLOCKS[args.clock])
+        saved = {k: mib for k, (_, mib) in cells.items()}
+        ips = median_images_per_s({k: run for k, (run, _) in cells.items()}, args.repeats, CLOCKS[args.clock])
         ref = ips["float"]
-        rows = [(k, [ips[k]] * len(args.bits)) for k in ("float", "float (control)")]
-        rows += [(f"{est}{suffix}", [ips.get(f"{est}{suffix} W{b}") for b in args.bits])
+        rows = [(k, [k] * len(args.bits)) for k in ("float", "float (control)")]
+        rows += [(f"{est}{suffix}", [f"{est}{suffix} W{b}" for b in args.bits])
                  for est in args.estimators for suffix, _ in variants]
-        for label, values in rows:
-            cells_md = [f"{v:.0f} | {v / ref:.2f}" if v is not None else "n/a | –" for v in values]
+        for label, keys in rows:
+            cells_md = [f"{ips[k]:.0f} | {ips[k] / ref:.2f} | {saved[k]:.1f}" if k in ips else "n/a | – | –"
+                        for k in keys]
             row = f"| {model_name} | {label} | " + " | ".join(cells_md) + " |"
             lines.append(row)
             print(row, flush=True)

@@ -5,7 +5,7 @@ import torch
 
 from .base import Param, register_estimator, surrogate
 from .fused_ops import one_thread
-from .minw import MINW_PARAMS, MinwEstimator, clipped_grad
+from .minw import MINW_PARAMS, MinwEstimator, clipped_surrogate
 
 
 @register_estimator
@@ -70,11 +70,7 @@ class AQE(MinwEstimator):
             with one_thread(t):
                 return torch.lerp(t, q, a, out=q)
 
-        def eq18(t, g):  # 2α·g·1[|t| ≤ 1]
-            return clipped_grad(t, g, 2 * a)
-
-        def autodiff(t, g):  # the mix's own derivative where Q's is taken as 0
-            return g * (1.0 - a)
-
-        grad = {"eq18": eq18, "alg1": clipped_grad}.get(self.hparams["backward"], autodiff)
-        return surrogate(x, mix, grad)
+        backward = self.hparams["backward"]
+        if backward == "autodiff":  # the mix's own derivative where Q's is taken as 0: (1 − α)·g
+            return surrogate(x, mix, 1.0 - a)
+        return clipped_surrogate(x, mix, 2 * a if backward == "eq18" else None)  # 2α·g·1[|x| ≤ 1] or g·1[|x| ≤ 1]

@@ -76,7 +76,8 @@ class Param:
 
 
 class QuantizeWithSurrogate(torch.autograd.Function):
-    """y = forward_fn(x); ∂L/∂x = grad_fn(x, ∂L/∂y) (identity when grad_fn is None).
+    """y = forward_fn(x); ∂L/∂x = grad_fn(x, ∂L/∂y), or ∂L/∂y when grad_fn is None, or c·∂L/∂y when it is a
+    number c (then x is not kept for the backward).
 
     The pattern every sign-like estimator shares: a hard (or mixed) forward and a hand-written
     pseudo-gradient. ``grad_fn`` must not modify its gradient argument in place.
@@ -85,7 +86,7 @@ class QuantizeWithSurrogate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, forward_fn, grad_fn):
         ctx.grad_fn = grad_fn
-        if grad_fn is not None:
+        if callable(grad_fn):
             ctx.save_for_backward(x)
         return forward_fn(x)
 
@@ -93,11 +94,13 @@ class QuantizeWithSurrogate(torch.autograd.Function):
     def backward(ctx, g):
         if ctx.grad_fn is None:
             return g, None, None
+        if not callable(ctx.grad_fn):
+            return g * ctx.grad_fn, None, None
         (x,) = ctx.saved_tensors
         return ctx.grad_fn(x, g), None, None
 
 
-def surrogate(x: torch.Tensor, forward_fn: Callable, grad_fn: Callable | None) -> torch.Tensor:
+def surrogate(x: torch.Tensor, forward_fn: Callable, grad_fn: Callable | float | None) -> torch.Tensor:
     """Apply :class:`QuantizeWithSurrogate`."""
     return QuantizeWithSurrogate.apply(x, forward_fn, grad_fn)
 

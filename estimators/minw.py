@@ -228,6 +228,18 @@ def clipped_grad(x: torch.Tensor, g: torch.Tensor, scale: float | None = None, l
         return grad if scale is None else grad.mul_(scale)
 
 
+def clipped_surrogate(x: torch.Tensor, forward_fn, scale: float | None = None, limit: float = 1.0) -> torch.Tensor:
+    """forward_fn(x) with ∂L/∂x = :func:`clipped_grad` (x, ∂L/∂y, scale, limit).
+
+    When x is a HardTanh output within the limit (:func:`from_hardtanh`, asked in the forward) the mask is all
+    ones: the gradient is ∂L/∂y (times ``scale``) and x is not kept for the backward, so it is freed as soon as
+    the next layer is done with it, as in the float network.
+    """
+    if from_hardtanh(x, limit):
+        return surrogate(x, forward_fn, scale)
+    return surrogate(x, forward_fn, functools.partial(clipped_grad, scale=scale, limit=limit))
+
+
 @functools.cache
 def _float_above(limit: float, dtype: torch.dtype) -> float:
     """The next float above ``limit`` (rounded to ``dtype``) in ``dtype``."""

@@ -10,7 +10,7 @@ import torch
 
 from .base import register_estimator
 from .fused_ops import one_thread
-from .minw import MinwEstimator, clipped_grad, from_hardtanh
+from .minw import MinwEstimator, clipped_grad, clipped_surrogate, from_hardtanh
 
 
 @register_estimator
@@ -40,6 +40,9 @@ class ClippedSTE(MinwEstimator):
 
     def pseudo_grad(self, x, g):
         return clipped_grad(x, g)
+
+    def train_forward(self, x):
+        return clipped_surrogate(x, self.quantize)
 
 
 @register_estimator

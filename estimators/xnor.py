@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .base import Param, register_estimator, surrogate
-from .minw import MINW_PARAMS, MinwEstimator, clip_mask, clipped_grad
+from .minw import MINW_PARAMS, MinwEstimator, clip_mask, clipped_grad, clipped_surrogate
 
 
 def filter_mean_abs(w: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ class XNOR(MinwEstimator):
 
     def train_forward(self, x):
         if self.role != "weight":
-            return surrogate(x, self.quantize, clipped_grad)
+            return clipped_surrogate(x, self.quantize)
         if self.hparams["scale"] == "twn":
             q = self.quantize(x.detach())
             alpha = least_squares_scale(x.detach(), q)

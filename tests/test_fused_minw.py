@@ -480,3 +480,52 @@ def test_behind_a_wider_hardtanh_the_mask_still_applies(name):
     got = through_hardtanh(est, lambda e, t: e(t), x, g, -2.0, 2.0)
     assert_gradients_equal(name, got[1], want[1])
     assert (got[1][x.abs() > 1] == 0).all() and ((x.abs() > 1) & (x.abs() < 2)).any()
+
+
+def kept_for_backward(est, x):
+    """The data pointers of the storages ``est``'s training forward on ``x`` keeps for the backward."""
+    kept = set()
+
+    def pack(t):
+        kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = est(x)
+    return kept, y
+
+
+@pytest.mark.parametrize("name, params, keeps_x", [
+    ("clipped_ste", {}, False), ("aqe", {"backward": "eq18"}, False), ("aqe", {"backward": "alg1"}, False),
+    ("aqe", {"backward": "autodiff"}, False), ("xnor", {}, False), ("ste", {}, False),
+    ("approx_sign", {}, True), ("ede", {}, True), ("reste", {}, True)])
+def test_behind_a_hardtanh_the_activation_is_kept_only_where_its_values_set_the_gradient(name, params, keeps_x):
+    """A clipped pseudo-gradient is all ones behind HardTanh(−1, 1): such an estimator keeps no copy of the
+    activation for the backward (as the float network, where the next conv keeps its own input), while one
+    whose gradient depends on x's values (ApproxSign's 2 − 2|x|, EDE's, ReSTE's) must keep it."""
+    est = make(name, 2, "activation", "running", torch.float32, **params)
+    h = F.hardtanh(torch.randn(8, 16, requires_grad=True) * 2)
+    kept, _ = kept_for_backward(est, h)
+    assert (h.untyped_storage().data_ptr() in kept) is keeps_x
+    leaf = torch.randn(8, 16, requires_grad=True)  # no range known from the graph: a masked estimator keeps x
+    kept, _ = kept_for_backward(make(name, 2, "activation", "running", torch.float32, **params), leaf * 1)
+    masked = name not in ("ste",) and params.get("backward") != "autodiff"
+    assert bool(kept) is masked
+
+
+@pytest.mark.parametrize("name, params", [("clipped_ste", {}), ("aqe", {"backward": "eq18"}), ("xnor", {})])
+def test_a_hardtanh_output_changed_after_the_quantizer_keeps_the_forward_gradient(name, params):
+    """The range is asked in the forward, of the x the quantizer saw: changing x in place afterwards (which
+    would have failed autograd's check of a kept x) changes neither the output nor the gradient."""
+    x = inputs(torch.float32) * 1.5
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    want = through_hardtanh(make(name, 2, "activation", "running", torch.float32, **params), reference, x, g)
+    est = make(name, 2, "activation", "running", torch.float32, **params)
+    leaf = x.clone().requires_grad_(True)
+    h = F.hardtanh(leaf)
+    y = est(h)
+    with torch.no_grad():
+        h.mul_(0.5)
+    y.backward(g)
+    assert_bit_identical(y.detach(), want[0])
+    assert_gradients_equal(name, leaf.grad, want[1])
