@@ -4,20 +4,20 @@
                                [--batches 2] [--repeats 7] [--threads 1] [--clock cpu|wall] [--progress 50]
                                [--compile on|auto|off] [--baseline DIR] [--out FILE.md]
 
-For each model: images per second of training steps (forward, backward, Adam step, latent-weight
-clip: ``workers.train.train_epoch``) at float and, per estimator, at each WbAb of ``--bits``, with the
-ratio to float and the MiB one training forward keeps for the backward (distinct storages). Every cell of a model is built first and then timed in ``--repeats`` rounds, each
-cell once per round in a shuffled order (medians), so slow minutes of a shared machine hit every
-cell alike; a second float model ("float (control)") shows how far two identical rows drift apart.
-Timed in process CPU seconds on --threads threads (default 1): on a shared machine CPU time is far
-steadier than wall time, and with one thread it equals the wall time an otherwise idle core would
-take; ``--clock wall`` times wall seconds (for several threads on a quiet machine: the process's CPU
-time would count each thread's waits and spins). ``--compile`` sets ``BITBENCH_COMPILE`` for the
-package's estimators (``estimators.compiled``): ``on`` (default) times the steady state a run reaches
-once its compiled pseudo-gradients are hot, ``auto`` what a bench this short would see. ``--baseline
-DIR`` adds every estimator row again with the ``estimators`` package found in DIR (e.g. ``git archive
-COMMIT estimators | tar -x -C DIR``), its estimators put into the same models in this process, so before
-and after are measured in the same run.
+For each model: images per second of training steps (forward, backward, Adam step, latent-weight clip:
+``workers.train.train_epoch``) at float and, per estimator, at each WbAb of ``--bits``, with the ratio to
+float and the MiB one training forward keeps for the backward (distinct storages). Every cell of a model is
+built first and then timed in ``--repeats`` rounds, each cell once per round in a shuffled order (medians), so
+slow minutes of a shared machine hit every cell alike; a second float model ("float (control)") shows how far
+two identical rows drift apart. Timed in process CPU seconds on --threads threads (default 1): on a shared
+machine CPU time is far steadier than wall time, and with one thread it equals the wall time an otherwise idle
+core would take; ``--clock wall`` times wall seconds (for several threads on a quiet machine: the process's
+CPU time would count each thread's waits and spins). ``--compile`` sets ``BITBENCH_COMPILE`` for the package's
+estimators (``estimators.compiled``): ``on`` (default) times the steady state a run reaches once its compiled
+pseudo-gradients are hot, ``auto`` what a bench this short would see. ``--baseline DIR`` adds every estimator
+row again with the ``estimators`` package found in DIR (e.g. ``git archive COMMIT estimators | tar -x -C
+DIR``), its estimators put into the same models in this process, so before and after are measured in the same
+run.
 Prints a markdown table (and writes it to --out) headed by the command that made it and the load average.
 """
 from __future__ import annotations
