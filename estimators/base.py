@@ -76,33 +76,34 @@ class Param:
 
 
 class QuantizeWithSurrogate(torch.autograd.Function):
-    """y = forward_fn(x); ∂L/∂x = grad_fn(x, ∂L/∂y), or ∂L/∂y when grad_fn is None, or c·∂L/∂y when it is a
-    number c (then x is not kept for the backward).
+    """y = forward_fn(x); ∂L/∂x = grad_fn(k, ∂L/∂y) with k = ``kept`` if given, else x; or ∂L/∂y when grad_fn
+    is None, or c·∂L/∂y when it is a number c (then nothing is kept for the backward).
 
     The pattern every sign-like estimator shares: a hard (or mixed) forward and a hand-written
-    pseudo-gradient. ``grad_fn`` must not modify its gradient argument in place.
+    pseudo-gradient. ``grad_fn`` must modify neither argument in place.
     """
 
     @staticmethod
-    def forward(ctx, x, forward_fn, grad_fn):
+    def forward(ctx, x, forward_fn, grad_fn, kept=None):
         ctx.grad_fn = grad_fn
         if callable(grad_fn):
-            ctx.save_for_backward(x)
+            ctx.save_for_backward(x if kept is None else kept)
         return forward_fn(x)
 
     @staticmethod
     def backward(ctx, g):
         if ctx.grad_fn is None:
-            return g, None, None
+            return g, None, None, None
         if not callable(ctx.grad_fn):
-            return g * ctx.grad_fn, None, None
-        (x,) = ctx.saved_tensors
-        return ctx.grad_fn(x, g), None, None
+            return g * ctx.grad_fn, None, None, None
+        (k,) = ctx.saved_tensors
+        return ctx.grad_fn(k, g), None, None, None
 
 
-def surrogate(x: torch.Tensor, forward_fn: Callable, grad_fn: Callable | float | None) -> torch.Tensor:
+def surrogate(x: torch.Tensor, forward_fn: Callable, grad_fn: Callable | float | None,
+              kept: torch.Tensor | None = None) -> torch.Tensor:
     """Apply :class:`QuantizeWithSurrogate`."""
-    return QuantizeWithSurrogate.apply(x, forward_fn, grad_fn)
+    return QuantizeWithSurrogate.apply(x, forward_fn, grad_fn, kept)
 
 
 class Estimator(nn.Module):

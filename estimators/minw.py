@@ -188,7 +188,18 @@ class MinwEstimator(Estimator):
         """∂L/∂x given x and ∂L/∂y. A subclass sets ``pseudo_grad = None`` for the identity."""
         raise NotImplementedError
 
+    def pseudo_grad_behind_hardtanh(self, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """:meth:`pseudo_grad` at x = clamp(h, −1, 1) from HardTanh(−1, 1)'s input h (a subclass may know an
+        exact form that needs no clamp)."""
+        return self.pseudo_grad(h.clamp(-1, 1), g)
+
     def train_forward(self, x):
+        """Behind ``nn.Hardtanh()`` the pseudo-gradient is taken from the HardTanh's input h, which its node
+        keeps for its own backward (:func:`hardtanh_input`), so x itself is not kept: its memory is freed as
+        soon as the next layer is done with it, as in the float network."""
+        h = None if self.pseudo_grad is None else hardtanh_input(x)
+        if h is not None:
+            return surrogate(x, self.quantize, self.pseudo_grad_behind_hardtanh, kept=h)
         return surrogate(x, self.quantize, self.pseudo_grad)
 
 
@@ -204,6 +215,16 @@ def from_hardtanh(x: torch.Tensor, limit: float = 1.0) -> bool:
     fn = x.grad_fn
     return (fn is not None and x._version == 0 and fn.name() == "HardtanhBackward0"
             and -limit <= getattr(fn, "_saved_min_val", -math.inf) and getattr(fn, "_saved_max_val", math.inf) <= limit)
+
+
+def hardtanh_input(x: torch.Tensor) -> torch.Tensor | None:
+    """h when x is, unmodified, HardTanh(h) with the range exactly [−1, 1] (``nn.Hardtanh()``, a MINW-Net
+    activation): the input the HardTanh's node keeps for its own backward (detached), else None."""
+    fn = x.grad_fn
+    if not from_hardtanh(x) or getattr(fn, "_saved_min_val", None) != -1 or getattr(fn, "_saved_max_val", None) != 1:
+        return None
+    h = getattr(fn, "_saved_self", None)
+    return h.detach() if isinstance(h, torch.Tensor) else None
 
 
 def clipped_grad(x: torch.Tensor, g: torch.Tensor, scale: float | None = None, limit: float = 1.0) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from .base import register_estimator
 from .fused_ops import one_thread
-from .minw import MinwEstimator, clipped_grad, clipped_surrogate, from_hardtanh
+from .minw import MinwEstimator, clipped_grad, clipped_surrogate
 
 
 @register_estimator
@@ -65,8 +65,11 @@ class ApproxSign(MinwEstimator):
         return torch.where(x < 0, 2 * x + x * x, 2 * x - x * x)
 
     def pseudo_grad(self, x, g):
-        """g·max(2 − 2|x|, 0): 2 − 2|x| in one pass (2|x| is exact), the rest in place; no max for a HardTanh
-        output (|x| ≤ 1 there, :func:`.minw.from_hardtanh`)."""
+        """g·max(2 − 2|x|, 0): 2 − 2|x| in one pass (2|x| is exact), the rest in place."""
         with one_thread(x):
-            grad = torch.rsub(x.abs(), 2, alpha=2)
-            return (grad if from_hardtanh(x) else grad.clamp_min_(0)).mul_(g)
+            return torch.rsub(x.abs(), 2, alpha=2).clamp_min_(0).mul_(g)
+
+    def pseudo_grad_behind_hardtanh(self, h, g):
+        """At x = clamp(h, −1, 1), max(2 − 2|x|, 0) = max(2 − 2|h|, 0) bit for bit (both +0 where |h| ≥ 1): no
+        clamp."""
+        return self.pseudo_grad(h, g)

@@ -18,7 +18,7 @@ import estimators as E
 from estimators import compiled, fused_ops
 from estimators import quantizers as Qz
 from estimators.base import surrogate
-from estimators.minw import ACT_STATS
+from estimators.minw import ACT_STATS, MinwEstimator
 
 DTYPES = [torch.float32, torch.float64]
 FAMILY = ["ste", "clipped_ste", "aqe", "approx_sign", "ede", "reste", "xnor"]
@@ -445,9 +445,10 @@ def through_hardtanh(est, fn, x, g, low=-1.0, high=1.0):
 
 @pytest.mark.parametrize("name, params", [("clipped_ste", {}), ("aqe", {"backward": "eq18"}),
                                           ("aqe", {"backward": "alg1"}), ("xnor", {}), ("approx_sign", {}),
-                                          ("reste", {})])
+                                          ("reste", {}), ("ede", {})])
 @pytest.mark.parametrize("bits", [1, 2])
-def test_behind_a_hardtanh_the_mask_is_skipped_without_reading_x(name, params, bits, monkeypatch):
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_behind_a_hardtanh_the_mask_is_skipped_without_reading_x(name, params, bits, mode, monkeypatch):
     """A MINW-Net block's activation comes from HardTanh: the estimators' masks 1[|x| ≤ 1] (ReSTE's |x| ≤ t,
     ApproxSign's max(·, 0)) are all ones there, known from the graph (no aminmax), with the composed
     reference's gradient. Saturated inputs (|x| > 1 before the HardTanh) get HardTanh's own zero."""
@@ -457,7 +458,7 @@ def test_behind_a_hardtanh_the_mask_is_skipped_without_reading_x(name, params, b
     est = make(name, bits, "activation", "running", dtype, **params)
     ref = copy.deepcopy(est)
     want = through_hardtanh(ref, reference, x, g)
-    monkeypatch.setattr(compiled, "MODE", "off")
+    monkeypatch.setattr(compiled, "MODE", mode)  # on: ReSTE's gradient as one compiled loop
 
     def no_read(*args, **kwargs):
         raise AssertionError("x was read for its range")
@@ -495,22 +496,94 @@ def kept_for_backward(est, x):
     return kept, y
 
 
-@pytest.mark.parametrize("name, params, keeps_x", [
+@pytest.mark.parametrize("name, params, keeps_h", [
     ("clipped_ste", {}, False), ("aqe", {"backward": "eq18"}, False), ("aqe", {"backward": "alg1"}, False),
     ("aqe", {"backward": "autodiff"}, False), ("xnor", {}, False), ("ste", {}, False),
     ("approx_sign", {}, True), ("ede", {}, True), ("reste", {}, True)])
-def test_behind_a_hardtanh_the_activation_is_kept_only_where_its_values_set_the_gradient(name, params, keeps_x):
-    """A clipped pseudo-gradient is all ones behind HardTanh(−1, 1): such an estimator keeps no copy of the
-    activation for the backward (as the float network, where the next conv keeps its own input), while one
-    whose gradient depends on x's values (ApproxSign's 2 − 2|x|, EDE's, ReSTE's) must keep it."""
+def test_behind_a_hardtanh_the_activation_itself_is_not_kept_for_the_backward(name, params, keeps_h):
+    """Behind nn.Hardtanh() no MINW estimator keeps x for the backward (as the float network, where the next conv
+    keeps its own input): a clipped pseudo-gradient is all ones there, and one that depends on x's values
+    (ApproxSign's 2 − 2|x|, EDE's, ReSTE's) is taken from the HardTanh's input h, which its node keeps anyway."""
     est = make(name, 2, "activation", "running", torch.float32, **params)
-    h = F.hardtanh(torch.randn(8, 16, requires_grad=True) * 2)
-    kept, _ = kept_for_backward(est, h)
-    assert (h.untyped_storage().data_ptr() in kept) is keeps_x
+    h = torch.randn(8, 16, requires_grad=True) * 2
+    x = F.hardtanh(h)
+    kept, _ = kept_for_backward(est, x)
+    assert x.untyped_storage().data_ptr() not in kept
+    assert (h.untyped_storage().data_ptr() in kept) is keeps_h
     leaf = torch.randn(8, 16, requires_grad=True)  # no range known from the graph: a masked estimator keeps x
-    kept, _ = kept_for_backward(make(name, 2, "activation", "running", torch.float32, **params), leaf * 1)
-    masked = name not in ("ste",) and params.get("backward") != "autodiff"
-    assert bool(kept) is masked
+    x = leaf * 1
+    kept, _ = kept_for_backward(make(name, 2, "activation", "running", torch.float32, **params), x)
+    masked = name != "ste" and params.get("backward") != "autodiff"
+    assert kept == ({x.untyped_storage().data_ptr()} if masked else set())
+
+
+@pytest.mark.parametrize("name", ["approx_sign", "ede", "reste"])
+def test_behind_a_narrower_hardtanh_x_is_kept(name):
+    """HardTanh(−0.5, 0.5): x = clamp(h, −0.5, 0.5), not clamp(h, −1, 1), so the gradient is not taken from h."""
+    est = make(name, 1, "activation", "running", torch.float32)
+    x = torch.nn.Hardtanh(-0.5, 0.5)(torch.randn(8, 16, requires_grad=True) * 2)
+    kept, _ = kept_for_backward(est, x)
+    assert kept == {x.untyped_storage().data_ptr()}
+
+
+def test_hardtanh_input_is_the_input_of_an_unmodified_unit_hardtanh():
+    from estimators.minw import hardtanh_input
+
+    h = torch.randn(4, 5, requires_grad=True)
+    got = hardtanh_input(F.hardtanh(h))
+    assert got is not None and got.data_ptr() == h.data_ptr() and not got.requires_grad
+    changed = F.hardtanh(h)
+    with torch.no_grad():
+        changed.mul_(0.5)
+    assert all(hardtanh_input(t) is None for t in (h, F.hardtanh(h, -0.5, 0.5), F.hardtanh(h, -1, 0.5),
+                                                     F.hardtanh(h, -0.5, 1), changed, torch.tanh(h)))
+
+
+class _SquareGrad(MinwEstimator):
+    """A pseudo-gradient g·x² with no form of its own behind a HardTanh (not registered)."""
+
+    name = "square_grad_test"
+
+    def pseudo_grad(self, x, g):
+        return g * x * x
+
+
+def grad_at_hardtanh_output(est, h, g):
+    """∂L/∂x at x = HardTanh(h) (not through the HardTanh, which would zero |h| > 1 whatever the estimator
+    gave there), with what the estimator kept for the backward."""
+    x = F.hardtanh(h.detach().requires_grad_(True))
+    kept, y = kept_for_backward(est, x)
+    (gx,) = torch.autograd.grad(y, x, g)
+    return gx, kept, x
+
+
+def test_by_default_the_pseudo_gradient_behind_a_hardtanh_is_that_of_the_clamped_input():
+    """MinwEstimator.pseudo_grad_behind_hardtanh evaluates the pseudo-gradient at clamp(h, −1, 1) = x."""
+    h, g = torch.randn(64, 9) * 2, torch.randn(64, 9)
+    got, kept, x = grad_at_hardtanh_output(_SquareGrad(bits=1, role="activation").train(), h, g)
+    assert x.untyped_storage().data_ptr() not in kept
+    assert torch.equal(got, g * x.detach() * x.detach()) and (h.abs() > 1).any()
+
+
+@pytest.mark.parametrize("name, params", [("approx_sign", {}), ("ede", {}), ("reste", {}), ("reste", {"t": 0.5})])
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_the_gradient_taken_from_the_hardtanh_input_is_the_gradient_at_x(name, params, mode, monkeypatch):
+    """At |h| > 1 (x = ±1) too: the gradient w.r.t. x equals the composed reference's at x (ReSTE with t < 1:
+    its mask still applies)."""
+    h = inputs(torch.float32) * 2
+    g = torch.randn(h.shape, generator=torch.Generator().manual_seed(4))
+    est = make(name, 2, "activation", "running", torch.float32, **params)
+    ref = copy.deepcopy(est)
+    x = F.hardtanh(h.detach().requires_grad_(True))
+    (want,) = torch.autograd.grad(reference(ref, x), x, g)
+    monkeypatch.setattr(compiled, "MODE", mode)
+    got, kept, x = grad_at_hardtanh_output(est, h, g)
+    assert x.untyped_storage().data_ptr() not in kept
+    assert_gradients_equal(name, got, want)
+    if "t" in params:  # ReSTE's mask |x| ≤ t zeroes what the clamp to ±1 alone would not
+        assert (want[h.abs() > params["t"]] == 0).all() and (want[h.abs() < params["t"]] != 0).any()
+    elif name != "approx_sign":  # EDE's and ReSTE's gradient at x = ±1 is not zero: the clamp matters there
+        assert (want[h.abs() > 1] != 0).any()
 
 
 @pytest.mark.parametrize("name, params", [("clipped_ste", {}), ("aqe", {"backward": "eq18"}), ("xnor", {})])
