@@ -237,13 +237,9 @@ def clipped_grad(x: torch.Tensor, g: torch.Tensor, scale: float | None = None, l
     zeroes |x| ≥ its bound, and with the bound = the next float above ``limit`` in x's dtype that is exactly
     |x| ≤ limit, so latent weights clipped to ±1 keep their gradient.
     """
-    if from_hardtanh(x, limit):
-        return g if scale is None else g * scale
     with one_thread(x):
-        if x.device.type == "cpu" and x.numel():
-            low, high = torch.aminmax(x)
-            if low.item() >= -limit and high.item() <= limit:  # False at NaN
-                return g if scale is None else g * scale
+        if from_hardtanh(x, limit) or (x.device.type == "cpu" and x.numel() and _within(x, limit)):
+            return g if scale is None else g * scale
         bound = _float_above(limit, x.dtype)
         grad = torch.ops.aten.hardtanh_backward(g, x, -bound, bound)
         return grad if scale is None else grad.mul_(scale)
@@ -259,6 +255,12 @@ def clipped_surrogate(x: torch.Tensor, forward_fn, scale: float | None = None, l
     if from_hardtanh(x, limit):
         return surrogate(x, forward_fn, scale)
     return surrogate(x, forward_fn, functools.partial(clipped_grad, scale=scale, limit=limit))
+
+
+def _within(x: torch.Tensor, limit: float) -> bool:
+    """All of x lies in [−limit, limit], from one read of x (min and max; False at NaN)."""
+    low, high = torch.aminmax(x)
+    return low.item() >= -limit and high.item() <= limit
 
 
 @functools.cache
