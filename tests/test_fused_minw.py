@@ -602,3 +602,15 @@ def test_a_hardtanh_output_changed_after_the_quantizer_keeps_the_forward_gradien
     y.backward(g)
     assert_bit_identical(y.detach(), want[0])
     assert_gradients_equal(name, leaf.grad, want[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_approx_sign_gradient_at_infinities_nan_and_the_ends(dtype):
+    """2·(1 − min(|x|, 1))·g from MSE's backward kernel is the composed g·max(2 − 2|x|, 0) bit for bit, also at
+    ±∞ (0), NaN (NaN), ±1 (0) and ±0 (2g)."""
+    x = torch.tensor([math.inf, -math.inf, math.nan, 1.0, -1.0, 0.0, -0.0, 0.5, -0.75, 3.0], dtype=dtype)
+    g = torch.linspace(-2, 2, x.numel(), dtype=dtype)
+    got = make("approx_sign", 1, "activation", "running", dtype).pseudo_grad(x, g)
+    want = approx_sign_grad(x, g)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert got[:3].isfinite().tolist() == [True, True, False] and (got[5:7] == 2 * g[5:7]).all()
