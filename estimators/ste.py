@@ -76,6 +76,5 @@ class ApproxSign(MinwEstimator):
             return torch.ops.aten.mse_loss_backward.grad_input(g, one, a, 0, grad_input=a)
 
     def pseudo_grad_behind_hardtanh(self, h, g):
-        """At x = clamp(h, −1, 1), max(2 − 2|x|, 0) = max(2 − 2|h|, 0) bit for bit (both +0 where |h| ≥ 1): no
-        clamp."""
+        """:meth:`pseudo_grad` at h is already the one at x = clamp(h, −1, 1), bit for bit: it takes min(|·|, 1)."""
         return self.pseudo_grad(h, g)
